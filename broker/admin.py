@@ -1,0 +1,86 @@
+"""The broker's own endpoints under /_broker/: health, status, metrics, reload.
+
+Owns: what these endpoints answer. Must never: include a secret value (status shows where a
+credential lives and its state, never the value), or forward anything upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from broker import __version__
+from broker.auth.base import AuthState
+from broker.errors import BrokerError
+
+if TYPE_CHECKING:
+    from broker.server import Runtime
+
+
+def status_document(rt: Runtime) -> dict[str, Any]:
+    cfg = rt.snapshot.config
+    routes = []
+    for r in cfg.routes:
+        cred = rt.credentials.get(r.name)
+        routes.append(
+            {
+                "name": r.name,
+                "prefix": r.prefix,
+                "upstream": r.upstream,
+                "auth": r.auth.type,
+                "state": str(cred.state) if cred else None,
+                "reason": cred.reason if cred else None,
+                "mode": cred.mode if cred else None,
+                "expires_at": cred.expires_at.isoformat() if cred and cred.expires_at else None,
+                "requests": rt.metrics.by_route.get(r.name, 0),
+            }
+        )
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "listen": rt.listen_addresses,
+        "config": {"path": rt.config_path, "error": rt.config_error},
+        "secret_store": rt.store.description,
+        "uptime_s": round(rt.uptime(), 1),
+        "in_flight": rt.in_flight,
+        "routes": routes,
+    }
+
+
+def _json(doc: Any) -> web.Response:
+    return web.Response(
+        body=json.dumps(doc, indent=2).encode(),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
+    path = request.raw_path.partition("?")[0].rstrip("/")
+    if path == "/_broker/health":
+        _only(request, "GET", "HEAD")
+        return _json({"status": "ok"})
+    if path == "/_broker/status":
+        _only(request, "GET", "HEAD")
+        return _json(status_document(rt))
+    if path == "/_broker/metrics":
+        _only(request, "GET", "HEAD")
+        states = [(r.name, str(rt.credentials[r.name].state)) for r in rt.snapshot.config.routes]
+        text = rt.metrics.render(states, [str(s) for s in AuthState])
+        return web.Response(
+            text=text, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
+        )
+    if path == "/_broker/reload":
+        # re-read config.yaml and the secret store (what `set-key` calls after storing a key)
+        _only(request, "POST")
+        await rt.reload(reason="api")
+        return _json({"reloaded": rt.config_error is None, "config": {"error": rt.config_error}})
+    raise BrokerError("not_found", "unknown /_broker/ endpoint (health, status, metrics, reload)")
+
+
+def _only(request: web.BaseRequest, *methods: str) -> None:
+    if request.method not in methods:
+        raise BrokerError("method_not_allowed", f"use {' or '.join(methods)} here")

@@ -1,0 +1,25 @@
+"""Credentials: one long-lived object per route that answers "what header do I send?"."""
+
+from __future__ import annotations
+
+from broker.auth.base import AuthState, Credential
+from broker.config import ApiKeyAuth, Route
+from broker.scrub import SecretSet
+from broker.secrets import SecretStore
+
+__all__ = ["AuthState", "Credential", "make_credential"]
+
+
+def make_credential(route: Route, store: SecretStore, secrets: SecretSet) -> Credential:
+    """The credential object for `route`'s auth block."""
+    if isinstance(route.auth, ApiKeyAuth):
+        from broker.auth.api_key import ApiKeyCredential
+
+        return ApiKeyCredential(route.name, route.auth, store, secrets)
+    from broker.auth.base import UnavailableCredential
+
+    return UnavailableCredential(
+        route.name,
+        f"`{route.auth.type}` routes are not supported by this version of agentcard-broker "
+        "yet (see README 'Not yet'); use an api_key route",
+    )

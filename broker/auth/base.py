@@ -1,0 +1,63 @@
+"""The Credential interface: a thing you ask for a valid header.
+
+Owns: the auth states SPEC.md names and the contract every credential keeps. Callers never see
+how a header is made (keyring reads, refreshes, caches). Must never: put a secret value into
+`reason`, an exception, or anything else that leaves this object except the header itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from datetime import datetime
+from enum import StrEnum
+
+from broker.errors import BrokerError
+
+
+class AuthState(StrEnum):
+    READY = "ready"
+    NEEDS_LOGIN = "needs_login"
+    NO_CREDENTIAL = "no_credential"
+    REFRESHING = "refreshing"
+    CREDENTIAL_REJECTED = "credential_rejected"
+
+
+class Credential(ABC):
+    """Per-route credential. Lives across config reloads while the route's auth is unchanged."""
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+        self.state = AuthState.NO_CREDENTIAL
+        self.reason = ""  # why the state is what it is; safe to show anyone
+        self.mode: str | None = None  # "test" | "live" | None
+        self.expires_at: datetime | None = None
+
+    @abstractmethod
+    async def authorization(self) -> dict[str, str]:
+        """Headers to add to the upstream request. Raises BrokerError when there are none."""
+
+    def on_upstream_status(self, status: int) -> None:
+        """Learn from the upstream's answer: a 401 means the credential was refused."""
+        return None
+
+    def invalidate(self) -> None:
+        """Forget cached values so the next request reads the store again (after set-key)."""
+        return None
+
+    async def close(self) -> None:
+        """Release resources when the route goes away."""
+        return None
+
+    def error(self, code: str, message: str) -> BrokerError:
+        return BrokerError(code, message, self.route)
+
+
+class UnavailableCredential(Credential):
+    """A route whose auth type this build cannot serve: every request gets `no_credential`."""
+
+    def __init__(self, route: str, reason: str) -> None:
+        super().__init__(route)
+        self.reason = reason
+
+    async def authorization(self) -> dict[str, str]:
+        raise self.error("no_credential", self.reason)

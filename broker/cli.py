@@ -1,0 +1,301 @@
+"""The `agentcard-broker` command line: parse, call one function, print, exit code.
+
+Owns: argument parsing and what each command prints. Imports what a command needs only when
+that command runs, so `--help` stays fast. Must never: print or log a secret value (set-key
+reads it hidden and prints only its mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from broker import __version__
+
+if TYPE_CHECKING:
+    from broker.config import Config
+
+EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus uses it to stop a restart loop
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="agentcard-broker",
+        description="Hold AgentCard credentials for local agents and forward their requests.",
+    )
+    p.add_argument("--version", action="version", version=f"agentcard-broker {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $AGENTCARD_BROKER_CONFIG, then the user config dir, then ./config.yaml)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    sub.add_parser("check", parents=[common], help="validate the config and the credentials it names")
+    sk = sub.add_parser("set-key", parents=[common], help="store a route's API key or client secret")
+    sk.add_argument("route")
+    sk.add_argument("--stdin", action="store_true", help="read the secret from standard input")
+    st = sub.add_parser("status", parents=[common], help="ask the running daemon for its state")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"run": cmd_run, "check": cmd_check, "set-key": cmd_set_key, "status": cmd_status}
+    try:
+        return handler[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _load(args: argparse.Namespace) -> Config | None:
+    from broker.config import ConfigError, find_config, load
+
+    try:
+        return load(find_config(args.config))
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return None
+
+
+# ---------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from broker import logs
+    from broker.scrub import SecretSet
+
+    os.umask(0o077)  # every file and socket the daemon creates is ours alone
+    cfg = _load(args)
+    if cfg is None:
+        return EXIT_CONFIG
+    from broker import server
+
+    secrets = SecretSet()
+    logs.configure(cfg.log.level, cfg.log.format, secrets)
+    return asyncio.run(server.serve(cfg, secrets))
+
+
+# ---------------------------------------------------------------- check
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if cfg is None:
+        return 1
+    from broker.auth.api_key import fix_hint, key_mode
+    from broker.config import ApiKeyAuth, state_dir
+    from broker.secrets import open_store, resolve
+
+    store = open_store(cfg.secret_store, state_dir())
+    problems: list[str] = []
+    print(f"config: {cfg.path}: ok ({len(cfg.routes)} routes, listen {', '.join(map(str, cfg.listen))})")
+    print(f"secret store: {store.description}")
+    for r in cfg.routes:
+        place = f"{r.place}.auth"
+        where = f"{cfg.path}:{cfg.line_of(place) or cfg.line_of(r.place) or '?'}: {place}"
+        if isinstance(r.auth, ApiKeyAuth):
+            found = resolve(r.auth.key, r.name, store)
+            if found.value is None:
+                problems.append(f"{where}: route {r.name!r}: {found.reason}; {fix_hint(r.name, r.auth)}")
+                continue
+            mode = key_mode(found.value)
+            if mode is None:
+                problems.append(
+                    f"{where}: route {r.name!r}: the stored value is not an AgentCard API key "
+                    f"(expected sk_test_ or sk_live_); {fix_hint(r.name, r.auth)}"
+                )
+            elif mode == "live" and not r.auth.allow_live:
+                problems.append(
+                    f"{where}: route {r.name!r}: holds a live (real money) key but allow_live is false; "
+                    "set allow_live: true to use it, or store an sk_test_ key"
+                )
+            else:
+                print(
+                    f"route {r.name} ({r.prefix} -> {r.upstream}): ready, "
+                    f"{mode}-mode key from {r.auth.key.describe()}"
+                )
+        else:
+            problems.append(
+                f"{where}: route {r.name!r}: `{r.auth.type}` routes are not supported by this version yet; "
+                f"requests to {r.prefix} will answer no_credential"
+            )
+    for p in problems:
+        print(p, file=sys.stderr)
+    print(f"{len(problems)} problem(s)" if problems else "no problems")
+    return 1 if problems else 0
+
+
+# ---------------------------------------------------------------- set-key
+
+
+def cmd_set_key(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if cfg is None:
+        return 1
+    from broker.auth.api_key import key_mode
+    from broker.config import ApiKeyAuth, state_dir
+    from broker.secrets import SecretStoreError, open_store
+
+    route = cfg.route(args.route)
+    if route is None:
+        names = ", ".join(r.name for r in cfg.routes)
+        print(f"no route named {args.route!r} in {cfg.path} (routes: {names})", file=sys.stderr)
+        return 1
+    auth = route.auth
+    if isinstance(auth, ApiKeyAuth):
+        ref, account, what = auth.key, route.name, "API key"
+    else:
+        secret_ref = getattr(auth, "client_secret", None)
+        if secret_ref is None:
+            print(
+                f"route {route.name!r} ({auth.type}) has no secret to store; it uses `login`", file=sys.stderr
+            )
+            return 1
+        ref, account, what = secret_ref, f"{route.name}:client_secret", "client secret"
+    if ref.kind != "keyring":
+        print(
+            f"route {route.name!r} reads its {what} from {ref.describe()}, not the secret store; "
+            f"change {route.place}.auth to `keyring` to use set-key",
+            file=sys.stderr,
+        )
+        return 1
+    value = _read_secret(args.stdin, f"{what} for route {route.name!r} (input hidden): ")
+    if not value:
+        print(f"no {what} given; nothing stored", file=sys.stderr)
+        return 1
+    if any(ch.isspace() for ch in value):
+        print(f"the {what} contains whitespace; nothing stored", file=sys.stderr)
+        return 1
+    mode = None
+    if isinstance(auth, ApiKeyAuth):
+        mode = key_mode(value)
+        if mode is None or len(value) <= len("sk_test_"):
+            print(
+                "that is not an AgentCard API key (it must start with sk_test_ or sk_live_); nothing stored",
+                file=sys.stderr,
+            )
+            return 1
+    elif not value.startswith("acs_"):
+        print("note: AgentCard client secrets usually start with acs_", file=sys.stderr)
+    store = open_store(cfg.secret_store, state_dir())
+    try:
+        store.set(account, value)
+    except SecretStoreError as exc:
+        print(f"could not store the {what}: {exc}", file=sys.stderr)
+        return 1
+    if mode:
+        print(f"stored a {mode}-mode API key for route {route.name!r} in {store.description}")
+        if mode == "live" and isinstance(auth, ApiKeyAuth) and not auth.allow_live:
+            print(
+                f"warning: this is a live (real money) key and route {route.name!r} has allow_live: false; "
+                f"requests will be refused until you set {route.place}.auth.allow_live: true",
+                file=sys.stderr,
+            )
+    else:
+        print(f"stored the {what} for route {route.name!r} in {store.description}")
+    reply = _daemon_request(cfg, "POST", "/_broker/reload")
+    if reply is not None:
+        print("the running daemon picked it up")
+    return 0
+
+
+def _read_secret(from_stdin: bool, prompt: str) -> str:
+    if from_stdin:
+        return sys.stdin.read().strip()
+    import getpass
+
+    return getpass.getpass(prompt).strip()
+
+
+# ---------------------------------------------------------------- status
+
+
+def _daemon_request(cfg: Config, method: str, path: str, timeout: float = 3.0) -> Any | None:
+    """Ask the daemon on the first listener; None when nothing answers."""
+    import http.client
+    import socket
+
+    listen = cfg.listen[0]
+    conn: http.client.HTTPConnection
+    if listen.kind == "unix":
+        sock_path = listen.path
+
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(timeout)
+                s.connect(sock_path)
+                self.sock = s
+
+        conn = UnixConnection("localhost", timeout=timeout)
+        host_header = cfg.allowed_hosts[0] if cfg.allowed_hosts else "localhost"
+    else:
+        host = listen.host
+        conn = http.client.HTTPConnection(host, listen.port, timeout=timeout)
+        name = cfg.allowed_hosts[0] if cfg.allowed_hosts else host
+        host_header = f"{name}:{listen.port}"
+    try:
+        conn.request(method, path, headers={"Host": host_header, "Content-Length": "0"})
+        resp = conn.getresponse()
+        body = resp.read()
+    except OSError:
+        return None
+    finally:
+        conn.close()
+    if resp.status >= 400:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if cfg is None:
+        return 1
+    doc = _daemon_request(cfg, "GET", "/_broker/status")
+    if doc is None:
+        print(
+            f"agentcard-broker is not running (nothing answers on {cfg.listen[0]}); "
+            "start it: agentcard-broker run",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"agentcard-broker {doc['version']} pid {doc['pid']} listening on {', '.join(doc['listen'])}")
+    print(f"config: {doc['config']['path']}")
+    if doc["config"]["error"]:
+        print(f"config error (previous config still in force):\n{doc['config']['error']}")
+    rows = [("ROUTE", "PREFIX", "AUTH", "STATE", "MODE", "EXPIRES", "REQUESTS")]
+    for r in doc["routes"]:
+        rows.append(
+            (
+                r["name"],
+                r["prefix"],
+                r["auth"],
+                r["state"] or "-",
+                r["mode"] or "-",
+                r["expires_at"] or "-",
+                str(r["requests"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for r in doc["routes"]:
+        if r["state"] != "ready" and r.get("reason"):
+            print(f"{r['name']}: {r['reason']}")
+    return 0

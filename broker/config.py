@@ -1,0 +1,739 @@
+"""config.yaml -> an immutable `Config` snapshot.
+
+Owns: finding the config file, reading it safely (no object-building YAML tags, no aliases),
+checking every rule in SPEC.md "Config file", and naming each problem by its place in the
+file (`config.yaml:23: routes[1].auth.key: ...`). All problems are collected and reported
+together. Must never: echo a value that could be a secret in an error, build objects from YAML
+tags, or touch the secret store (a config is only a description of where secrets live).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+APP_NAME = "agentcard-broker"
+CONFIG_ENV = "AGENTCARD_BROKER_CONFIG"
+DEFAULT_PORT = 8765
+DEFAULT_REDIRECT_PORT = 8766
+
+SECRET_LITERAL = re.compile(r"(sk_(test|live)_[A-Za-z0-9]|acs_[A-Za-z0-9])")
+SECRET_KEY_NAMES = frozenset({"key", "secret", "client_secret", "api_key", "token", "password"})
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_PREFIX = "/_broker"
+DEFAULT_ALLOWED_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+# ---------------------------------------------------------------- the snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """Where a secret lives: the secret store, an environment variable, or a 0600 file."""
+
+    kind: Literal["keyring", "env", "file"]
+    name: str = ""  # env variable name or file path; "" for keyring
+
+    def describe(self) -> str:
+        if self.kind == "keyring":
+            return "keyring"
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyAuth:
+    key: SecretRef = SecretRef("keyring")
+    allow_live: bool = False
+    type: Literal["api_key"] = "api_key"
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthAuth:
+    client_id: str | None = None
+    client_secret: SecretRef | None = None
+    scopes: tuple[str, ...] = ()
+    redirect_port: int = DEFAULT_REDIRECT_PORT
+    type: Literal["oauth"] = "oauth"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCredentialsAuth:
+    token_url: str
+    client_id: str
+    client_secret: SecretRef = SecretRef("keyring")
+    scopes: tuple[str, ...] = ()
+    type: Literal["client_credentials"] = "client_credentials"
+
+
+Auth = ApiKeyAuth | OAuthAuth | ClientCredentialsAuth
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    prefix: str
+    upstream: str
+    auth: Auth
+    place: str = ""  # "routes[1]": where this route sits in the file
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    kind: Literal["tcp", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_header_bytes: int = 32 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 10.0
+    first_byte: float = 60.0
+    idle: float = 300.0
+    drain: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: Literal["auto", "console", "json"] = "auto"
+    audit: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    listen: tuple[Listen, ...]
+    routes: tuple[Route, ...]
+    allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
+    allowed_origins: tuple[str, ...] = ()
+    allowed_uids: tuple[int, ...] = ()
+    allow_remote: bool = False
+    allow_insecure_upstream: bool = False
+    secret_store: Literal["keyring", "file"] = "keyring"
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    log: LogConfig = field(default_factory=LogConfig)
+    lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def line_of(self, place: str) -> int | None:
+        return self.lines.get(place)
+
+    def route(self, name: str) -> Route | None:
+        return next((r for r in self.routes if r.name == name), None)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    place: str
+    message: str
+    line: int | None = None
+
+    def render(self, path: str) -> str:
+        where = f"{path}:{self.line}" if self.line else path
+        return f"{where}: {self.place}: {self.message}" if self.place else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file. Its text never contains a secret value."""
+
+    def __init__(self, path: str, issues: list[ConfigIssue]) -> None:
+        self.path = path
+        self.issues = issues
+        super().__init__(self.render())
+
+    def lines(self) -> list[str]:
+        return [i.render(self.path) for i in self.issues]
+
+    def render(self) -> str:
+        return "\n".join(self.lines())
+
+
+# ---------------------------------------------------------------- finding the file
+
+
+def candidate_paths() -> list[Path]:
+    """Where the config is looked for when --config is not given, in order."""
+    import platformdirs
+
+    found: list[Path] = []
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        found.append(Path(env).expanduser())
+    found.append(Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "config.yaml")
+    found.append(Path.cwd() / "config.yaml")
+    return found
+
+
+def find_config(explicit: str | None) -> Path:
+    """The config path to use. Raises ConfigError naming every place looked at."""
+    if explicit:
+        return Path(explicit).expanduser()
+    paths = candidate_paths()
+    if os.environ.get(CONFIG_ENV):
+        return paths[0]  # an explicit environment choice is never silently skipped
+    for p in paths:
+        if p.exists():
+            return p
+    looked = ", ".join(str(p) for p in paths)
+    raise ConfigError(
+        str(paths[-1]),
+        [
+            ConfigIssue(
+                "",
+                f"no config file found (looked in: {looked}); pass --config PATH or copy "
+                "the example config.yaml from the project to one of those places",
+            )
+        ],
+    )
+
+
+def state_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir(APP_NAME, appauthor=False))
+
+
+# ---------------------------------------------------------------- reading YAML safely
+
+_SCALAR_TAGS = {
+    "tag:yaml.org,2002:str",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null",
+    "tag:yaml.org,2002:float",
+}
+
+
+class _Tree:
+    """Plain Python values from a YAML node tree, remembering the line of every place."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        self.lines: dict[str, int] = {}
+        self._seen: set[int] = set()
+        self._constructor = yaml.SafeLoader("")
+
+    def build(self, node: Node, place: str) -> Any:
+        self.lines[place] = node.start_mark.line + 1
+        if id(node) in self._seen:
+            self.issues.append(
+                ConfigIssue(place, "YAML anchors and aliases are not supported", self.lines[place])
+            )
+            return None
+        self._seen.add(id(node))
+        if isinstance(node, MappingNode):
+            if node.tag != "tag:yaml.org,2002:map":
+                return self._bad_tag(node, place)
+            out: dict[str, Any] = {}
+            for knode, vnode in node.value:
+                if not isinstance(knode, ScalarNode) or knode.tag != "tag:yaml.org,2002:str":
+                    self.issues.append(
+                        ConfigIssue(place, "keys must be plain strings", knode.start_mark.line + 1)
+                    )
+                    continue
+                key = str(knode.value)
+                sub = f"{place}.{key}" if place else key
+                if key in out:
+                    self.issues.append(ConfigIssue(sub, "duplicate key", knode.start_mark.line + 1))
+                    continue
+                out[key] = self.build(vnode, sub)
+            return out
+        if isinstance(node, SequenceNode):
+            if node.tag != "tag:yaml.org,2002:seq":
+                return self._bad_tag(node, place)
+            return [self.build(n, f"{place}[{i}]") for i, n in enumerate(node.value)]
+        if isinstance(node, ScalarNode) and node.tag in _SCALAR_TAGS:
+            return self._constructor.construct_object(node)
+        return self._bad_tag(node, place)
+
+    def _bad_tag(self, node: Node, place: str) -> None:
+        self.issues.append(
+            ConfigIssue(place, f"YAML tag {node.tag!r} is not allowed", node.start_mark.line + 1)
+        )
+        return None
+
+
+def parse_yaml(text: str, issues: list[ConfigIssue]) -> tuple[Any, dict[str, int]]:
+    """Parse YAML text into plain values plus a place -> line map. Problems go into `issues`."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        # Only the problem and the position: PyYAML's own text quotes the line, which could
+        # hold a secret someone pasted.
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        issues.append(ConfigIssue("", f"not valid YAML: {exc.problem or exc.context}", line))
+        return None, {}
+    except yaml.YAMLError as exc:
+        issues.append(ConfigIssue("", f"not valid YAML: {type(exc).__name__}"))
+        return None, {}
+    if node is None:
+        return {}, {}
+    tree = _Tree(issues)
+    return tree.build(node, ""), tree.lines
+
+
+# ---------------------------------------------------------------- checking
+
+
+class _Checker:
+    def __init__(self, lines: dict[str, int], issues: list[ConfigIssue]) -> None:
+        self.lines = lines
+        self.issues = issues
+
+    def err(self, place: str, message: str) -> None:
+        line = self.lines.get(place)
+        if line is None:  # a missing key: point at its parent
+            parent = place
+            while parent and parent not in self.lines:
+                parent = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", parent)
+            line = self.lines.get(parent)
+        self.issues.append(ConfigIssue(place, message, line))
+
+    def mapping(self, value: Any, place: str, allowed: Iterable[str]) -> dict[str, Any] | None:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.err(place, f"must be a mapping, got {_kind(value)}")
+            return None
+        allowed_set = set(allowed)
+        for key in value:
+            if key not in allowed_set:
+                sub = f"{place}.{key}" if place else key
+                self.err(sub, f"unknown key (allowed here: {', '.join(sorted(allowed_set))})")
+        return value
+
+    def boolean(self, m: dict[str, Any], key: str, place: str, default: bool) -> bool:
+        v = m.get(key, default)
+        if not isinstance(v, bool):
+            self.err(_join(place, key), f"must be true or false, got {_kind(v)}")
+            return default
+        return v
+
+    def string(self, m: dict[str, Any], key: str, place: str, default: str | None = None) -> str | None:
+        v = m.get(key, default)
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v:
+            self.err(_join(place, key), f"must be a non-empty string, got {_kind(v)}")
+            return default
+        return v
+
+    def number(self, m: dict[str, Any], key: str, place: str, default: float, minimum: float) -> float:
+        v = m.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            self.err(_join(place, key), f"must be a number, got {_kind(v)}")
+            return default
+        if v < minimum:
+            self.err(_join(place, key), f"must be at least {minimum}")
+            return default
+        return float(v)
+
+    def integer(self, m: dict[str, Any], key: str, place: str, default: int, lo: int, hi: int) -> int:
+        v = m.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.err(_join(place, key), f"must be a whole number, got {_kind(v)}")
+            return default
+        if not lo <= v <= hi:
+            self.err(_join(place, key), f"must be between {lo} and {hi}")
+            return default
+        return v
+
+    def strings(self, m: dict[str, Any], key: str, place: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        v = m.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, list):
+            self.err(_join(place, key), f"must be a list, got {_kind(v)}")
+            return default
+        out = []
+        for i, item in enumerate(v):
+            if not isinstance(item, str) or not item:
+                self.err(f"{_join(place, key)}[{i}]", f"must be a non-empty string, got {_kind(item)}")
+            else:
+                out.append(item)
+        return tuple(out)
+
+
+def _join(place: str, key: str) -> str:
+    return f"{place}.{key}" if place else key
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "nothing"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int | float):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a mapping"
+    return type(v).__name__
+
+
+def _find_literal_secrets(value: Any, place: str, key: str | None, c: _Checker) -> None:
+    """Flag any string that looks like a secret, or that sits under a secret-named key."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _find_literal_secrets(v, _join(place, k), k, c)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _find_literal_secrets(v, f"{place}[{i}]", key, c)
+    elif isinstance(value, str):
+        is_reference = value == "keyring" or value.startswith(("env:", "file:"))
+        if SECRET_LITERAL.search(value) or (key in SECRET_KEY_NAMES and not is_reference):
+            c.err(
+                place,
+                "a literal secret is not allowed in the config file; use `keyring` (then "
+                "`agentcard-broker set-key ROUTE`), `env:NAME` or `file:PATH`",
+            )
+
+
+def parse_secret_ref(value: Any, place: str, c: _Checker, default: SecretRef) -> SecretRef:
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        c.err(place, f"must be `keyring`, `env:NAME` or `file:PATH`, got {_kind(value)}")
+        return default
+    if value == "keyring":
+        return SecretRef("keyring")
+    if value.startswith("env:"):
+        name = value[4:]
+        if not ENV_NAME.match(name):
+            c.err(place, "`env:` must be followed by an environment variable name")
+            return default
+        return SecretRef("env", name)
+    if value.startswith("file:"):
+        path = value[5:]
+        if not path:
+            c.err(place, "`file:` must be followed by a path")
+            return default
+        return SecretRef("file", str(Path(path).expanduser()))
+    # a literal: already reported by _find_literal_secrets; never echo it
+    return default
+
+
+def parse_listen(value: Any, place: str, allow_remote: bool, c: _Checker) -> Listen | None:
+    if not isinstance(value, str) or not value:
+        c.err(place, f"must be `HOST:PORT` or `unix:PATH`, got {_kind(value)}")
+        return None
+    if value.startswith("unix:"):
+        path = value[5:]
+        if not path:
+            c.err(place, "`unix:` must be followed by a socket path")
+            return None
+        return Listen("unix", path=str(Path(path).expanduser()))
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+    if not m:
+        c.err(place, f"must be `HOST:PORT`, `[IPv6]:PORT` or `unix:PATH` (got {value!r})")
+        return None
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        c.err(place, "port must be between 0 and 65535")
+        return None
+    if not allow_remote and not _is_loopback(host):
+        c.err(
+            place,
+            f"{host} is not a loopback address; the broker serves this machine only "
+            "(set allow_remote: true to override, and read README 'Threat model' first)",
+        )
+        return None
+    return Listen("tcp", host=host, port=port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_upstream(value: Any, place: str, insecure_ok: bool, c: _Checker) -> str | None:
+    if not isinstance(value, str) or not value:
+        c.err(place, f"must be an https:// URL, got {_kind(value)}")
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        c.err(place, "must be an absolute https:// URL")
+        return None
+    if parts.scheme == "http" and not insecure_ok:
+        c.err(place, "must be https:// (set allow_insecure_upstream: true only for local test servers)")
+        return None
+    if parts.username or parts.password:
+        c.err(place, "must not carry credentials; secrets live in the secret store")
+        return None
+    if parts.query or parts.fragment:
+        c.err(place, "must not have a query string or fragment")
+        return None
+    return value
+
+
+def parse_prefix(value: Any, place: str, c: _Checker) -> str | None:
+    if not isinstance(value, str) or not value.startswith("/"):
+        c.err(place, "must be a path starting with /")
+        return None
+    if any(ch in value for ch in "?#%\\ ") or "//" in value:
+        c.err(place, "must be a plain path (no ?, #, %, \\, spaces or empty segments)")
+        return None
+    segs = value.strip("/").split("/")
+    if any(s in (".", "..") for s in segs):
+        c.err(place, "must not contain . or .. segments")
+        return None
+    prefix = "/" + "/".join(s for s in segs if s)
+    if prefix == RESERVED_PREFIX or prefix.startswith(RESERVED_PREFIX + "/"):
+        c.err(place, f"{RESERVED_PREFIX} is reserved for the broker's own endpoints")
+        return None
+    return prefix
+
+
+def parse_auth(value: Any, place: str, insecure_ok: bool, c: _Checker) -> Auth | None:
+    if not isinstance(value, dict):
+        c.err(place, "must be a mapping with a `type` (api_key, oauth or client_credentials)")
+        return None
+    kind = value.get("type")
+    if kind == "api_key":
+        m = c.mapping(value, place, {"type", "key", "allow_live"})
+        if m is None:
+            return None
+        return ApiKeyAuth(
+            key=parse_secret_ref(m.get("key"), _join(place, "key"), c, SecretRef("keyring")),
+            allow_live=c.boolean(m, "allow_live", place, False),
+        )
+    if kind == "oauth":
+        m = c.mapping(value, place, {"type", "client_id", "client_secret", "scopes", "redirect_port"})
+        if m is None:
+            return None
+        secret = m.get("client_secret")
+        return OAuthAuth(
+            client_id=c.string(m, "client_id", place),
+            client_secret=(
+                parse_secret_ref(secret, _join(place, "client_secret"), c, SecretRef("keyring"))
+                if secret is not None
+                else None
+            ),
+            scopes=c.strings(m, "scopes", place, ()),
+            redirect_port=c.integer(m, "redirect_port", place, DEFAULT_REDIRECT_PORT, 1, 65535),
+        )
+    if kind == "client_credentials":
+        m = c.mapping(value, place, {"type", "token_url", "client_id", "client_secret", "scopes"})
+        if m is None:
+            return None
+        token_url = parse_upstream(m.get("token_url"), _join(place, "token_url"), insecure_ok, c)
+        client_id = c.string(m, "client_id", place)
+        if client_id is None:
+            c.err(_join(place, "client_id"), "is required for client_credentials")
+        if token_url is None or client_id is None:
+            return None
+        return ClientCredentialsAuth(
+            token_url=token_url,
+            client_id=client_id,
+            client_secret=parse_secret_ref(
+                m.get("client_secret"), _join(place, "client_secret"), c, SecretRef("keyring")
+            ),
+            scopes=c.strings(m, "scopes", place, ()),
+        )
+    c.err(_join(place, "type"), "must be one of: api_key, oauth, client_credentials")
+    return None
+
+
+TOP_KEYS = {
+    "listen", "allowed_hosts", "allowed_origins", "allowed_uids", "allow_remote",
+    "allow_insecure_upstream", "secret_store", "limits", "timeouts", "log", "routes",
+}  # fmt: skip
+
+
+def build_config(data: Any, lines: dict[str, int], path: str, issues: list[ConfigIssue]) -> Config | None:
+    """Check plain values against every rule; return the snapshot, or None with `issues` filled."""
+    c = _Checker(lines, issues)
+    top = c.mapping(data, "", TOP_KEYS)
+    if top is None:
+        return None
+    _find_literal_secrets(top, "", None, c)
+
+    allow_remote = c.boolean(top, "allow_remote", "", False)
+    insecure = c.boolean(top, "allow_insecure_upstream", "", False)
+
+    raw_listen = top.get("listen", [f"127.0.0.1:{DEFAULT_PORT}"])
+    if isinstance(raw_listen, str):
+        raw_listen = [raw_listen]
+    listens: list[Listen] = []
+    if not isinstance(raw_listen, list) or not raw_listen:
+        c.err("listen", "must be a non-empty list of `HOST:PORT` or `unix:PATH`")
+    else:
+        for i, item in enumerate(raw_listen):
+            lst = parse_listen(item, f"listen[{i}]", allow_remote, c)
+            if lst is not None:
+                if lst in listens:
+                    c.err(f"listen[{i}]", "listed twice")
+                listens.append(lst)
+
+    hosts = tuple(h.lower() for h in c.strings(top, "allowed_hosts", "", DEFAULT_ALLOWED_HOSTS))
+    origins = c.strings(top, "allowed_origins", "", ())
+    for i, o in enumerate(origins):
+        if o == "null" or not re.fullmatch(r"https?://[^/\s]+", o):
+            c.err(f"allowed_origins[{i}]", "must be an origin like http://localhost:3000")
+
+    uids: list[int] = []
+    raw_uids = top.get("allowed_uids", ["self"])
+    if not isinstance(raw_uids, list):
+        c.err("allowed_uids", f"must be a list, got {_kind(raw_uids)}")
+    else:
+        for i, u in enumerate(raw_uids):
+            if u == "self":
+                uids.append(os.getuid())
+            elif isinstance(u, int) and not isinstance(u, bool) and u >= 0:
+                uids.append(u)
+            else:
+                c.err(f"allowed_uids[{i}]", "must be `self` or a numeric uid")
+
+    store = top.get("secret_store", "keyring")
+    if store not in ("keyring", "file"):
+        c.err("secret_store", "must be `keyring` or `file`")
+        store = "keyring"
+
+    lm = c.mapping(top.get("limits"), "limits", {"max_body_bytes", "max_header_bytes"}) or {}
+    limits = Limits(
+        max_body_bytes=c.integer(lm, "max_body_bytes", "limits", Limits().max_body_bytes, 1, 2**40),
+        max_header_bytes=c.integer(lm, "max_header_bytes", "limits", Limits().max_header_bytes, 1024, 2**20),
+    )
+    tm = c.mapping(top.get("timeouts"), "timeouts", {"connect", "first_byte", "idle", "drain"}) or {}
+    timeouts = Timeouts(
+        connect=c.number(tm, "connect", "timeouts", Timeouts().connect, 0.001),
+        first_byte=c.number(tm, "first_byte", "timeouts", Timeouts().first_byte, 0.001),
+        idle=c.number(tm, "idle", "timeouts", Timeouts().idle, 0.001),
+        drain=c.number(tm, "drain", "timeouts", Timeouts().drain, 0),
+    )
+    lg = c.mapping(top.get("log"), "log", {"level", "format", "audit"}) or {}
+    level = str(lg.get("level", "info")).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        c.err("log.level", "must be one of: debug, info, warning, error")
+        level = "info"
+    fmt = lg.get("format", "auto")
+    if fmt not in ("auto", "console", "json"):
+        c.err("log.format", "must be one of: auto, console, json")
+        fmt = "auto"
+    log = LogConfig(level=level, format=fmt, audit=c.boolean(lg, "audit", "log", True))
+
+    routes: list[Route] = []
+    raw_routes = top.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        c.err("routes", "must be a non-empty list of routes")
+        raw_routes = []
+    names: set[str] = set()
+    prefixes: set[str] = set()
+    for i, raw in enumerate(raw_routes):
+        place = f"routes[{i}]"
+        m = c.mapping(raw, place, {"name", "prefix", "upstream", "auth", "policy"})
+        if m is None:
+            continue
+        name = m.get("name")
+        if not isinstance(name, str) or not ROUTE_NAME.match(name):
+            c.err(_join(place, "name"), "must be a short name of letters, digits, -, _ or .")
+            name = None
+        elif name in names:
+            c.err(_join(place, "name"), f"duplicate route name {name!r}")
+        prefix = parse_prefix(m.get("prefix"), _join(place, "prefix"), c)
+        if prefix is not None:
+            if prefix in prefixes:
+                c.err(_join(place, "prefix"), f"duplicate prefix {prefix!r}")
+            prefixes.add(prefix)
+        upstream = parse_upstream(m.get("upstream"), _join(place, "upstream"), insecure, c)
+        if "auth" not in m:
+            c.err(_join(place, "auth"), "is required")
+        auth = parse_auth(m.get("auth"), _join(place, "auth"), insecure, c)
+        if "policy" in m:
+            c.err(
+                _join(place, "policy"),
+                "route policies are not supported by this version; remove the block (see README 'Not yet')",
+            )
+        if name and prefix and upstream and auth:
+            names.add(name)
+            routes.append(Route(name, prefix, upstream, auth, place))
+
+    if issues:
+        return None
+    return Config(
+        path=path,
+        listen=tuple(listens),
+        routes=tuple(routes),
+        allowed_hosts=hosts,
+        allowed_origins=origins,
+        allowed_uids=tuple(dict.fromkeys(uids)),
+        allow_remote=allow_remote,
+        allow_insecure_upstream=insecure,
+        secret_store=store,
+        limits=limits,
+        timeouts=timeouts,
+        log=log,
+        lines=lines,
+    )
+
+
+def check_file_safety(path: Path) -> list[ConfigIssue]:
+    """A config that others could edit would let them point our credentials elsewhere."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return [ConfigIssue("", "file not found")]
+    except OSError as exc:
+        return [ConfigIssue("", f"cannot read: {exc.strerror}")]
+    problems = []
+    if not stat.S_ISREG(st.st_mode):
+        problems.append(ConfigIssue("", "not a regular file"))
+    if st.st_mode & 0o022:
+        problems.append(ConfigIssue("", f"is group- or world-writable; run: chmod go-w {path}"))
+    if st.st_uid != os.getuid():
+        problems.append(ConfigIssue("", f"is owned by uid {st.st_uid}, not by this user ({os.getuid()})"))
+    return problems
+
+
+def load(path: Path) -> Config:
+    """Read and check the config at `path`. Raises ConfigError listing every problem."""
+    spath = str(path)
+    issues = check_file_safety(path)
+    if issues:
+        raise ConfigError(spath, issues)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(spath, [ConfigIssue("", f"cannot read: {type(exc).__name__}")]) from None
+    data, lines = parse_yaml(text, issues)
+    if issues:
+        raise ConfigError(spath, issues)
+    cfg = build_config(data, lines, spath, issues)
+    if cfg is None:
+        raise ConfigError(spath, issues)
+    return cfg

@@ -1,0 +1,91 @@
+"""Checks made before anything else: who is asking, from where, and in what form.
+
+Owns: the Host allowlist (DNS rebinding), the Origin / Sec-Fetch-Site browser guard, the
+refusal of absolute-form and CONNECT requests, and unix-socket peer uid checks. Must never:
+read the body, touch a credential, or reach the upstream.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+
+from aiohttp import web
+
+from broker.config import Config
+from broker.errors import BrokerError
+
+_CROSS_SITE = frozenset({"cross-site", "same-site"})
+
+
+def listener_port(request: web.BaseRequest) -> int | None:
+    """The local TCP port the request arrived on; None for a unix socket."""
+    transport = request.transport
+    if transport is None:
+        return None
+    sockname = transport.get_extra_info("sockname")
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        return int(sockname[1])
+    return None
+
+
+def allowed_host_values(cfg: Config, port: int | None) -> frozenset[str]:
+    """Exact Host header values accepted on a listener (`127.0.0.1:8765`, `[::1]:8765`, …)."""
+    if port is None:  # a unix socket cannot be reached by a browser; any allowed name will do
+        return frozenset(cfg.allowed_hosts)
+    values = {f"{h}:{port}" for h in cfg.allowed_hosts}
+    if port == 80:
+        values.update(cfg.allowed_hosts)
+    return frozenset(values)
+
+
+def check(request: web.BaseRequest, cfg: Config, hosts: frozenset[str]) -> BrokerError | None:
+    """The first gate. Returns the refusal, or None to let the request go on."""
+    host_values = request.headers.getall("Host", [])
+    if len(host_values) != 1 or host_values[0].lower() not in hosts:
+        return BrokerError(
+            "host_not_allowed",
+            "the Host header is not one the broker serves (a DNS-rebinding guard); "
+            "use http://127.0.0.1:PORT or add the name to allowed_hosts",
+        )
+    origin = request.headers.get("Origin")
+    if origin is not None and origin not in cfg.allowed_origins:
+        return BrokerError(
+            "origin_not_allowed",
+            "requests from web pages are refused; add the page's origin to allowed_origins to allow it",
+        )
+    if request.headers.get("Sec-Fetch-Site", "").lower() in _CROSS_SITE:
+        return BrokerError("origin_not_allowed", "cross-site browser requests are refused")
+    if request.method == "CONNECT":
+        return BrokerError("method_not_allowed", "CONNECT is refused: the broker is not a proxy")
+    if not request.raw_path.startswith("/"):
+        return BrokerError(
+            "bad_request",
+            "absolute-form request targets are refused; the destination comes from the "
+            "broker's config, send a plain path",
+        )
+    return None
+
+
+def peer_uid(request: web.BaseRequest) -> int | None:
+    """The uid of the process on the other end of a unix socket, when the OS tells."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    if sys.platform.startswith("linux"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return int(uid)
+    if hasattr(socket, "LOCAL_PEERCRED"):  # macOS / BSD: struct xucred {u_int version; uid_t uid;...}
+        creds = sock.getsockopt(0, socket.LOCAL_PEERCRED, 76)
+        return int(struct.unpack_from("2I", creds)[1])
+    return None
+
+
+def check_peer(request: web.BaseRequest, cfg: Config) -> BrokerError | None:
+    uid = peer_uid(request)
+    if uid is not None and uid not in cfg.allowed_uids:
+        return BrokerError("peer_not_allowed", f"uid {uid} is not in allowed_uids")
+    return None

@@ -1,0 +1,98 @@
+"""structlog setup: JSON lines or console, and the redaction processor.
+
+Owns: the processor pipeline, routing stdlib logging (aiohttp, asyncio) through the same
+pipeline, and query-string masking for audit paths. Must never: let a held secret, or
+anything shaped like one, reach the output at any level, tracebacks included.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+from urllib.parse import parse_qsl, urlencode
+
+import structlog
+
+from broker.scrub import SecretSet
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+SENSITIVE_QUERY = re.compile(r"token|key|secret|code|password|signature", re.IGNORECASE)
+
+
+class Redact:
+    """A structlog processor: every string in the event, at any depth, loses held secrets."""
+
+    def __init__(self, secrets: SecretSet) -> None:
+        self.secrets = secrets
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.secrets.redact(value)
+        if isinstance(value, dict):
+            return {k: self._clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean(v) for v in value]
+        if isinstance(value, bytes):
+            return self.secrets.redact(value.decode("utf-8", "replace"))
+        if isinstance(value, int | float | bool) or value is None:
+            return value
+        return self.secrets.redact(repr(value))
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        return {k: self._clean(v) for k, v in event.items()}
+
+
+def safe_path(path_and_query: str) -> str:
+    """The path with values of sensitive query parameters (token, key, secret, code…) masked."""
+    path, sep, query = path_and_query.partition("?")
+    if not sep:
+        return path
+    pairs = parse_qsl(query, keep_blank_values=True)
+    masked = [(k, "[REDACTED]" if SENSITIVE_QUERY.search(k) else v) for k, v in pairs]
+    return f"{path}?{urlencode(masked, safe='[]/')}"
+
+
+class _ToStructlog(logging.Handler):
+    """Send stdlib records (aiohttp, asyncio) into the structlog pipeline."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            log = structlog.get_logger(record.name)
+            msg = record.getMessage()
+            exc_info = record.exc_info if record.exc_info and record.exc_info[0] else None
+            log.log(record.levelno, msg, logger=record.name, exc_info=exc_info)
+        except Exception:  # noqa: BLE001 - logging must never take the daemon down
+            self.handleError(record)
+
+
+def configure(level: str, fmt: str, secrets: SecretSet, stream: TextIO | None = None) -> None:
+    out = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "console" if out.isatty() else "json"
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
+    else:
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            Redact(secrets),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [_ToStructlog()]
+    root.setLevel(LEVELS.get(level, logging.INFO))
+    logging.getLogger("aiohttp.access").disabled = True  # the audit line replaces it

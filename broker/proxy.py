@@ -1,0 +1,258 @@
+"""Forwarding one request to its upstream and streaming the answer back.
+
+Owns: header hygiene both ways (agent credentials, cookies and hop-by-hop headers out; the
+route's credential in, added last), streaming bodies both ways with bounded memory, the
+request body limit, timeouts (connect, first byte, idle), redirects passed back (never
+followed) with Location rewritten into the broker, upstream 401 kept from the agent, and
+scrubbing of held secrets from every response. Must never: follow a redirect, retry a request
+that could spend money, buffer a whole body, or let a held secret through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+from yarl import URL
+
+from broker.errors import BrokerError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from broker.auth.base import Credential
+    from broker.config import Config
+    from broker.routing import RouteTable, Target
+    from broker.scrub import SecretSet
+
+# RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones still seen in the wild.
+HOP_BY_HOP = frozenset(
+    istr(h)
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
+        "Upgrade", "Proxy-Authenticate", "Proxy-Authorization",
+    )
+)  # fmt: skip
+REQUEST_DROP = HOP_BY_HOP | {
+    istr("Authorization"), istr("Cookie"), istr("Host"), istr("Expect"), istr("Accept-Encoding"),
+}  # fmt: skip
+RESPONSE_DROP = HOP_BY_HOP | {
+    istr("Set-Cookie"), istr("Set-Cookie2"), istr("WWW-Authenticate"),
+}  # fmt: skip
+# The broker decodes gzip/deflate itself so it can scrub bodies; the agent gets identity.
+UPSTREAM_ACCEPT_ENCODING = "gzip, deflate"
+SAFE_TO_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one forwarded request, for the audit line and metrics."""
+
+    request_id: str = ""
+    upstream_status: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: str | None = None
+    body_too_large: bool = field(default=False)
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[istr]:
+    tokens: set[istr] = set()
+    for value in headers.getall("Connection", []):
+        tokens.update(istr(t.strip()) for t in value.split(",") if t.strip())
+    return tokens
+
+
+def upstream_headers(agent: CIMultiDictProxy[str], credential: dict[str, str]) -> CIMultiDict[str]:
+    """Agent headers minus credentials/hop-by-hop, then the route's credential added last."""
+    drop = REQUEST_DROP | _connection_tokens(agent) if "Connection" in agent else REQUEST_DROP
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in agent.items():
+        if name not in drop:
+            out.add(name, value)
+    out["Accept-Encoding"] = UPSTREAM_ACCEPT_ENCODING
+    out.update(credential)  # after filtering: `Connection: Authorization` cannot remove it
+    return out
+
+
+def response_headers(
+    up: aiohttp.ClientResponse, secrets: SecretSet, location: str | None
+) -> CIMultiDict[str]:
+    drop = set(RESPONSE_DROP)
+    if "Connection" in up.headers:
+        drop |= _connection_tokens(up.headers)
+    encoding = up.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # the client decoded the body: its length and encoding no longer describe it
+        drop |= {istr("Content-Encoding"), istr("Content-Length")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in up.headers.items():
+        if name in drop or name.lower().startswith("access-control-"):
+            continue
+        if name == "Location" and location is not None:
+            value = location
+        out.add(name, secrets.redact(value))
+    return out
+
+
+async def _limited_body(content: aiohttp.StreamReader, limit: int, ex: Exchange) -> AsyncIterator[bytes]:
+    async for chunk in content.iter_any():
+        ex.bytes_in += len(chunk)
+        if ex.bytes_in > limit:
+            ex.body_too_large = True
+            raise _BodyTooLarge
+        yield chunk
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int, route: str) -> BrokerError:
+    return BrokerError("request_too_large", f"request body is over limits.max_body_bytes ({limit})", route)
+
+
+def _rewrite_location(up: aiohttp.ClientResponse, target: Target, table: RouteTable, host: str) -> str | None:
+    loc = up.headers.get("Location")
+    if not loc:
+        return None
+    try:
+        absolute = target.url.join(URL(loc, encoded=True))
+    except ValueError:
+        return None
+    path = table.broker_path_for(target.route, absolute)
+    return f"http://{host}{path}" if path is not None else None
+
+
+async def forward(
+    request: web.BaseRequest,
+    target: Target,
+    credential: Credential,
+    *,
+    session: aiohttp.ClientSession,
+    config: Config,
+    table: RouteTable,
+    secrets: SecretSet,
+    ex: Exchange,
+) -> web.StreamResponse:
+    """Send `request` to `target` with `credential`, stream the answer back to the agent."""
+    route = target.route.name
+    limit = config.limits.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit, route)
+
+    headers = upstream_headers(request.headers, await credential.authorization())
+    has_body = request.body_exists
+    timeouts = config.timeouts
+    client_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
+
+    up: aiohttp.ClientResponse | None = None
+    attempts = 2 if request.method in SAFE_TO_RETRY and not has_body else 1
+    for attempt in range(attempts):
+        try:
+            async with asyncio.timeout(timeouts.first_byte):
+                up = await session.request(
+                    request.method,
+                    target.url,
+                    headers=headers,
+                    data=_limited_body(request.content, limit, ex) if has_body else None,
+                    allow_redirects=False,
+                    timeout=client_timeout,
+                )
+            break
+        except _BodyTooLarge:
+            raise _too_large(limit, route) from None
+        except TimeoutError:
+            ex.error = "upstream_timeout"
+            raise BrokerError(
+                "upstream_timeout", f"the upstream did not answer within {timeouts.first_byte:g}s", route
+            ) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if ex.body_too_large:
+                raise _too_large(limit, route) from None
+            # a pooled keep-alive connection the upstream had closed: safe methods try once more
+            if attempt + 1 < attempts:
+                continue
+            ex.error = "upstream_unreachable"
+            raise BrokerError(
+                "upstream_unreachable", f"cannot reach the upstream: {type(exc).__name__}", route
+            ) from None
+        except aiohttp.ClientError as exc:
+            if ex.body_too_large:
+                raise _too_large(limit, route) from None
+            ex.error = "upstream_unreachable"
+            raise BrokerError(
+                "upstream_unreachable", f"upstream request failed: {type(exc).__name__}", route
+            ) from None
+    assert up is not None
+
+    try:
+        ex.upstream_status = up.status
+        credential.on_upstream_status(up.status)
+        if up.status == 401:
+            # an agent seeing 401/WWW-Authenticate would start its own OAuth against AgentCard
+            raise BrokerError(
+                "credential_rejected",
+                f"AgentCard refused the broker's credential; {credential.reason}",
+                route,
+            )
+        host = request.headers.get("Host", "127.0.0.1")
+        location = _rewrite_location(up, target, table, host)
+        resp = web.StreamResponse(status=up.status, reason=up.reason)
+        resp.headers.extend(response_headers(up, secrets, location))
+        resp.headers["X-Broker-Request-Id"] = ex.request_id
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            await resp.write_eof()
+            return resp
+        await _stream(request, up, resp, secrets, timeouts.idle, ex)
+        return resp
+    finally:
+        up.release()
+
+
+async def _stream(
+    request: web.BaseRequest,
+    up: aiohttp.ClientResponse,
+    resp: web.StreamResponse,
+    secrets: SecretSet,
+    idle: float,
+    ex: Exchange,
+) -> None:
+    scrubber = secrets.scrubber()
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(idle) as deadline:
+            async for chunk in up.content.iter_any():
+                out = scrubber.feed(chunk)
+                if out:
+                    await resp.write(out)
+                    ex.bytes_out += len(out)
+                deadline.reschedule(loop.time() + idle)
+            tail = scrubber.flush()
+            if tail:
+                await resp.write(tail)
+                ex.bytes_out += len(tail)
+        await resp.write_eof()
+    except TimeoutError:
+        ex.error = "stream_idle_timeout"
+        up.close()
+        _abort(request)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+        ex.error = "upstream_stream_broken"
+        up.close()
+        _abort(request)
+    except ConnectionError:
+        ex.error = "agent_disconnected"
+        up.close()
+
+
+def _abort(request: web.BaseRequest) -> None:
+    """Cut the agent's connection so a truncated body cannot pass for a whole one."""
+    if request.transport is not None:
+        request.transport.close()

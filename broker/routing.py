@@ -1,0 +1,103 @@
+"""Which route a request belongs to, and the exact upstream URL it is forwarded to.
+
+Owns: path normalization (RFC 3986 unreserved decoding), dot-segment refusal, longest-prefix
+matching on whole segments, and building the forwarded URL with the query untouched. Must
+never: let a request choose its destination; only the config does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from yarl import URL
+
+from broker.config import Route
+from broker.errors import BrokerError
+
+_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _normalize_pct(m: re.Match[str]) -> str:
+    byte = int(m.group(1), 16)
+    return chr(byte) if byte in _UNRESERVED else "%" + m.group(1).upper()
+
+
+def normalize_path(raw: str) -> str:
+    """RFC 3986 §6.2.2: decode percent-encoded unreserved characters, uppercase the rest.
+
+    Raises BrokerError(bad_request) for any path that contains a dot-segment, in any encoding
+    an upstream might decode (`..`, `%2e%2e`, `..%2f`, `%252e%252e`, backslashes).
+    """
+    path = _PCT.sub(_normalize_pct, raw)
+    probe = path
+    for _ in range(3):  # catch double and triple encoding too
+        decoded = unquote(probe)
+        for seg in re.split(r"[/\\]", decoded):
+            if seg in (".", ".."):
+                raise BrokerError("bad_request", "dot-segments (. and ..) are not allowed in the path")
+        if decoded == probe:
+            break
+        probe = decoded
+    if "\x00" in probe:
+        raise BrokerError("bad_request", "NUL is not allowed in the path")
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    route: Route
+    url: URL  # the upstream URL, already encoded as it will be sent
+    rest: str  # the path after the route's prefix (normalized)
+
+
+class RouteTable:
+    """Routes ordered for longest-prefix matching on whole path segments."""
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+        self._bases = {r.name: URL(r.upstream) for r in routes}
+
+    def match(self, path: str) -> Route | None:
+        for r in self._routes:
+            p = r.prefix
+            if p == "/" or path == p or path.startswith(p + "/"):
+                return r
+        return None
+
+    def target(self, raw_path_and_query: str) -> Target:
+        raw_path, sep, query = raw_path_and_query.partition("?")
+        path = normalize_path(raw_path)
+        route = self.match(path)
+        if route is None:
+            raise BrokerError("no_route", "no route matches this path; see the routes in config.yaml")
+        rest = path if route.prefix == "/" else path[len(route.prefix) :]
+        base = self._bases[route.name]
+        base_path = base.raw_path
+        joined = base_path.rstrip("/") + rest if rest else base_path or "/"
+        url = URL.build(
+            scheme=base.scheme,
+            authority=base.raw_authority,
+            path=joined,
+            query_string=query if sep else "",
+            encoded=True,
+        )
+        return Target(route, url, rest)
+
+    def broker_path_for(self, route: Route, upstream_url: URL) -> str | None:
+        """The broker path that forwards to `upstream_url`, or None when it is outside the route."""
+        base = self._bases[route.name]
+        if (upstream_url.scheme, upstream_url.raw_authority) != (base.scheme, base.raw_authority):
+            return None
+        bpath = base.raw_path.rstrip("/")
+        upath = upstream_url.raw_path
+        if bpath and not (upath == bpath or upath.startswith(bpath + "/")):
+            return None
+        rest = upath[len(bpath) :]
+        prefix = "" if route.prefix == "/" else route.prefix
+        out = (prefix + rest) or "/"
+        if upstream_url.raw_query_string:
+            out += "?" + upstream_url.raw_query_string
+        return out

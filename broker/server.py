@@ -1,0 +1,371 @@
+"""The daemon: listeners, the request walk, lifecycle, and the one reference reload swaps.
+
+Owns: `Runtime` (the current config snapshot, credentials by route, the upstream session,
+metrics), the order of checks for every request (guard -> admin or route -> credential ->
+forward -> audit), binding listeners, signals (TERM/INT drain, HUP reload), and watching the
+config file. Must never: let a request pick its destination, or drop a login on reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from broker import admin, guard, proxy
+from broker import config as config_mod
+from broker.auth import Credential, make_credential
+from broker.config import Config, ConfigError, Listen
+from broker.errors import BrokerError, error_response
+from broker.logs import safe_path
+from broker.metrics import Metrics
+from broker.routing import RouteTable
+from broker.scrub import SecretSet
+from broker.secrets import SecretStore, open_store
+
+log = structlog.get_logger("broker")
+JSONRPC_PEEK_BYTES = 1024 * 1024
+
+
+class Snapshot:
+    """One immutable config plus what is derived from it once (route table, Host allowlists)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.table = RouteTable(config.routes)
+        self._hosts: dict[int | None, frozenset[str]] = {}
+
+    def hosts_for(self, port: int | None) -> frozenset[str]:
+        hosts = self._hosts.get(port)
+        if hosts is None:
+            hosts = self._hosts[port] = guard.allowed_host_values(self.config, port)
+        return hosts
+
+
+class Runtime:
+    """Everything the daemon holds. `snapshot` is the one reference a reload swaps."""
+
+    def __init__(
+        self, config: Config, secrets: SecretSet | None = None, store: SecretStore | None = None
+    ) -> None:
+        self.config_path = config.path
+        self.snapshot = Snapshot(config)
+        self.config_error: str | None = None
+        self.secrets = secrets if secrets is not None else SecretSet()
+        self.metrics = Metrics()
+        self.store = store or open_store(config.secret_store, config_mod.state_dir())
+        self.credentials: dict[str, Credential] = {
+            r.name: make_credential(r, self.store, self.secrets) for r in config.routes
+        }
+        self.session: aiohttp.ClientSession | None = None
+        self.listen_addresses: list[str] = []
+        self.in_flight = 0
+        self._started = time.monotonic()
+        self._reload_lock = asyncio.Lock()
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._started
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=256, limit_per_host=64, keepalive_timeout=30, ttl_dns_cache=300
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent", "Accept", "Content-Type"),
+            trust_env=False,  # never send credentials through an environment-configured proxy
+            max_field_size=65536,
+        )
+        for cred in self.credentials.values():
+            refresh = getattr(cred, "refresh_from_store", None)
+            if refresh is not None:
+                await refresh()
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        for cred in self.credentials.values():
+            await cred.close()
+
+    # ------------------------------------------------------------ reload
+
+    async def reload(self, reason: str) -> None:
+        """Re-read the config file and the secret store; a bad config keeps the old one."""
+        async with self._reload_lock:
+            path = Path(self.config_path)
+            try:
+                new = await asyncio.to_thread(config_mod.load, path)
+            except ConfigError as exc:
+                self.config_error = exc.render()
+                log.error("config.rejected", reason=reason, errors=exc.lines(), kept="previous config")
+                return
+            self.config_error = None
+            old = self.snapshot.config
+            creds: dict[str, Credential] = {}
+            for r in new.routes:
+                prev_route = old.route(r.name)
+                prev = self.credentials.get(r.name)
+                if prev is not None and prev_route is not None and prev_route.auth == r.auth:
+                    creds[r.name] = prev  # unchanged auth: keep it (a reload never logs out)
+                else:
+                    creds[r.name] = make_credential(r, self.store, self.secrets)
+            for name, cred in self.credentials.items():
+                if creds.get(name) is not cred:
+                    await cred.close()
+            for cred in creds.values():
+                cred.invalidate()
+            self.credentials = creds
+            self.snapshot = Snapshot(new)
+            if new.listen != old.listen:
+                log.warning("config.listen_changed", note="listen changes take effect after a restart")
+            log.info("config.reloaded", reason=reason, routes=[r.name for r in new.routes])
+
+    # ------------------------------------------------------------ the request walk
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        snap = self.snapshot
+        cfg = snap.config
+        rid = uuid.uuid4().hex[:16]
+        ex = proxy.Exchange(request_id=rid)
+        route_name: str | None = None
+        status = 500
+        self.in_flight += 1
+        try:
+            try:
+                err = guard.check(
+                    request, cfg, snap.hosts_for(guard.listener_port(request))
+                ) or guard.check_peer(request, cfg)
+                if err is not None:
+                    raise err
+                header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+                if header_bytes > cfg.limits.max_header_bytes:
+                    raise BrokerError(
+                        "request_too_large",
+                        f"request headers are over limits.max_header_bytes ({cfg.limits.max_header_bytes})",
+                        http_status=431,
+                    )
+                if request.raw_path == "/_broker" or request.raw_path.startswith("/_broker/"):
+                    route_name = "_broker"
+                    resp = await admin.handle(request, self)
+                else:
+                    target = snap.table.target(request.raw_path)
+                    route_name = target.route.name
+                    resp = await proxy.forward(
+                        request,
+                        target,
+                        self.credentials[route_name],
+                        session=self._session(),
+                        config=cfg,
+                        table=snap.table,
+                        secrets=self.secrets,
+                        ex=ex,
+                    )
+            except BrokerError as err:
+                if err.route is None and route_name not in (None, "_broker"):
+                    err = BrokerError(err.code, err.message, route_name, err.retry_after, err.http_status)
+                ex.error = ex.error or err.code
+                resp = await self._error(request, err, body_unread=ex.bytes_in == 0)
+            if not resp.prepared:
+                resp.headers["X-Broker-Request-Id"] = rid
+            status = resp.status
+            return resp
+        finally:
+            self.in_flight -= 1
+            elapsed = time.perf_counter() - started
+            if route_name != "_broker":
+                self.metrics.observe(route_name or "-", status, elapsed)
+                if ex.error and ex.error.startswith(("upstream_", "stream_")):
+                    self.metrics.upstream_error(route_name or "-", ex.error)
+                if cfg.log.audit:
+                    log.info(
+                        "request",
+                        request_id=rid,
+                        route=route_name,
+                        method=request.method,
+                        path=safe_path(request.raw_path),
+                        status=status,
+                        upstream_status=ex.upstream_status,
+                        error=ex.error,
+                        bytes_in=ex.bytes_in,
+                        bytes_out=ex.bytes_out,
+                        duration_ms=round(elapsed * 1000, 2),
+                    )
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            raise RuntimeError("Runtime.start() was not awaited")
+        return self.session
+
+    async def _error(self, request: web.BaseRequest, err: BrokerError, body_unread: bool) -> web.Response:
+        """The error response; a JSON-RPC error object when the request was JSON-RPC."""
+        is_rpc, rpc_id = False, None
+        if body_unread and request.method == "POST" and request.content_type == "application/json":
+            length = request.content_length
+            if request.body_exists and (length is None or length <= JSONRPC_PEEK_BYTES):
+                try:
+                    raw = await request.content.read(JSONRPC_PEEK_BYTES + 1)
+                    doc = json.loads(raw) if len(raw) <= JSONRPC_PEEK_BYTES else None
+                except (ValueError, ConnectionError):
+                    doc = None
+                if isinstance(doc, dict) and doc.get("jsonrpc") == "2.0":
+                    is_rpc, rpc_id = True, doc.get("id")
+                elif (
+                    isinstance(doc, list) and doc and all(isinstance(d, dict) and "jsonrpc" in d for d in doc)
+                ):
+                    is_rpc = True
+        return error_response(err, jsonrpc_id=rpc_id, jsonrpc=is_rpc)
+
+
+# ---------------------------------------------------------------- listeners and lifecycle
+
+
+class ListenError(Exception):
+    pass
+
+
+def _prepare_unix_path(path: Path) -> None:
+    """Refuse a path that is a symlink or not our stale socket; remove a stale socket."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise ListenError(f"unix:{path} is a symlink; refusing to replace it")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenError(f"unix:{path} exists and is not a socket; refusing to replace it")
+    if st.st_uid != os.getuid():
+        raise ListenError(f"unix:{path} belongs to another user")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # stale: nobody is listening
+        return
+    finally:
+        probe.close()
+    raise ListenError(f"unix:{path} is in use by a running process (another broker?)")
+
+
+async def _bind(runner: web.BaseRunner, listen: Listen) -> list[web.BaseSite]:
+    if listen.kind == "unix":
+        path = Path(listen.path)
+        _prepare_unix_path(path)
+        site: web.BaseSite = web.UnixSite(runner, str(path))
+        await site.start()
+        os.chmod(path, 0o600)
+        return [site]
+    tcp = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+    try:
+        await tcp.start()
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    return [tcp]
+
+
+def _bound_addresses(runner: web.BaseRunner) -> list[str]:
+    out = []
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            host, port = addr[0], addr[1]
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        else:
+            out.append(f"unix:{addr}")
+    return out
+
+
+async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
+    """Reload when the config file changes (editors that save by rename included)."""
+    import watchfiles
+
+    path = await asyncio.to_thread(lambda: Path(rt.config_path).resolve())
+    name = path.name
+
+    def only_config(_change: watchfiles.Change, changed: str) -> bool:
+        return Path(changed).name == name
+
+    try:
+        async for _changes in watchfiles.awatch(
+            path.parent, watch_filter=only_config, stop_event=stop, debounce=200, recursive=False
+        ):
+            await rt.reload(reason="file_changed")
+    except Exception as exc:  # noqa: BLE001 - a broken watcher must not stop serving
+        log.warning("config.watch_failed", error=type(exc).__name__, note="SIGHUP still reloads")
+
+
+async def serve(config: Config, secrets: SecretSet) -> int:
+    """Run the daemon until SIGTERM/SIGINT. Returns the process exit code.
+
+    `secrets` is the set the log redaction processor already holds: the same object, so every
+    key the daemon loads is masked in its logs from the moment it is read.
+    """
+    rt = Runtime(config, secrets)
+    cfg = config
+    limits = cfg.limits
+    server = web.Server(
+        rt.handle,
+        max_line_size=limits.max_header_bytes,
+        max_field_size=limits.max_header_bytes,
+        auto_decompress=False,  # request bodies are forwarded byte for byte
+    )
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.timeouts.drain)
+    await runner.setup()
+    await rt.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        for listen in cfg.listen:
+            await _bind(runner, listen)
+    except ListenError as exc:
+        log.error("broker.listen_failed", error=str(exc))
+        await runner.cleanup()
+        await rt.close()
+        return 1
+    rt.listen_addresses = _bound_addresses(runner)
+
+    def on_term() -> None:
+        if stop.is_set():
+            log.warning("broker.exit_now", reason="second signal")
+            os._exit(1)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_term)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(rt.reload(reason="SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    watcher = loop.create_task(_watch_config(rt, stop))
+    log.info(
+        "broker.ready",
+        listen=rt.listen_addresses,
+        config=rt.config_path,
+        routes=[r.name for r in cfg.routes],
+        secret_store=rt.store.description,
+        pid=os.getpid(),
+    )
+    await stop.wait()
+    log.info("broker.stopping", in_flight=rt.in_flight, drain_s=rt.snapshot.config.timeouts.drain)
+    await runner.cleanup()  # stops accepting, lets in-flight requests finish up to the drain time
+    watcher.cancel()
+    await rt.close()
+    log.info("broker.stopped")
+    return 0
