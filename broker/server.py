@@ -307,35 +307,56 @@ async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
         log.warning("config.watch_failed", error=type(exc).__name__, note="SIGHUP still reloads")
 
 
+class Daemon:
+    """A started broker: the runtime plus its bound listeners. `serve()` and tests use this."""
+
+    def __init__(self, rt: Runtime, runner: web.ServerRunner) -> None:
+        self.rt = rt
+        self.runner = runner
+
+    @classmethod
+    async def start(cls, config: Config, secrets: SecretSet | None = None) -> Daemon:
+        rt = Runtime(config, secrets)
+        limits = config.limits
+        server = web.Server(
+            rt.handle,
+            max_line_size=limits.max_header_bytes,
+            max_field_size=limits.max_header_bytes,
+            auto_decompress=False,  # request bodies are forwarded byte for byte
+        )
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=config.timeouts.drain)
+        await runner.setup()
+        await rt.start()
+        try:
+            for listen in config.listen:
+                await _bind(runner, listen)
+        except ListenError:
+            await runner.cleanup()
+            await rt.close()
+            raise
+        rt.listen_addresses = _bound_addresses(runner)
+        return cls(rt, runner)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to timeouts.drain), close."""
+        await self.runner.cleanup()
+        await self.rt.close()
+
+
 async def serve(config: Config, secrets: SecretSet) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the process exit code.
 
     `secrets` is the set the log redaction processor already holds: the same object, so every
     key the daemon loads is masked in its logs from the moment it is read.
     """
-    rt = Runtime(config, secrets)
-    cfg = config
-    limits = cfg.limits
-    server = web.Server(
-        rt.handle,
-        max_line_size=limits.max_header_bytes,
-        max_field_size=limits.max_header_bytes,
-        auto_decompress=False,  # request bodies are forwarded byte for byte
-    )
-    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=cfg.timeouts.drain)
-    await runner.setup()
-    await rt.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     try:
-        for listen in cfg.listen:
-            await _bind(runner, listen)
+        daemon = await Daemon.start(config, secrets)
     except ListenError as exc:
         log.error("broker.listen_failed", error=str(exc))
-        await runner.cleanup()
-        await rt.close()
         return 1
-    rt.listen_addresses = _bound_addresses(runner)
+    rt = daemon.rt
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
 
     def on_term() -> None:
         if stop.is_set():
@@ -358,14 +379,13 @@ async def serve(config: Config, secrets: SecretSet) -> int:
         "broker.ready",
         listen=rt.listen_addresses,
         config=rt.config_path,
-        routes=[r.name for r in cfg.routes],
+        routes=[r.name for r in config.routes],
         secret_store=rt.store.description,
         pid=os.getpid(),
     )
     await stop.wait()
     log.info("broker.stopping", in_flight=rt.in_flight, drain_s=rt.snapshot.config.timeouts.drain)
-    await runner.cleanup()  # stops accepting, lets in-flight requests finish up to the drain time
+    await daemon.stop()
     watcher.cancel()
-    await rt.close()
     log.info("broker.stopped")
     return 0
