@@ -260,8 +260,37 @@ def _daemon_request(cfg: Config, method: str, path: str, timeout: float = 3.0) -
         return None
 
 
+def _config_for_status(args: argparse.Namespace) -> Config | None:
+    """The config to find the daemon with. A broken file must not hide a running daemon (it
+    still serves the previous config), so fall back to just the listen addresses in it."""
+    from broker.config import Config, ConfigError, Listen, _Checker, find_config, load, parse_listen
+
+    try:
+        path = find_config(args.config)
+        return load(path)
+    except ConfigError as exc:
+        print("note: the config file has problems (the daemon keeps its previous config):", file=sys.stderr)
+        for line in exc.lines():
+            print(f"  {line}", file=sys.stderr)
+        import yaml
+
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            items = raw.get("listen") if isinstance(raw, dict) else None
+        except (OSError, yaml.YAMLError, NameError):
+            items = None
+        listens: list[Listen] = []
+        for item in items if isinstance(items, list) else [f"127.0.0.1:{8765}"]:
+            found = parse_listen(item, "listen", True, _Checker({}, []))
+            if found is not None:
+                listens.append(found)
+        if not listens:
+            return None
+        return Config(path=str(exc.path), listen=tuple(listens), routes=())
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _config_for_status(args)
     if cfg is None:
         return 1
     doc = _daemon_request(cfg, "GET", "/_broker/status")

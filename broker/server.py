@@ -313,6 +313,7 @@ class Daemon:
     def __init__(self, rt: Runtime, runner: web.ServerRunner) -> None:
         self.rt = rt
         self.runner = runner
+        self.unix_paths = [Path(x.path) for x in rt.snapshot.config.listen if x.kind == "unix"]
 
     @classmethod
     async def start(cls, config: Config, secrets: SecretSet | None = None) -> Daemon:
@@ -341,6 +342,9 @@ class Daemon:
         """Stop accepting, let in-flight requests finish (up to timeouts.drain), close."""
         await self.runner.cleanup()
         await self.rt.close()
+        for path in self.unix_paths:
+            if path.is_socket():  # ours: _bind refused anything else at start
+                path.unlink(missing_ok=True)
 
 
 async def serve(config: Config, secrets: SecretSet) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ from aiohttp import web
 from keyrings.alt.file import PlaintextKeyring
 from multidict import CIMultiDict
 
-from broker import config as config_mod, logs
+from broker import config as config_mod
+from broker import logs
 from broker.scrub import SecretSet
 from broker.server import Daemon
 
