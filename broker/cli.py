@@ -188,6 +188,10 @@ def cmd_set_key(args: argparse.Namespace) -> int:
     elif not value.startswith("acs_"):
         print("note: AgentCard client secrets usually start with acs_", file=sys.stderr)
     store = open_store(cfg.secret_store, state_dir())
+    if cfg.secret_store == "file":
+        print(
+            f"warning: secret_store is `file`: the secret goes into {store.description}, not the OS keyring"
+        )
     try:
         store.set(account, value)
     except SecretStoreError as exc:

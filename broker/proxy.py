@@ -147,6 +147,9 @@ async def forward(
         raise _too_large(limit, route)
 
     headers = upstream_headers(request.headers, await credential.authorization())
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        # only now, with the request accepted, ask the agent for its body (curl waits 1 s otherwise)
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     has_body = request.body_exists
     timeouts = config.timeouts
     client_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
@@ -206,7 +209,12 @@ async def forward(
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         resp.headers.extend(response_headers(up, secrets, location))
         resp.headers["X-Broker-Request-Id"] = ex.request_id
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except ConnectionError:  # the agent left before the answer: not an error of ours
+            ex.error = "agent_disconnected"
+            up.close()
+            return resp
         if request.method == "HEAD":
             await resp.write_eof()
             return resp

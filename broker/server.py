@@ -89,6 +89,13 @@ class Runtime:
             trust_env=False,  # never send credentials through an environment-configured proxy
             max_field_size=65536,
         )
+        if self.snapshot.config.secret_store == "file":
+            log.warning(
+                "secret_store.plaintext_file",
+                store=self.store.description,
+                note="secrets are kept in a 0600 file, not the OS keyring; anyone who can read "
+                "your files can read them",
+            )
         for cred in self.credentials.values():
             refresh = getattr(cred, "refresh_from_store", None)
             if refresh is not None:

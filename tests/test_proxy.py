@@ -628,3 +628,39 @@ async def test_large_body_streams_both_ways(broker: Broker, upstream: Upstream) 
         async for chunk in r.content.iter_any():
             total += len(chunk)
     assert total == size
+
+
+async def test_expect_100_continue_answered_after_checks(broker: Broker, upstream: Upstream) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    try:
+        writer.write(
+            f"POST /api/v1/cards HTTP/1.1\r\nHost: 127.0.0.1:{broker.port}\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\nContent-Type: application/json\r\n\r\n".encode()
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)  # well under curl's 1 s wait
+        assert interim.startswith(b"HTTP/1.1 100")
+        writer.write(b'{"a":')
+        await writer.drain()
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert final.startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert upstream.seen[-1].body == b'{"a":'
+    assert "Expect" not in upstream.seen[-1].headers
+
+
+async def test_secret_store_file(make_broker: BrokerFactory, upstream: Upstream, isolated_env) -> None:  # type: ignore[no-untyped-def]
+    from broker.config import state_dir
+    from broker.secrets import FileStore
+
+    store = FileStore(state_dir() / "secrets.json")
+    store.set("api", TEST_KEY + "file")
+    assert (state_dir() / "secrets.json").stat().st_mode & 0o777 == 0o600
+    b = await make_broker(api_config(upstream.url, secret_store="file"))
+    async with b.request("GET", "/x") as r:
+        assert r.status == 200
+    assert upstream.seen[-1].headers["Authorization"] == f"Bearer {TEST_KEY}file"
+    assert any(e["event"] == "secret_store.plaintext_file" for e in b.log_events())
+    async with b.request("GET", "/_broker/status") as r:
+        assert (await r.json())["secret_store"].startswith("file (")

@@ -26,7 +26,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def cli(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+async def cli(
+    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     """Run one CLI command to completion without blocking the event loop (upstreams live on it)."""
     proc = await asyncio.create_subprocess_exec(
         *CLI,
@@ -67,7 +69,12 @@ class DaemonProc:
 
     async def start(self) -> dict[str, Any]:
         self.proc = await asyncio.create_subprocess_exec(
-            *CLI, "run", "--config", str(self.config), stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL
+            *CLI,
+            "run",
+            "--config",
+            str(self.config),
+            stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
         )
         self._reader = asyncio.create_task(self._read())
         return await self.wait_for_event("broker.ready")

@@ -32,7 +32,9 @@ for line in unlock.stdout.decode().splitlines():  # GNOME_KEYRING_CONTROL=...
         env[name] = value
 
 result: dict[str, object] = {"unlock_rc": unlock.returncode}
-setkey = subprocess.run([*cli, "set-key", "api", "--config", config, "--stdin"], input=key, capture_output=True, env=env)
+setkey = subprocess.run(
+    [*cli, "set-key", "api", "--config", config, "--stdin"], input=key, capture_output=True, env=env
+)
 result["set_key"] = {"rc": setkey.returncode, "out": setkey.stdout.decode(), "err": setkey.stderr.decode()}
 check = subprocess.run([*cli, "check", "--config", config], capture_output=True, env=env)
 result["check"] = {"rc": check.returncode, "out": check.stdout.decode(), "err": check.stderr.decode()}
@@ -44,14 +46,14 @@ try:
     body = b""
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/cards", timeout=5) as r:  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/cards", timeout=5) as r:
                 result["status"] = r.status
                 body = r.read()
                 break
         except OSError:
             time.sleep(0.1)
     result["body"] = body.decode()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_broker/status", timeout=5) as r:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_broker/status", timeout=5) as r:
         result["broker_status"] = json.loads(r.read())
 finally:
     daemon.terminate()

@@ -22,15 +22,21 @@ async def get(url: str, **kw: Any) -> tuple[int, dict[str, str], bytes]:
         return r.status, dict(r.headers), await r.read()
 
 
-async def test_set_key_stores_and_prints_mode_never_the_key(tmp_path: Path, upstream: Upstream, daemon_factory: Any) -> None:
+async def test_set_key_stores_and_prints_mode_never_the_key(
+    tmp_path: Path, upstream: Upstream, daemon_factory: Any
+) -> None:
     d: DaemonProc = daemon_factory(api_config(upstream.url))
-    rc, out, err = await cli("set-key", "api", "--config", str(d.config), "--stdin", stdin=TEST_KEY.encode() + b"\n")
+    rc, out, err = await cli(
+        "set-key", "api", "--config", str(d.config), "--stdin", stdin=TEST_KEY.encode() + b"\n"
+    )
     assert rc == 0, err
     assert "test-mode" in out
     assert_no_secret(out, err)
     assert keyring.get_password("agentcard-broker", "api") == TEST_KEY
 
-    rc, out, err = await cli("set-key", "api", "--config", str(d.config), "--stdin", stdin=b"not-a-key-123456789")
+    rc, out, err = await cli(
+        "set-key", "api", "--config", str(d.config), "--stdin", stdin=b"not-a-key-123456789"
+    )
     assert rc == 1
     assert "sk_test_" in err and "nothing stored" in err
     assert "not-a-key-123456789" not in out + err
@@ -76,7 +82,7 @@ async def test_check_names_the_fix_and_the_place(upstream: Upstream, daemon_fact
 
 async def test_status_exits_1_when_not_running(upstream: Upstream, daemon_factory: Any) -> None:
     d: DaemonProc = daemon_factory(api_config(upstream.url))
-    rc, out, err = await cli("status", "--config", str(d.config))
+    rc, _out, err = await cli("status", "--config", str(d.config))
     assert rc == 1
     assert "not running" in err
 
@@ -96,7 +102,9 @@ async def test_run_forward_status_and_live_key_pickup(upstream: Upstream, daemon
     rc, out, err = await cli("set-key", "api", "--config", str(d.config), "--stdin", stdin=TEST_KEY.encode())
     assert rc == 0, err
     assert "the running daemon picked it up" in out
-    status, headers, body = await get(d.url + "/api/v1/cards?limit=2", headers={"Authorization": "Bearer nope"})
+    status, headers, body = await get(
+        d.url + "/api/v1/cards?limit=2", headers={"Authorization": "Bearer nope"}
+    )
     assert status == 200
     assert upstream.seen[-1].headers["Authorization"] == f"Bearer {TEST_KEY}"
     assert upstream.seen[-1].raw_path == "/api/v1/cards?limit=2"
@@ -141,7 +149,9 @@ async def test_sigterm_drains_in_flight_requests(upstream: Upstream, daemon_fact
     assert "broker.stopping" in names and "broker.stopped" in names
 
 
-async def test_sighup_reload_and_invalid_edit_keeps_old_config(upstream: Upstream, daemon_factory: Any) -> None:
+async def test_sighup_reload_and_invalid_edit_keeps_old_config(
+    upstream: Upstream, daemon_factory: Any
+) -> None:
     store_key(TEST_KEY)
     store_key(TEST_KEY + "v2", "v2")
     doc = api_config(upstream.url)
@@ -173,13 +183,16 @@ async def test_sighup_reload_and_invalid_edit_keeps_old_config(upstream: Upstrea
     status, _, _ = await get(d.url + "/v2/y")
     assert status == 200
     assert upstream.seen[-1].raw_path == "/base/y"
-    rc, out, _ = await cli("status", "--config", str(d.config), "--json")
+    _rc, out, _ = await cli("status", "--config", str(d.config), "--json")
     assert "bogus_key" in json.loads(out)["config"]["error"]
 
 
 async def test_run_refuses_bad_config_with_exit_78(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"routes:\n  - name: api\n    prefix: /\n    upstream: https://a.example\n    auth: {{type: api_key, key: {TEST_KEY}}}\n")
+    cfg.write_text(
+        "routes:\n  - name: api\n    prefix: /\n    upstream: https://a.example\n"
+        f"    auth: {{type: api_key, key: {TEST_KEY}}}\n"
+    )
     cfg.chmod(0o600)
     rc, out, err = await cli("run", "--config", str(cfg))
     assert rc == 78
@@ -224,7 +237,7 @@ async def test_unix_socket_listener(tmp_path: Path, upstream: Upstream, daemon_f
     async with aiohttp.ClientSession(connector=conn) as s, s.get("http://localhost/api/v1/cards") as r:
         assert r.status == 200
     assert upstream.seen[-1].headers["Authorization"] == f"Bearer {TEST_KEY}"
-    rc, out, err = await cli("status", "--config", str(d.config), "--json")
+    rc, _out, err = await cli("status", "--config", str(d.config), "--json")
     assert rc == 0, err
     await d.stop()
     # a path that is not a socket is never replaced

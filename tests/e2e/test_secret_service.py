@@ -28,11 +28,14 @@ async def test_key_in_gnome_keyring_reaches_upstream(tmp_path: Path, upstream: U
     key_file = tmp_path / "key"
     key_file.write_text(TEST_KEY)
     key_file.chmod(0o600)
-    env: dict[str, Any] = {k: v for k, v in os.environ.items() if k not in ("PYTHON_KEYRING_BACKEND", "DBUS_SESSION_BUS_ADDRESS")}
+    env: dict[str, Any] = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHON_KEYRING_BACKEND", "DBUS_SESSION_BUS_ADDRESS")
+    }
     script = Path(__file__).with_name("secret_service_session.py")
     proc = await asyncio.create_subprocess_exec(
         "dbus-run-session", "--", sys.executable, str(script), str(cfg), str(key_file), str(port),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=str(Path(__file__).parents[2]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        cwd=str(Path(__file__).parents[2]),
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()[-2000:]
