@@ -69,12 +69,11 @@ def _load(args: argparse.Namespace) -> Config | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
-    import os
 
-    from broker import logs
+    from broker import harden, logs
     from broker.scrub import SecretSet
 
-    os.umask(0o077)  # every file and socket the daemon creates is ours alone
+    hardening = harden.apply()  # before anything is read or created
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG
@@ -82,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     secrets = SecretSet()
     logs.configure(cfg.log.level, cfg.log.format, secrets)
-    return asyncio.run(server.serve(cfg, secrets))
+    return asyncio.run(server.serve(cfg, secrets, hardening))
 
 
 # ---------------------------------------------------------------- check
@@ -93,10 +92,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg is None:
         return 1
     from broker.auth.api_key import fix_hint, key_mode
-    from broker.config import ApiKeyAuth, state_dir
+    from broker.config import ApiKeyAuth
     from broker.secrets import open_store, resolve
 
-    store = open_store(cfg.secret_store, state_dir())
+    store = open_store(cfg.secret_store, cfg.state_path())
     problems: list[str] = []
     print(f"config: {cfg.path}: ok ({len(cfg.routes)} routes, listen {', '.join(map(str, cfg.listen))})")
     print(f"secret store: {store.description}")
@@ -143,7 +142,7 @@ def cmd_set_key(args: argparse.Namespace) -> int:
     if cfg is None:
         return 1
     from broker.auth.api_key import key_mode
-    from broker.config import ApiKeyAuth, state_dir
+    from broker.config import ApiKeyAuth
     from broker.secrets import SecretStoreError, open_store
 
     route = cfg.route(args.route)
@@ -187,7 +186,7 @@ def cmd_set_key(args: argparse.Namespace) -> int:
             return 1
     elif not value.startswith("acs_"):
         print("note: AgentCard client secrets usually start with acs_", file=sys.stderr)
-    store = open_store(cfg.secret_store, state_dir())
+    store = open_store(cfg.secret_store, cfg.state_path())
     if cfg.secret_store == "file":
         print(
             f"warning: secret_store is `file`: the secret goes into {store.description}, not the OS keyring"

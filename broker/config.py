@@ -134,10 +134,16 @@ class Config:
     allow_remote: bool = False
     allow_insecure_upstream: bool = False
     secret_store: Literal["keyring", "file"] = "keyring"
+    state_dir: str = ""  # "" = the platform's user state dir
+    socket_mode: int = 0o600  # unix listeners; 0o660 for the system-user setup (group access)
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     log: LogConfig = field(default_factory=LogConfig)
     lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def state_path(self) -> Path:
+        """Where the daemon keeps state (file secret store, budgets): config or platform default."""
+        return Path(self.state_dir) if self.state_dir else state_dir()
 
     def line_of(self, place: str) -> int | None:
         return self.lines.get(place)
@@ -571,7 +577,8 @@ def parse_auth(value: Any, place: str, insecure_ok: bool, c: _Checker) -> Auth |
 
 TOP_KEYS = {
     "listen", "allowed_hosts", "allowed_origins", "allowed_uids", "allow_remote",
-    "allow_insecure_upstream", "secret_store", "limits", "timeouts", "log", "routes",
+    "allow_insecure_upstream", "secret_store", "state_dir", "socket_mode", "limits", "timeouts", "log",
+    "routes",
 }  # fmt: skip
 
 
@@ -623,6 +630,16 @@ def build_config(data: Any, lines: dict[str, int], path: str, issues: list[Confi
     if store not in ("keyring", "file"):
         c.err("secret_store", "must be `keyring` or `file`")
         store = "keyring"
+
+    sdir = c.string(top, "state_dir", "")
+    if sdir is not None and not Path(sdir).expanduser().is_absolute():
+        c.err("state_dir", "must be an absolute path")
+        sdir = None
+    raw_mode = top.get("socket_mode", "0600")
+    socket_mode = {"0600": 0o600, "0660": 0o660, 384: 0o600, 432: 0o660}.get(raw_mode)
+    if socket_mode is None:
+        c.err("socket_mode", 'must be "0600" (this user only) or "0660" (this user and group)')
+        socket_mode = 0o600
 
     lm = c.mapping(top.get("limits"), "limits", {"max_body_bytes", "max_header_bytes"}) or {}
     limits = Limits(
@@ -695,6 +712,8 @@ def build_config(data: Any, lines: dict[str, int], path: str, issues: list[Confi
         allow_remote=allow_remote,
         allow_insecure_upstream=insecure,
         secret_store=store,
+        state_dir=str(Path(sdir).expanduser()) if sdir else "",
+        socket_mode=socket_mode,
         limits=limits,
         timeouts=timeouts,
         log=log,
@@ -715,8 +734,9 @@ def check_file_safety(path: Path) -> list[ConfigIssue]:
         problems.append(ConfigIssue("", "not a regular file"))
     if st.st_mode & 0o022:
         problems.append(ConfigIssue("", f"is group- or world-writable; run: chmod go-w {path}"))
-    if st.st_uid != os.getuid():
-        problems.append(ConfigIssue("", f"is owned by uid {st.st_uid}, not by this user ({os.getuid()})"))
+    if st.st_uid not in (os.getuid(), 0):  # root can rewrite anything anyway
+        owner = f"is owned by uid {st.st_uid}, not by this user ({os.getuid()}) or root"
+        problems.append(ConfigIssue("", owner))
     return problems
 
 

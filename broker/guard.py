@@ -7,12 +7,9 @@ read the body, touch a credential, or reach the upstream.
 
 from __future__ import annotations
 
-import socket
-import struct
-import sys
-
 from aiohttp import web
 
+from broker import peers
 from broker.config import Config
 from broker.errors import BrokerError
 
@@ -68,24 +65,11 @@ def check(request: web.BaseRequest, cfg: Config, hosts: frozenset[str]) -> Broke
     return None
 
 
-def peer_uid(request: web.BaseRequest) -> int | None:
-    """The uid of the process on the other end of a unix socket, when the OS tells."""
-    transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    if sys.platform.startswith("linux"):
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        return int(uid)
-    if hasattr(socket, "LOCAL_PEERCRED"):  # macOS / BSD: struct xucred {u_int version; uid_t uid;...}
-        creds = sock.getsockopt(0, socket.LOCAL_PEERCRED, 76)
-        return int(struct.unpack_from("2I", creds)[1])
-    return None
-
-
 def check_peer(request: web.BaseRequest, cfg: Config) -> BrokerError | None:
-    uid = peer_uid(request)
-    if uid is not None and uid not in cfg.allowed_uids:
-        return BrokerError("peer_not_allowed", f"uid {uid} is not in allowed_uids")
-    return None
+    """Refuse a peer process owned by a uid not in `allowed_uids` (unix sockets; Linux TCP)."""
+    uid = peers.peer_uid(request.transport)
+    if uid is None or uid in cfg.allowed_uids:
+        return None
+    if uid == peers.UNKNOWN:
+        return BrokerError("peer_not_allowed", "cannot tell which user owns the connecting process")
+    return BrokerError("peer_not_allowed", f"processes of uid {uid} are not in allowed_uids")

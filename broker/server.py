@@ -16,6 +16,7 @@ import socket
 import stat
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from broker.logs import safe_path
 from broker.metrics import Metrics
 from broker.routing import RouteTable
 from broker.scrub import SecretSet
+from broker.sdnotify import Notifier
 from broker.secrets import SecretStore, open_store
 
 log = structlog.get_logger("broker")
@@ -64,7 +66,7 @@ class Runtime:
         self.config_error: str | None = None
         self.secrets = secrets if secrets is not None else SecretSet()
         self.metrics = Metrics()
-        self.store = store or open_store(config.secret_store, config_mod.state_dir())
+        self.store = store or open_store(config.secret_store, config.state_path())
         self.credentials: dict[str, Credential] = {
             r.name: make_credential(r, self.store, self.secrets) for r in config.routes
         }
@@ -73,6 +75,7 @@ class Runtime:
         self.in_flight = 0
         self._started = time.monotonic()
         self._reload_lock = asyncio.Lock()
+        self.rebind: Callable[[Config], Awaitable[None]] | None = None  # set by Daemon
 
     def uptime(self) -> float:
         return time.monotonic() - self._started
@@ -119,8 +122,15 @@ class Runtime:
                 self.config_error = exc.render()
                 log.error("config.rejected", reason=reason, errors=exc.lines(), kept="previous config")
                 return
-            self.config_error = None
             old = self.snapshot.config
+            if new.listen != old.listen and self.rebind is not None:
+                try:
+                    await self.rebind(new)
+                except ListenError as exc:
+                    self.config_error = f"{exc}; the previous config stays in force"
+                    log.error("config.rejected", reason=reason, errors=[str(exc)], kept="previous config")
+                    return
+            self.config_error = None
             creds: dict[str, Credential] = {}
             for r in new.routes:
                 prev_route = old.route(r.name)
@@ -136,8 +146,6 @@ class Runtime:
                 cred.invalidate()
             self.credentials = creds
             self.snapshot = Snapshot(new)
-            if new.listen != old.listen:
-                log.warning("config.listen_changed", note="listen changes take effect after a restart")
             log.info("config.reloaded", reason=reason, routes=[r.name for r in new.routes])
 
     # ------------------------------------------------------------ the request walk
@@ -268,20 +276,23 @@ def _prepare_unix_path(path: Path) -> None:
     raise ListenError(f"unix:{path} is in use by a running process (another broker?)")
 
 
-async def _bind(runner: web.BaseRunner, listen: Listen) -> list[web.BaseSite]:
+async def _bind(runner: web.BaseRunner, listen: Listen, socket_mode: int) -> web.BaseSite:
     if listen.kind == "unix":
         path = Path(listen.path)
         _prepare_unix_path(path)
         site: web.BaseSite = web.UnixSite(runner, str(path))
-        await site.start()
-        os.chmod(path, 0o600)
-        return [site]
-    tcp = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        os.chmod(path, socket_mode)  # umask 077 already made it 0600 at creation
+        return site
+    site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
     try:
-        await tcp.start()
+        await site.start()
     except OSError as exc:
         raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-    return [tcp]
+    return site
 
 
 def _bound_addresses(runner: web.BaseRunner) -> list[str]:
@@ -317,10 +328,11 @@ async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
 class Daemon:
     """A started broker: the runtime plus its bound listeners. `serve()` and tests use this."""
 
-    def __init__(self, rt: Runtime, runner: web.ServerRunner) -> None:
+    def __init__(self, rt: Runtime, runner: web.ServerRunner, sites: dict[Listen, web.BaseSite]) -> None:
         self.rt = rt
         self.runner = runner
-        self.unix_paths = [Path(x.path) for x in rt.snapshot.config.listen if x.kind == "unix"]
+        self.sites = sites
+        rt.rebind = self.rebind
 
     @classmethod
     async def start(cls, config: Config, secrets: SecretSet | None = None) -> Daemon:
@@ -335,35 +347,73 @@ class Daemon:
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=config.timeouts.drain)
         await runner.setup()
         await rt.start()
+        sites: dict[Listen, web.BaseSite] = {}
         try:
             for listen in config.listen:
-                await _bind(runner, listen)
+                sites[listen] = await _bind(runner, listen, config.socket_mode)
         except ListenError:
             await runner.cleanup()
             await rt.close()
             raise
         rt.listen_addresses = _bound_addresses(runner)
-        return cls(rt, runner)
+        return cls(rt, runner, sites)
+
+    async def rebind(self, new: Config) -> None:
+        """Listen on `new.listen`: bind what is new first, then close what is gone.
+
+        Raises ListenError (having closed anything it opened) when a new address cannot be
+        bound, so the caller can keep the previous config whole.
+        """
+        added: dict[Listen, web.BaseSite] = {}
+        try:
+            for listen in new.listen:
+                if listen not in self.sites:
+                    added[listen] = await _bind(self.runner, listen, new.socket_mode)
+        except ListenError:
+            for site in added.values():
+                await site.stop()
+            raise
+        for listen in [x for x in self.sites if x not in new.listen]:
+            await self.sites.pop(listen).stop()  # in-flight requests on it finish first
+            _remove_socket(listen)
+        self.sites.update(added)
+        self.rt.listen_addresses = _bound_addresses(self.runner)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to timeouts.drain), close."""
         await self.runner.cleanup()
         await self.rt.close()
-        for path in self.unix_paths:
-            if path.is_socket():  # ours: _bind refused anything else at start
-                path.unlink(missing_ok=True)
+        for listen in self.sites:
+            _remove_socket(listen)
 
 
-async def serve(config: Config, secrets: SecretSet) -> int:
+def _remove_socket(listen: Listen) -> None:
+    if listen.kind == "unix":
+        path = Path(listen.path)
+        if path.is_socket():  # ours: _bind refused anything else
+            path.unlink(missing_ok=True)
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    """Ping systemd from the event loop itself: a wedged loop stops the pings and gets restarted."""
+    assert notifier.watchdog_s is not None
+    while True:
+        notifier.send(WATCHDOG=1)
+        await asyncio.sleep(notifier.watchdog_s / 2)
+
+
+async def serve(config: Config, secrets: SecretSet, hardening: dict[str, bool] | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the process exit code.
 
     `secrets` is the set the log redaction processor already holds: the same object, so every
     key the daemon loads is masked in its logs from the moment it is read.
     """
+    notifier = Notifier()
     try:
         daemon = await Daemon.start(config, secrets)
     except ListenError as exc:
         log.error("broker.listen_failed", error=str(exc))
+        notifier.send(STATUS=f"cannot listen: {exc}")
         return 1
     rt = daemon.rt
     stop = asyncio.Event()
@@ -377,15 +427,16 @@ async def serve(config: Config, secrets: SecretSet) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_term)
-    reloads: set[asyncio.Task[Any]] = set()
+    background: set[asyncio.Task[Any]] = set()
 
     def on_hup() -> None:
         task = loop.create_task(rt.reload(reason="SIGHUP"))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        background.add(task)
+        task.add_done_callback(background.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     watcher = loop.create_task(_watch_config(rt, stop))
+    pinger = loop.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
     log.info(
         "broker.ready",
         listen=rt.listen_addresses,
@@ -393,10 +444,17 @@ async def serve(config: Config, secrets: SecretSet) -> int:
         routes=[r.name for r in config.routes],
         secret_store=rt.store.description,
         pid=os.getpid(),
+        hardening=hardening or {},
+        systemd_notify=notifier.enabled,
     )
+    notifier.send(READY=1, STATUS=f"serving on {', '.join(rt.listen_addresses)}", MAINPID=os.getpid())
     await stop.wait()
-    log.info("broker.stopping", in_flight=rt.in_flight, drain_s=rt.snapshot.config.timeouts.drain)
+    drain = rt.snapshot.config.timeouts.drain
+    notifier.send(STOPPING=1, STATUS=f"draining {rt.in_flight} request(s), up to {drain:g}s")
+    log.info("broker.stopping", in_flight=rt.in_flight, drain_s=drain)
     await daemon.stop()
     watcher.cancel()
+    if pinger is not None:
+        pinger.cancel()
     log.info("broker.stopped")
     return 0
