@@ -40,12 +40,30 @@ def _parser() -> argparse.ArgumentParser:
     sk.add_argument("--stdin", action="store_true", help="read the secret from standard input")
     st = sub.add_parser("status", parents=[common], help="ask the running daemon for its state")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    ins = sub.add_parser(
+        "install-service", parents=[common], help="write the systemd user unit / launchd agent for this user"
+    )
+    ins.add_argument("--print", action="store_true", help="only print the file, write nothing")
+    ins.add_argument(
+        "--system", action="store_true", help="Linux: the unit for a separate system user (root)"
+    )
+    uns = sub.add_parser(
+        "uninstall-service", parents=[common], help="stop, disable and remove the service file"
+    )
+    uns.add_argument("--system", action="store_true", help="the system-user unit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"run": cmd_run, "check": cmd_check, "set-key": cmd_set_key, "status": cmd_status}
+    handler = {
+        "run": cmd_run,
+        "check": cmd_check,
+        "set-key": cmd_set_key,
+        "status": cmd_status,
+        "install-service": cmd_install_service,
+        "uninstall-service": cmd_uninstall_service,
+    }
     try:
         return handler[args.command](args)
     except KeyboardInterrupt:
@@ -330,4 +348,82 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in doc["routes"]:
         if r["state"] != "ready" and r.get("reason"):
             print(f"{r['name']}: {r['reason']}")
+    return 0
+
+
+# ---------------------------------------------------------------- service files
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from broker import service
+
+    drain = 30.0
+    if args.system:
+        config_path = Path(service.SYSTEM_CONFIG)
+    else:
+        cfg = _load(args)
+        if cfg is None:
+            print("fix the config first: the service would refuse to start with it", file=sys.stderr)
+            return 1
+        config_path = Path(cfg.path).resolve()
+        drain = cfg.timeouts.drain
+    try:
+        sf = service.plan(config_path, system=args.system, drain=drain)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    client_uid = int(os.environ.get("SUDO_UID", os.getuid()))
+    if args.print:
+        sys.stdout.write(sf.content.decode())
+        if args.system:
+            print(f"\n# --- {service.SYSTEM_CONFIG} ---")
+            sys.stdout.write(service.system_config(client_uid))
+        return 0
+    if args.system and os.getuid() != 0:
+        print("--system writes to /etc: run it with sudo (or use --print)", file=sys.stderr)
+        return 1
+    try:
+        changed = service.install(sf)
+        if args.system and not config_path.exists():
+            config_path.parent.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(service.system_config(client_uid))
+            config_path.chmod(0o644)
+            print(f"wrote {config_path}")
+    except OSError as exc:
+        print(f"cannot write {sf.path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"{'wrote' if changed else 'unchanged'}: {sf.path}")
+    print("enable and start it with:")
+    for line in sf.enable:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_uninstall_service(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from broker import service
+    from broker.config import ConfigError, find_config
+
+    try:
+        config_path = find_config(args.config)
+    except ConfigError:
+        config_path = Path("config.yaml")
+    try:
+        sf = service.plan(config_path, system=args.system)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    try:
+        done = service.uninstall(sf)
+    except OSError as exc:
+        print(f"cannot remove {sf.path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if not done:
+        print(f"nothing to remove: {sf.path} does not exist")
+    for line in done:
+        print(line)
     return 0
