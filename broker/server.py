@@ -62,6 +62,7 @@ class Runtime:
         self, config: Config, secrets: SecretSet | None = None, store: SecretStore | None = None
     ) -> None:
         self.config_path = config.path
+        self.config_stamp = file_stamp(config.path)  # the version of the file in force or refused
         self.snapshot = Snapshot(config)
         self.config_error: str | None = None
         self.secrets = secrets if secrets is not None else SecretSet()
@@ -116,6 +117,7 @@ class Runtime:
         """Re-read the config file and the secret store; a bad config keeps the old one."""
         async with self._reload_lock:
             path = Path(self.config_path)
+            self.config_stamp = file_stamp(self.config_path)
             try:
                 new = await asyncio.to_thread(config_mod.load, path)
             except ConfigError as exc:
@@ -306,8 +308,21 @@ def _bound_addresses(runner: web.BaseRunner) -> list[str]:
     return out
 
 
+def file_stamp(path: str) -> tuple[int, int, int] | None:
+    """What identifies one version of a file: inode, mtime, size (a rename-save changes the inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
-    """Reload when the config file changes (editors that save by rename included)."""
+    """Reload when the config file changes (editors that save by rename included).
+
+    File events do the work; a once-a-second stamp comparison catches what events cannot (an
+    edit made before the watcher was up, file systems without inotify).
+    """
     import watchfiles
 
     path = await asyncio.to_thread(lambda: Path(rt.config_path).resolve())
@@ -317,10 +332,17 @@ async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
         return Path(changed).name == name
 
     try:
-        async for _changes in watchfiles.awatch(
-            path.parent, watch_filter=only_config, stop_event=stop, debounce=200, recursive=False
+        async for changes in watchfiles.awatch(
+            path.parent,
+            watch_filter=only_config,
+            stop_event=stop,
+            debounce=200,
+            recursive=False,
+            rust_timeout=1000,
+            yield_on_timeout=True,
         ):
-            await rt.reload(reason="file_changed")
+            if changes or file_stamp(rt.config_path) != rt.config_stamp:
+                await rt.reload(reason="file_changed")
     except Exception as exc:  # noqa: BLE001 - a broken watcher must not stop serving
         log.warning("config.watch_failed", error=type(exc).__name__, note="SIGHUP still reloads")
 

@@ -67,7 +67,7 @@ class DaemonProc:
                 continue
         return out
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self, env: dict[str, str] | None = None) -> dict[str, Any]:
         self.proc = await asyncio.create_subprocess_exec(
             *CLI,
             "run",
@@ -75,6 +75,7 @@ class DaemonProc:
             str(self.config),
             stderr=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
+            env=env,
         )
         self._reader = asyncio.create_task(self._read())
         return await self.wait_for_event("broker.ready")

@@ -1,0 +1,149 @@
+"""Service files: rendered for this user, valid for systemd and launchd, kept in sync with the repo."""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker import config as config_mod
+from broker import service
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "broker"]
+needs_systemd = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None and not os.environ.get("CI"),
+    reason="systemd-analyze not installed (apt-get install systemd)",
+)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+def verify(unit: Path, home: Path, user: bool) -> subprocess.CompletedProcess[str]:
+    runtime = home / "run"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
+    cmd = ["systemd-analyze", *(["--user"] if user else []), "verify", str(unit)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+def test_repo_files_are_renderings_of_the_templates() -> None:
+    for rel, content in service.repo_files().items():
+        assert (REPO / rel).read_bytes() == content, (
+            f"{rel} is stale: regenerate with service.write_repo_files"
+        )
+
+
+@needs_systemd
+def test_repo_user_unit_verifies(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    exe = home / ".local" / "bin" / "agentcard-broker"  # what %h/.local/bin/agentcard-broker names
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    unit = tmp_path / service.UNIT_NAME
+    shutil.copy(REPO / "systemd" / service.UNIT_NAME, unit)
+    r = verify(unit, home, user=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+@needs_systemd
+def test_install_service_writes_a_unit_that_verifies(tmp_path: Path, isolated_env: Path) -> None:
+    cfg = tmp_path / "my config.yaml"  # a space: the ExecStart quoting must hold
+    shutil.copy(REPO / "config.yaml", cfg)
+    cfg.chmod(0o600)
+    printed = run_cli("install-service", "--print", "--config", str(cfg))
+    assert printed.returncode == 0, printed.stderr
+    unit_path = Path(os.environ["XDG_CONFIG_HOME"]) / "systemd" / "user" / service.UNIT_NAME
+    assert not unit_path.exists()  # --print writes nothing
+    assert "Type=notify" in printed.stdout
+
+    r = run_cli("install-service", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert f"wrote: {unit_path}" in r.stdout
+    assert "systemctl --user enable --now agentcard-broker" in r.stdout
+    text = unit_path.read_text()
+    assert text == printed.stdout
+    assert (unit_path.stat().st_mode & 0o777) == 0o644
+    exec_line = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    assert f'"{cfg}"' in exec_line
+    assert exec_line.split("=", 1)[1].split()[0] in (
+        str(Path(sys.executable).resolve()),
+        str(Path(shutil.which("agentcard-broker") or "-").resolve()),
+    )
+    for directive in (
+        "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
+        "LockPersonality=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "WatchdogSec=60",
+        "RestartPreventExitStatus=78",
+    ):  # fmt: skip
+        assert directive in text.splitlines()
+    v = verify(unit_path, isolated_env, user=True)
+    assert v.returncode == 0 and v.stderr == "", v.stderr
+
+    again = run_cli("install-service", "--config", str(cfg))
+    assert f"unchanged: {unit_path}" in again.stdout
+    gone = run_cli("uninstall-service", "--config", str(cfg))
+    assert gone.returncode == 0
+    assert f"removed {unit_path}" in gone.stdout
+    assert not unit_path.exists()
+    assert "nothing to remove" in run_cli("uninstall-service", "--config", str(cfg)).stdout
+
+
+def test_install_service_refuses_a_broken_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("routes: []\nbogus: 1\n")
+    cfg.chmod(0o600)
+    r = run_cli("install-service", "--config", str(cfg))
+    assert r.returncode == 1
+    assert "bogus" in r.stderr and "fix the config first" in r.stderr
+
+
+@needs_systemd
+def test_system_unit_verifies_and_its_config_loads(tmp_path: Path) -> None:
+    r = run_cli("install-service", "--system", "--print")
+    assert r.returncode == 0, r.stderr
+    unit_text, _, config_text = r.stdout.partition(f"\n# --- {service.SYSTEM_CONFIG} ---\n")
+    unit = tmp_path / service.UNIT_NAME
+    unit.write_text(unit_text)
+    v = verify(unit, tmp_path, user=False)
+    assert v.returncode == 0 and v.stderr == "", v.stderr
+    lines = unit_text.splitlines()
+    assert f"User={service.SYSTEM_USER}" in lines
+    assert "ProtectHome=yes" in lines
+    cfg_path = tmp_path / "system.yaml"
+    cfg_path.write_text(config_text)
+    cfg_path.chmod(0o600)
+    cfg = config_mod.load(cfg_path)
+    assert cfg.secret_store == "file"
+    assert cfg.socket_mode == 0o660
+    assert cfg.state_path() == Path(service.SYSTEM_STATE)
+    assert os.getuid() in cfg.allowed_uids  # the installing user (SUDO_UID, else this uid)
+    assert str(cfg.listen[0]) == f"unix:{service.SYSTEM_SOCKET}"
+
+
+def test_launchd_plist(tmp_path: Path) -> None:
+    doc = plistlib.loads((REPO / "launchd" / f"{service.LAUNCHD_LABEL}.plist").read_bytes())
+    assert doc["Label"] == service.LAUNCHD_LABEL
+    assert doc["RunAtLoad"] is True
+    assert doc["KeepAlive"] == {"SuccessfulExit": False}
+    assert doc["ProgramArguments"][1:3] == ["run", "--config"]
+    assert doc["StandardErrorPath"].startswith("/Users/USERNAME/Library/Logs/agentcard-broker/")
+    assert doc["Umask"] == 0o077
+    rendered = plistlib.loads(service.launchd_plist(["/opt/x/agentcard-broker", "run"], tmp_path))
+    assert rendered["ProgramArguments"] == ["/opt/x/agentcard-broker", "run"]
+    assert rendered["StandardOutPath"] == str(tmp_path / "Library/Logs/agentcard-broker/broker.log")
+
+
+@pytest.mark.parametrize(
+    ("arg", "quoted"),
+    [("/usr/bin/x", "/usr/bin/x"), ("/a b/c", '"/a b/c"'), ("/50%/x", "/50%%/x"), ("$HOME", "$$HOME")],
+)
+def test_systemd_quote(arg: str, quoted: str) -> None:
+    assert service.systemd_quote(arg) == quoted
