@@ -22,12 +22,14 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from broker.scrub import SECRET_SHAPE as SECRET_LITERAL
+from broker.scrub import redact_shapes
+
 APP_NAME = "agentcard-broker"
 CONFIG_ENV = "AGENTCARD_BROKER_CONFIG"
 DEFAULT_PORT = 8765
 DEFAULT_REDIRECT_PORT = 8766
 
-SECRET_LITERAL = re.compile(r"(sk_(test|live)_[A-Za-z0-9]|acs_[A-Za-z0-9])")
 SECRET_KEY_NAMES = frozenset({"key", "secret", "client_secret", "api_key", "token", "password"})
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -171,7 +173,9 @@ class ConfigError(Exception):
 
     def __init__(self, path: str, issues: list[ConfigIssue]) -> None:
         self.path = path
-        self.issues = issues
+        # A value that was a pasted secret can surface in a place (a key) or a message (a
+        # name, an address, YAML's own text): mask anything secret-shaped, whatever its role.
+        self.issues = [ConfigIssue(redact_shapes(i.place), redact_shapes(i.message), i.line) for i in issues]
         super().__init__(self.render())
 
     def lines(self) -> list[str]:
@@ -240,8 +244,9 @@ _SCALAR_TAGS = {
 class _Tree:
     """Plain Python values from a YAML node tree, remembering the line of every place."""
 
-    def __init__(self, issues: list[ConfigIssue]) -> None:
+    def __init__(self, issues: list[ConfigIssue], alias_lines: list[int]) -> None:
         self.issues = issues
+        self.alias_lines = alias_lines  # in document order, as the tree is walked
         self.lines: dict[str, int] = {}
         self._seen: set[int] = set()
         self._constructor = yaml.SafeLoader("")
@@ -249,9 +254,11 @@ class _Tree:
     def build(self, node: Node, place: str) -> Any:
         self.lines[place] = node.start_mark.line + 1
         if id(node) in self._seen:
-            self.issues.append(
-                ConfigIssue(place, "YAML anchors and aliases are not supported", self.lines[place])
-            )
+            # the composer hands an alias back as its anchor's node; the k-th repeat met while
+            # walking in document order is the k-th alias in the text
+            line = self.alias_lines.pop(0) if self.alias_lines else self.lines[place]
+            self.lines[place] = line
+            self.issues.append(ConfigIssue(place, "YAML anchors and aliases are not supported", line))
             return None
         self._seen.add(id(node))
         if isinstance(node, MappingNode):
@@ -301,7 +308,12 @@ def parse_yaml(text: str, issues: list[ConfigIssue]) -> tuple[Any, dict[str, int
         return None, {}
     if node is None:
         return {}, {}
-    tree = _Tree(issues)
+    alias_lines = [
+        ev.start_mark.line + 1
+        for ev in yaml.parse(text, Loader=yaml.SafeLoader)
+        if isinstance(ev, yaml.AliasEvent)
+    ]
+    tree = _Tree(issues, alias_lines)
     return tree.build(node, ""), tree.lines
 
 
@@ -318,7 +330,8 @@ class _Checker:
         if line is None:  # a missing key: point at its parent
             parent = place
             while parent and parent not in self.lines:
-                parent = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", parent)
+                shorter = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", parent)
+                parent = "" if shorter == parent else shorter  # a top-level key: the file itself
             line = self.lines.get(parent)
         self.issues.append(ConfigIssue(place, message, line))
 

@@ -16,6 +16,7 @@ from yarl import URL
 from broker.config import Route
 from broker.errors import BrokerError
 
+MAX_DECODES = 8
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
@@ -33,7 +34,7 @@ def normalize_path(raw: str) -> str:
     """
     path = _PCT.sub(_normalize_pct, raw)
     probe = path
-    for _ in range(3):  # catch double and triple encoding too
+    for _ in range(MAX_DECODES):  # however many times an upstream might decode it
         decoded = unquote(probe)
         for seg in re.split(r"[/\\]", decoded):
             if seg in (".", ".."):
@@ -41,6 +42,8 @@ def normalize_path(raw: str) -> str:
         if decoded == probe:
             break
         probe = decoded
+    else:
+        raise BrokerError("bad_request", "the path is percent-encoded too many times over")
     if "\x00" in probe:
         raise BrokerError("bad_request", "NUL is not allowed in the path")
     return path

@@ -14,7 +14,14 @@ import threading
 from collections.abc import Iterable
 
 # Anything shaped like an AgentCard secret, whether or not we hold it: belt and braces for logs.
-SECRET_SHAPE = re.compile(r"\b(sk_(?:test|live)_|acs_)[A-Za-z0-9_\-]{4,}")
+SECRET_SHAPE = re.compile(r"(?<![A-Za-z0-9])(sk_(?:test|live)_|acs_)[A-Za-z0-9_\-]{4,}")
+
+
+def redact_shapes(text: str) -> str:
+    """Mask anything shaped like an AgentCard secret, whether or not the broker holds it."""
+    return SECRET_SHAPE.sub(lambda m: m.group(1) + "[REDACTED]", text)
+
+
 MIN_SECRET_LEN = 8  # shorter values would corrupt ordinary text and are not real credentials
 
 
@@ -51,7 +58,7 @@ class SecretSet:
         for v in self._values:
             if v in text:
                 text = text.replace(v, "[REDACTED]")
-        return SECRET_SHAPE.sub(lambda m: m.group(1) + "[REDACTED]", text)
+        return redact_shapes(text)
 
     def contains_any(self, text: str) -> bool:
         return any(v in text for v in self._values)

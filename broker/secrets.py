@@ -177,20 +177,25 @@ def resolve(ref: SecretRef, account: str, store: SecretStore) -> Lookup:
 
 def _read_secret_file(path: Path) -> Lookup:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO must not hang the daemon; O_NOFOLLOW: no symlink games
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return Lookup(None, f"secret file {path} does not exist")
     except OSError as exc:
         return Lookup(None, f"secret file {path} cannot be opened: {exc.strerror}")
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return Lookup(None, f"secret file {path} is not a regular file")
         if st.st_mode & 0o077:
             return Lookup(None, f"secret file {path} must be mode 0600; run: chmod 600 {path}")
         if st.st_uid != os.getuid():
             return Lookup(None, f"secret file {path} is not owned by this user")
-        raw = f.read(64 * 1024)
+        raw = os.read(fd, 64 * 1024)
+    except OSError as exc:
+        return Lookup(None, f"secret file {path} cannot be read: {exc.strerror}")
+    finally:
+        os.close(fd)
     value = raw.decode("utf-8", errors="replace").strip()
     if not value:
         return Lookup(None, f"secret file {path} is empty")
