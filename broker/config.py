@@ -311,7 +311,7 @@ def parse_yaml(text: str, issues: list[ConfigIssue]) -> tuple[Any, dict[str, int
     alias_lines = [
         ev.start_mark.line + 1
         for ev in yaml.parse(text, Loader=yaml.SafeLoader)
-        if isinstance(ev, yaml.AliasEvent)
+        if isinstance(ev, yaml.AliasEvent) and ev.start_mark is not None
     ]
     tree = _Tree(issues, alias_lines)
     return tree.build(node, ""), tree.lines
