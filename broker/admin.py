@@ -36,6 +36,7 @@ def status_document(rt: Runtime) -> dict[str, Any]:
                 "mode": cred.mode if cred else None,
                 "expires_at": cred.expires_at.isoformat() if cred and cred.expires_at else None,
                 "requests": rt.metrics.by_route.get(r.name, 0),
+                **(cred.details() if cred else {}),
             }
         )
     return {
@@ -68,7 +69,10 @@ async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
         return _json(status_document(rt))
     if path == "/_broker/metrics":
         _only(request, "GET", "HEAD")
-        states = [(r.name, str(rt.credentials[r.name].state)) for r in rt.snapshot.config.routes]
+        routes = rt.snapshot.config.routes
+        states = [(r.name, str(rt.credentials[r.name].state)) for r in routes]
+        for r in routes:
+            rt.metrics.refreshes[r.name] = int(rt.credentials[r.name].details().get("refreshes", 0))
         text = rt.metrics.render(states, [str(s) for s in AuthState])
         return web.Response(
             text=text, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}

@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     sk.add_argument("--stdin", action="store_true", help="read the secret from standard input")
     st = sub.add_parser("status", parents=[common], help="ask the running daemon for its state")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    lg = sub.add_parser("login", parents=[common], help="log an oauth route in, in your browser")
+    lg.add_argument("route")
+    lg.add_argument("--no-browser", action="store_true", help="only print the URL to open")
+    lg.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the browser (300)")
+    lo = sub.add_parser("logout", parents=[common], help="revoke and forget an oauth route's tokens")
+    lo.add_argument("route")
     ins = sub.add_parser(
         "install-service", parents=[common], help="write the systemd user unit / launchd agent for this user"
     )
@@ -61,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         "check": cmd_check,
         "set-key": cmd_set_key,
         "status": cmd_status,
+        "login": cmd_login,
+        "logout": cmd_logout,
         "install-service": cmd_install_service,
         "uninstall-service": cmd_uninstall_service,
     }
@@ -110,8 +118,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg is None:
         return 1
     from broker.auth.api_key import fix_hint, key_mode
-    from broker.config import ApiKeyAuth
-    from broker.secrets import open_store, resolve
+    from broker.config import ApiKeyAuth, OAuthAuth
+    from broker.secrets import SecretStoreError, open_store, resolve
 
     store = open_store(cfg.secret_store, cfg.state_path())
     problems: list[str] = []
@@ -141,11 +149,37 @@ def cmd_check(args: argparse.Namespace) -> int:
                     f"route {r.name} ({r.prefix} -> {r.upstream}): ready, "
                     f"{mode}-mode key from {r.auth.key.describe()}"
                 )
+        elif isinstance(r.auth, OAuthAuth):
+            from broker.auth.oauth import OAuthStore
+
+            try:
+                tokens = OAuthStore(r.name, store).load_tokens()
+            except SecretStoreError as exc:
+                problems.append(f"{where}: route {r.name!r}: {exc}")
+                continue
+            if tokens is None:
+                problems.append(
+                    f"{where}: route {r.name!r}: not logged in; run: agentcard-broker login {r.name}"
+                )
+            elif tokens.dead:
+                problems.append(
+                    f"{where}: route {r.name!r}: {tokens.dead}; run: agentcard-broker login {r.name}"
+                )
+            else:
+                print(
+                    f"route {r.name} ({r.prefix} -> {r.upstream}): logged in "
+                    f"(oauth, scopes: {tokens.scope or '-'})"
+                )
         else:
-            problems.append(
-                f"{where}: route {r.name!r}: `{r.auth.type}` routes are not supported by this version yet; "
-                f"requests to {r.prefix} will answer no_credential"
-            )
+            found = resolve(r.auth.client_secret, f"{r.name}:client_secret", store)
+            if found.value is None:
+                problems.append(
+                    f"{where}: route {r.name!r}: {found.reason}; run: agentcard-broker set-key {r.name}"
+                )
+            else:
+                print(
+                    f"route {r.name} ({r.prefix} -> {r.upstream}): client secret present (client_credentials)"
+                )
     for p in problems:
         print(p, file=sys.stderr)
     print(f"{len(problems)} problem(s)" if problems else "no problems")
@@ -426,4 +460,82 @@ def cmd_uninstall_service(args: argparse.Namespace) -> int:
         print(f"nothing to remove: {sf.path} does not exist")
     for line in done:
         print(line)
+    return 0
+
+
+# ---------------------------------------------------------------- login / logout
+
+
+def _oauth_route(args: argparse.Namespace) -> tuple[Config, Any] | None:
+    from broker.config import OAuthAuth
+
+    cfg = _load(args)
+    if cfg is None:
+        return None
+    route = cfg.route(args.route)
+    if route is None:
+        names = ", ".join(r.name for r in cfg.routes)
+        print(f"no route named {args.route!r} in {cfg.path} (routes: {names})", file=sys.stderr)
+        return None
+    if not isinstance(route.auth, OAuthAuth):
+        print(f"route {route.name!r} uses {route.auth.type}, not oauth; nothing to log in", file=sys.stderr)
+        return None
+    return cfg, route
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    import asyncio
+    from datetime import UTC, datetime
+
+    from broker.auth.login import LoginError, login
+    from broker.secrets import SecretStoreError, open_store
+
+    found = _oauth_route(args)
+    if found is None:
+        return 1
+    cfg, route = found
+    store = open_store(cfg.secret_store, cfg.state_path())
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    try:
+        result = asyncio.run(
+            login(cfg, route, store, open_browser=not args.no_browser, wait_s=args.timeout, say=say)
+        )
+    except (LoginError, SecretStoreError) as exc:
+        print(f"login failed: {exc}", file=sys.stderr)
+        return 1
+    t = result.tokens
+    who = t.subject or f"client {result.client_id}"
+    expires = datetime.fromtimestamp(t.expires_at, UTC).isoformat() if t.expires_at else "no expiry given"
+    print(f"logged in route {route.name!r} at {result.issuer} as {who}")
+    print(
+        f"scopes: {t.scope or '(none listed)'}; access token expires {expires}; refresh token: "
+        f"{'yes' if t.refresh_token else 'no'}"
+    )
+    if _daemon_request(cfg, "POST", "/_broker/reload") is not None:
+        print("the running daemon picked it up")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from broker.auth.login import logout
+    from broker.secrets import SecretStoreError, open_store
+
+    found = _oauth_route(args)
+    if found is None:
+        return 1
+    cfg, route = found
+    store = open_store(cfg.secret_store, cfg.state_path())
+    try:
+        had = asyncio.run(logout(route, store, lambda text: print(text, flush=True)))
+    except SecretStoreError as exc:
+        print(f"logout failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"logged out route {route.name!r}" if had else f"route {route.name!r} was not logged in")
+    if _daemon_request(cfg, "POST", "/_broker/reload") is not None:
+        print("the running daemon picked it up")
     return 0

@@ -46,6 +46,7 @@ RESPONSE_DROP = HOP_BY_HOP | {
 # The broker decodes gzip/deflate itself so it can scrub bodies; the agent gets identity.
 UPSTREAM_ACCEPT_ENCODING = "gzip, deflate"
 SAFE_TO_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
+REPLAY_LIMIT = 1024 * 1024  # bodies up to this are held so a 401 can be retried after a refresh
 
 
 @dataclass(slots=True)
@@ -58,6 +59,7 @@ class Exchange:
     bytes_out: int = 0
     error: str | None = None
     body_too_large: bool = field(default=False)
+    body: bytes | None = None  # the request body, when it was held for a possible retry
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[istr]:
@@ -128,6 +130,60 @@ def _rewrite_location(up: aiohttp.ClientResponse, target: Target, table: RouteTa
     return f"http://{host}{path}" if path is not None else None
 
 
+async def _send(
+    request: web.BaseRequest,
+    target: Target,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+    *,
+    session: aiohttp.ClientSession,
+    config: Config,
+    ex: Exchange,
+) -> aiohttp.ClientResponse:
+    """One upstream request. `body` is the buffered body, or None to stream the agent's."""
+    route = target.route.name
+    limit = config.limits.max_body_bytes
+    timeouts = config.timeouts
+    client_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
+    streamed = body is None and request.body_exists
+    # a pooled keep-alive connection the upstream had closed: requests that cannot spend try twice
+    attempts = 2 if request.method in SAFE_TO_RETRY and not request.body_exists else 1
+    for attempt in range(attempts):
+        try:
+            async with asyncio.timeout(timeouts.first_byte):
+                return await session.request(
+                    request.method,
+                    target.url,
+                    headers=headers,
+                    data=_limited_body(request.content, limit, ex) if streamed else body,
+                    allow_redirects=False,
+                    timeout=client_timeout,
+                )
+        except _BodyTooLarge:
+            raise _too_large(limit, route) from None
+        except TimeoutError:
+            ex.error = "upstream_timeout"
+            raise BrokerError(
+                "upstream_timeout", f"the upstream did not answer within {timeouts.first_byte:g}s", route
+            ) from None
+        except aiohttp.ClientError as exc:
+            if ex.body_too_large:
+                raise _too_large(limit, route) from None
+            stale = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+            if stale and attempt + 1 < attempts:
+                continue
+            ex.error = "upstream_unreachable"
+            raise BrokerError(
+                "upstream_unreachable", f"cannot reach the upstream: {type(exc).__name__}", route
+            ) from None
+    raise AssertionError("unreachable")
+
+
+async def _read_body(request: web.BaseRequest, limit: int, ex: Exchange) -> bytes:
+    parts = [chunk async for chunk in _limited_body(request.content, limit, ex)]
+    return b"".join(parts)
+
+
 async def forward(
     request: web.BaseRequest,
     target: Target,
@@ -146,64 +202,36 @@ async def forward(
     if length is not None and length > limit:
         raise _too_large(limit, route)
 
-    headers = upstream_headers(request.headers, await credential.authorization())
+    auth = await credential.authorization()
+    headers = upstream_headers(request.headers, auth)
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
         # only now, with the request accepted, ask the agent for its body (curl waits 1 s otherwise)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    has_body = request.body_exists
-    timeouts = config.timeouts
-    client_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
-
-    up: aiohttp.ClientResponse | None = None
-    attempts = 2 if request.method in SAFE_TO_RETRY and not has_body else 1
-    for attempt in range(attempts):
+    # A credential that can be refreshed gets "401 -> refresh once -> retry once", which needs
+    # the body twice: small bodies (JSON-RPC calls) are held; large ones stream without a retry.
+    replayable = credential.can_refresh and (
+        not request.body_exists or (length is not None and length <= REPLAY_LIMIT)
+    )
+    body = None
+    if replayable and request.body_exists:
         try:
-            async with asyncio.timeout(timeouts.first_byte):
-                up = await session.request(
-                    request.method,
-                    target.url,
-                    headers=headers,
-                    data=_limited_body(request.content, limit, ex) if has_body else None,
-                    allow_redirects=False,
-                    timeout=client_timeout,
-                )
-            break
+            body = ex.body = await _read_body(request, limit, ex)
         except _BodyTooLarge:
             raise _too_large(limit, route) from None
-        except TimeoutError:
-            ex.error = "upstream_timeout"
-            raise BrokerError(
-                "upstream_timeout", f"the upstream did not answer within {timeouts.first_byte:g}s", route
-            ) from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if ex.body_too_large:
-                raise _too_large(limit, route) from None
-            # a pooled keep-alive connection the upstream had closed: safe methods try once more
-            if attempt + 1 < attempts:
-                continue
-            ex.error = "upstream_unreachable"
-            raise BrokerError(
-                "upstream_unreachable", f"cannot reach the upstream: {type(exc).__name__}", route
-            ) from None
-        except aiohttp.ClientError as exc:
-            if ex.body_too_large:
-                raise _too_large(limit, route) from None
-            ex.error = "upstream_unreachable"
-            raise BrokerError(
-                "upstream_unreachable", f"upstream request failed: {type(exc).__name__}", route
-            ) from None
-    assert up is not None
+    up = await _send(request, target, headers, body, session=session, config=config, ex=ex)
+    if up.status == 401 and replayable:
+        up.release()
+        if await credential.retry_after_rejection(auth):
+            headers = upstream_headers(request.headers, await credential.authorization())
+            up = await _send(request, target, headers, body, session=session, config=config, ex=ex)
 
     try:
         ex.upstream_status = up.status
         credential.on_upstream_status(up.status)
         if up.status == 401:
             # an agent seeing 401/WWW-Authenticate would start its own OAuth against AgentCard
-            raise BrokerError(
-                "credential_rejected",
-                f"AgentCard refused the broker's credential; {credential.reason}",
-                route,
-            )
+            code = "needs_login" if credential.state == "needs_login" else "credential_rejected"
+            raise BrokerError(code, f"AgentCard refused the broker's credential; {credential.reason}", route)
         host = request.headers.get("Host", "127.0.0.1")
         location = _rewrite_location(up, target, table, host)
         resp = web.StreamResponse(status=up.status, reason=up.reason)
@@ -218,7 +246,7 @@ async def forward(
         if request.method == "HEAD":
             await resp.write_eof()
             return resp
-        await _stream(request, up, resp, secrets, timeouts.idle, ex)
+        await _stream(request, up, resp, secrets, config.timeouts.idle, ex)
         return resp
     finally:
         up.release()

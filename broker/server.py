@@ -9,8 +9,10 @@ config file. Must never: let a request pick its destination, or drop a login on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -38,6 +40,9 @@ from broker.secrets import SecretStore, open_store
 
 log = structlog.get_logger("broker")
 JSONRPC_PEEK_BYTES = 1024 * 1024
+OAUTH_DISCOVERY = re.compile(
+    r"/\.well-known/(oauth-protected-resource|oauth-authorization-server|openid-configuration)", re.IGNORECASE
+)
 
 
 class Snapshot:
@@ -175,6 +180,12 @@ class Runtime:
                         f"request headers are over limits.max_header_bytes ({cfg.limits.max_header_bytes})",
                         http_status=431,
                     )
+                if OAUTH_DISCOVERY.search(request.raw_path.partition("?")[0]):
+                    # the broker does OAuth for its agents; an agent that found metadata here
+                    # would start its own login against AgentCard
+                    raise BrokerError(
+                        "not_found", "agents need no OAuth here: the broker holds the credential"
+                    )
                 if request.raw_path == "/_broker" or request.raw_path.startswith("/_broker/"):
                     route_name = "_broker"
                     resp = await admin.handle(request, self)
@@ -195,7 +206,7 @@ class Runtime:
                 if err.route is None and route_name not in (None, "_broker"):
                     err = BrokerError(err.code, err.message, route_name, err.retry_after, err.http_status)
                 ex.error = ex.error or err.code
-                resp = await self._error(request, err, body_unread=ex.bytes_in == 0)
+                resp = await self._error(request, err, ex)
             if not resp.prepared:
                 resp.headers["X-Broker-Request-Id"] = rid
             status = resp.status
@@ -227,12 +238,18 @@ class Runtime:
             raise RuntimeError("Runtime.start() was not awaited")
         return self.session
 
-    async def _error(self, request: web.BaseRequest, err: BrokerError, body_unread: bool) -> web.Response:
+    async def _error(self, request: web.BaseRequest, err: BrokerError, ex: proxy.Exchange) -> web.Response:
         """The error response; a JSON-RPC error object when the request was JSON-RPC."""
         is_rpc, rpc_id = False, None
-        if body_unread and request.method == "POST" and request.content_type == "application/json":
+        if request.method == "POST" and request.content_type == "application/json":
+            doc: Any = None
             length = request.content_length
-            if request.body_exists and (length is None or length <= JSONRPC_PEEK_BYTES):
+            if ex.body is not None:  # held for a retry: already read
+                with contextlib.suppress(ValueError):
+                    doc = json.loads(ex.body)
+            elif (
+                ex.bytes_in == 0 and request.body_exists and (length is None or length <= JSONRPC_PEEK_BYTES)
+            ):
                 try:
                     raw = await request.content.read(JSONRPC_PEEK_BYTES + 1)
                     doc = json.loads(raw) if len(raw) <= JSONRPC_PEEK_BYTES else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker.auth.base import AuthState, Credential
-from broker.config import ApiKeyAuth, Route
+from broker.config import ApiKeyAuth, OAuthAuth, Route
 from broker.scrub import SecretSet
 from broker.secrets import SecretStore
 
@@ -16,10 +16,10 @@ def make_credential(route: Route, store: SecretStore, secrets: SecretSet) -> Cre
         from broker.auth.api_key import ApiKeyCredential
 
         return ApiKeyCredential(route.name, route.auth, store, secrets)
-    from broker.auth.base import UnavailableCredential
+    if isinstance(route.auth, OAuthAuth):
+        from broker.auth.oauth import OAuthCredential
 
-    return UnavailableCredential(
-        route.name,
-        f"`{route.auth.type}` routes are not supported by this version of agentcard-broker "
-        "yet (see README 'Not yet'); use an api_key route",
-    )
+        return OAuthCredential(route, route.auth, store, secrets)
+    from broker.auth.client_credentials import ClientCredentialsCredential
+
+    return ClientCredentialsCredential(route.name, route.auth, store, secrets)

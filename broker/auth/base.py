@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from broker.errors import BrokerError
 
@@ -25,6 +26,8 @@ class AuthState(StrEnum):
 class Credential(ABC):
     """Per-route credential. Lives across config reloads while the route's auth is unchanged."""
 
+    can_refresh = False  # True: an upstream 401 is answered by one refresh and one retry
+
     def __init__(self, route: str) -> None:
         self.route = route
         self.state = AuthState.NO_CREDENTIAL
@@ -35,6 +38,14 @@ class Credential(ABC):
     @abstractmethod
     async def authorization(self) -> dict[str, str]:
         """Headers to add to the upstream request. Raises BrokerError when there are none."""
+
+    async def retry_after_rejection(self, used: dict[str, str]) -> bool:
+        """The upstream answered 401 to `used`. Refresh if possible; True when a retry makes sense."""
+        return False
+
+    def details(self) -> dict[str, Any]:
+        """Extra, secret-free fields for `status` (scopes, subject, refresh count)."""
+        return {}
 
     def on_upstream_status(self, status: int) -> None:
         """Learn from the upstream's answer: a 401 means the credential was refused."""

@@ -1,0 +1,305 @@
+"""`agentcard-broker login` / `logout`: the authorization code flow with PKCE, on the user's behalf.
+
+Owns: the one-shot loopback callback listener on 127.0.0.1 (RFC 8252 §7.3), `state` (random,
+single use, expiring), the `iss` check (RFC 9207), opening the browser without a shell and only
+for an https URL on the discovered issuer, the page the user sees (escaped), reusing or redoing
+the client registration, and revocation on logout. Must never: print or log a token, code or
+verifier; accept a callback it did not ask for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import secrets as pysecrets
+import time
+import webbrowser
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from authlib.common.security import generate_token
+from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
+from broker.auth.oauth import (
+    ClientRecord,
+    OAuthError,
+    OAuthStore,
+    ServerMetadata,
+    TokenSet,
+    discover,
+    parse_token_response,
+    pinned_client,
+    redirect_uri_for,
+    register_client,
+    revoke,
+    token_request,
+)
+from broker.config import Config, OAuthAuth, Route
+from broker.secrets import SecretStore
+
+CALLBACK_PATH = "/callback"
+
+
+class LoginError(Exception):
+    """The login did not complete. The text is safe to print."""
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    issuer: str
+    client_id: str
+    tokens: TokenSet
+    registered_now: bool
+
+
+# ---------------------------------------------------------------- the loopback callback
+
+
+def _page(title: str, text: str, ok: bool) -> web.Response:
+    color = "#1a7f37" if ok else "#b42318"
+    body = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>agentcard-broker</title></head>"
+        "<body style='font-family: system-ui, sans-serif; max-width: 40em; margin: 4em auto'>"
+        f"<h1 style='color: {color}'>{html.escape(title)}</h1><p>{html.escape(text)}</p>"
+        "<p>You can close this tab.</p></body></html>"
+    )
+    return web.Response(
+        text=body,
+        content_type="text/html",
+        status=200 if ok else 400,
+        headers={
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
+
+
+class CallbackListener:
+    """Listens on 127.0.0.1:PORT for exactly one valid redirect back from the browser."""
+
+    def __init__(
+        self, port: int, state: str, issuer: str, iss_required: bool, route: str, ttl: float
+    ) -> None:
+        self.port = port
+        self._state = state
+        self._issuer = issuer
+        self._iss_required = iss_required
+        self._route = route
+        self._deadline = time.monotonic() + ttl
+        self._result: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._runner: web.AppRunner | None = None
+        self.rejected = 0
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get(CALLBACK_PATH, self._callback)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)  # the literal, never "localhost"
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise LoginError(
+                f"cannot listen on 127.0.0.1:{self.port} for the login callback ({exc.strerror}); "
+                "close what uses it or set auth.redirect_port"
+            ) from None
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def wait(self, seconds: float) -> str:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._result), seconds)
+        except TimeoutError:
+            raise LoginError(f"no answer from the browser within {seconds:g}s; run login again") from None
+
+    async def _callback(self, request: web.Request) -> web.Response:
+        q = request.query
+        if self._result.done():
+            return _page("Already done", "This login has finished; nothing more to do.", False)
+        state = q.get("state", "")
+        if not state or not pysecrets.compare_digest(state, self._state) or time.monotonic() > self._deadline:
+            self.rejected += 1  # not ours (or too late): refuse, and keep waiting for the real one
+            return _page(
+                "Not a login this broker started",
+                f"The state does not match. Start again with: agentcard-broker login {self._route}",
+                False,
+            )
+        iss = q.get("iss")
+        if (iss is None and self._iss_required) or (
+            iss is not None and iss.rstrip("/") != self._issuer.rstrip("/")
+        ):
+            self._result.set_exception(
+                LoginError("the authorization response came from the wrong issuer (iss mismatch); refused")
+            )
+            return _page("Refused", "The answer did not come from the expected authorization server.", False)
+        if "error" in q:
+            description = q.get("error_description", "")
+            self._result.set_exception(
+                LoginError(f"the authorization server said {q['error']}: {description}".rstrip(": "))
+            )
+            return _page("Login failed", f"{q['error']}: {description}", False)
+        code = q.get("code")
+        if not code:
+            self._result.set_exception(LoginError("the callback carried no authorization code"))
+            return _page("Login failed", "No authorization code in the answer.", False)
+        self._result.set_result(code)
+        return _page("Logged in", f"agentcard-broker now holds the login for route {self._route}.", True)
+
+
+# ---------------------------------------------------------------- the flow
+
+
+def _may_open(url: str, meta: ServerMetadata) -> bool:
+    """Only an https authorization URL on the discovered issuer's host is opened in a browser."""
+    u, i = urlsplit(url), urlsplit(meta.issuer)
+    return u.scheme == "https" and u.hostname == i.hostname
+
+
+async def _client_unknown(http: aiohttp.ClientSession, url: str) -> bool:
+    """Does the authorization endpoint reject our stored client_id outright?"""
+    try:
+        async with http.get(url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            if r.status not in (400, 401):
+                return False
+            text = (await r.text()).lower()
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+    return "client" in text
+
+
+async def _client_for(
+    http: aiohttp.ClientSession,
+    route: Route,
+    auth: OAuthAuth,
+    meta: ServerMetadata,
+    ostore: OAuthStore,
+    store: SecretStore,
+) -> tuple[ClientRecord, bool]:
+    if auth.client_id:
+        return pinned_client(route, auth, meta, store), False
+    redirect_uri = redirect_uri_for(auth)
+    stored = await asyncio.to_thread(ostore.load_client)
+    if stored and stored.issuer == meta.issuer and stored.redirect_uri == redirect_uri:
+        stored.resource = meta.resource
+        stored.token_endpoint = meta.token_endpoint
+        stored.authorization_endpoint = meta.authorization_endpoint
+        stored.revocation_endpoint = meta.revocation_endpoint
+        return stored, False
+    client = await register_client(http, meta, redirect_uri, auth.scopes)
+    await asyncio.to_thread(ostore.save_client, client)
+    return client, True
+
+
+async def login(
+    cfg: Config,
+    route: Route,
+    store: SecretStore,
+    *,
+    open_browser: bool,
+    wait_s: float,
+    say: Callable[[str], None],
+) -> LoginResult:
+    auth = route.auth
+    assert isinstance(auth, OAuthAuth)
+    ostore = OAuthStore(route.name, store)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as http:
+        say(f"discovering the authorization server for {route.upstream} …")
+        try:
+            meta = await discover(http, route.upstream, cfg.allow_insecure_upstream)
+        except OAuthError as exc:
+            raise LoginError(str(exc)) from None
+        for attempt in range(2):  # a registration the server forgot is dropped and redone once
+            try:
+                client, registered_now = await _client_for(http, route, auth, meta, ostore, store)
+            except OAuthError as exc:
+                raise LoginError(str(exc)) from None
+            verifier = generate_token(64)
+            state = pysecrets.token_urlsafe(32)
+            scope = " ".join(auth.scopes) or None
+            url = prepare_grant_uri(
+                meta.authorization_endpoint,
+                client.client_id,
+                "code",
+                redirect_uri=client.redirect_uri,
+                scope=scope,
+                state=state,
+                code_challenge=create_s256_code_challenge(verifier),
+                code_challenge_method="S256",
+                resource=meta.resource,
+            )
+            if client.registered and not registered_now and await _client_unknown(http, url):
+                say("the authorization server no longer knows this broker's registration; registering again")
+                await asyncio.to_thread(ostore.drop_client)
+                continue
+            listener = CallbackListener(
+                auth.redirect_port, state, meta.issuer, meta.iss_parameter_supported, route.name, wait_s
+            )
+            await listener.start()
+            try:
+                say(f"open this URL in your browser to authorize route {route.name!r}:\n\n  {url}\n")
+                if open_browser:
+                    if _may_open(url, meta):
+                        # webbrowser runs the browser as a program with arguments: no shell
+                        await asyncio.to_thread(webbrowser.open, url)
+                        say("(opened in your browser)")
+                    else:
+                        say("(not opened automatically: it is not an https URL on the issuer's host)")
+                say(
+                    f"waiting for the browser to come back to http://127.0.0.1:{auth.redirect_port}"
+                    f"{CALLBACK_PATH} (up to {wait_s:g}s; Ctrl-C cancels) …"
+                )
+                code = await listener.wait(wait_s)
+            finally:
+                await listener.stop()
+            try:
+                doc = await token_request(
+                    http,
+                    client,
+                    {
+                        "grant_type": "authorization_code",
+                        "code": code,
+                        "redirect_uri": client.redirect_uri,
+                        "code_verifier": verifier,
+                    },
+                )
+                tokens = parse_token_response(doc)
+            except OAuthError as exc:
+                if exc.error == "invalid_client" and client.registered and attempt == 0:
+                    say("the authorization server refused this broker's registration; registering again")
+                    await asyncio.to_thread(ostore.drop_client)
+                    continue
+                raise LoginError(f"exchanging the code failed: {exc}") from None
+            await asyncio.to_thread(ostore.save_tokens, tokens)
+            return LoginResult(meta.issuer, client.client_id, tokens, registered_now)
+    raise LoginError("the authorization server kept refusing the client registration")
+
+
+async def logout(route: Route, store: SecretStore, say: Callable[[str], None]) -> bool:
+    """Revoke at the upstream when it offers revocation, then delete the tokens. True if any existed."""
+    ostore = OAuthStore(route.name, store)
+    client = await asyncio.to_thread(ostore.load_client)
+    tokens = await asyncio.to_thread(ostore.load_tokens)
+    if tokens is None:
+        return False
+    if client is not None and not tokens.dead:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as http:
+            if not client.revocation_endpoint:
+                say("the authorization server offers no revocation; deleting the tokens here only")
+            else:
+                revoked = []
+                if tokens.refresh_token and await revoke(http, client, tokens.refresh_token, "refresh_token"):
+                    revoked.append("refresh token")
+                if await revoke(http, client, tokens.access_token, "access_token"):
+                    revoked.append("access token")
+                say(f"revoked at {client.issuer}: {', '.join(revoked) or 'nothing (the server refused)'}")
+    await asyncio.to_thread(ostore.drop_tokens)
+    return True
