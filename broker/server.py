@@ -255,12 +255,10 @@ class Runtime:
                     doc = json.loads(raw) if len(raw) <= JSONRPC_PEEK_BYTES else None
                 except (ValueError, ConnectionError):
                     doc = None
-                if isinstance(doc, dict) and doc.get("jsonrpc") == "2.0":
-                    is_rpc, rpc_id = True, doc.get("id")
-                elif (
-                    isinstance(doc, list) and doc and all(isinstance(d, dict) and "jsonrpc" in d for d in doc)
-                ):
-                    is_rpc = True
+            if isinstance(doc, dict) and doc.get("jsonrpc") == "2.0":
+                is_rpc, rpc_id = True, doc.get("id")
+            elif isinstance(doc, list) and doc and all(isinstance(d, dict) and "jsonrpc" in d for d in doc):
+                is_rpc = True
         return error_response(err, jsonrpc_id=rpc_id, jsonrpc=is_rpc)
 
 

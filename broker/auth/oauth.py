@@ -304,9 +304,20 @@ async def revoke(session: aiohttp.ClientSession, client: ClientRecord, token: st
         async with session.post(
             client.revocation_endpoint, data=data, allow_redirects=False, timeout=HTTP_TIMEOUT
         ) as r:
-            return r.status == 200
+            if r.status == 200:
+                return True
+            retry = r.status in (400, 401) and "client_secret" not in data
+        if retry:  # some servers (the MCP SDK's) want the field present, empty, for public clients
+            async with session.post(
+                client.revocation_endpoint,
+                data={**data, "client_secret": ""},
+                allow_redirects=False,
+                timeout=HTTP_TIMEOUT,
+            ) as r:
+                return r.status == 200
     except (aiohttp.ClientError, TimeoutError):
         return False
+    return False
 
 
 # ---------------------------------------------------------------- the secret store side
@@ -554,7 +565,7 @@ class OAuthCredential(Credential):
         if status == 401:
             if self.state is AuthState.READY:
                 self.state = AuthState.CREDENTIAL_REJECTED
-                self.reason = f"the upstream refused the token after a refresh; {self._fix()}"
+                self.reason = f"the upstream refused the token (HTTP 401); {self._fix()}"
         elif status < 400 and self.state is AuthState.CREDENTIAL_REJECTED:
             self.state = AuthState.READY
             self.reason = f"logged in to {self._client.issuer}" if self._client else ""
