@@ -387,6 +387,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in doc["routes"]:
         if r["state"] != "ready" and r.get("reason"):
             print(f"{r['name']}: {r['reason']}")
+        elif r.get("scopes") or r.get("subject"):
+            who = f"account {r['subject']}, " if r.get("subject") else ""
+            scopes = " ".join(r.get("scopes") or []) or "-"
+            print(f"{r['name']}: {who}scopes {scopes}, refreshes {r.get('refreshes', 0)}")
     return 0
 
 
