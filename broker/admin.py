@@ -37,6 +37,7 @@ def status_document(rt: Runtime) -> dict[str, Any]:
                 "expires_at": cred.expires_at.isoformat() if cred and cred.expires_at else None,
                 "requests": rt.metrics.by_route.get(r.name, 0),
                 **(cred.details() if cred else {}),
+                **(rt.policies.by_route[r.name].status() if r.name in rt.policies.by_route else {}),
             }
         )
     return {

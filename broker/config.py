@@ -81,6 +81,49 @@ class ClientCredentialsAuth:
 Auth = ApiKeyAuth | OAuthAuth | ClientCredentialsAuth
 
 
+DEFAULT_AMOUNT_FIELDS = ("amount_cents", "spend_limit_cents", "amountCents", "spendLimitCents")
+
+
+@dataclass(frozen=True, slots=True)
+class PathRule:
+    """`METHOD /glob`: `*` is one path segment, `**` any number; METHOD may be `*`."""
+
+    method: str
+    segments: tuple[str, ...]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    amount: int
+    seconds: float
+    text: str  # as written, e.g. "24h"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    allow: tuple[PathRule, ...] | None = None  # None: everything not denied
+    deny: tuple[PathRule, ...] = ()
+    tools_allow: frozenset[str] | None = None
+    tools_deny: frozenset[str] = frozenset()
+    max_amount_cents: int | None = None
+    amount_fields: tuple[str, ...] = DEFAULT_AMOUNT_FIELDS
+    budget: Window | None = None  # amount_cents per window
+    rate: Window | None = None  # requests per window
+    require_test_mode: bool = False
+
+    @property
+    def reads_body(self) -> bool:
+        """Rules that can only be checked by reading a JSON body."""
+        return (
+            self.max_amount_cents is not None
+            or self.budget is not None
+            or self.tools_allow is not None
+            or bool(self.tools_deny)
+            or self.require_test_mode
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -88,6 +131,7 @@ class Route:
     upstream: str
     auth: Auth
     place: str = ""  # "routes[1]": where this route sits in the file
+    policy: Policy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,6 +632,92 @@ def parse_auth(value: Any, place: str, insecure_ok: bool, c: _Checker) -> Auth |
     return None
 
 
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"}
+
+
+def parse_duration(value: Any, place: str, c: _Checker) -> float | None:
+    m = _DURATION.match(str(value).strip()) if isinstance(value, str | int) else None
+    if m is None or float(m.group(1)) <= 0:
+        c.err(place, "must be a duration like 30s, 1m, 24h or 7d")
+        return None
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def parse_path_rule(value: Any, place: str, c: _Checker) -> PathRule | None:
+    if not isinstance(value, str) or " " not in value.strip():
+        c.err(place, 'must be "METHOD /path/glob", e.g. "GET /api/v1/cards/*"')
+        return None
+    method, _, path = value.strip().partition(" ")
+    method, path = method.upper(), path.strip()
+    if method not in _METHODS or not path.startswith("/"):
+        c.err(place, 'must be "METHOD /path/glob" with an HTTP method (or *) and a path starting with /')
+        return None
+    segs = tuple(s for s in path.split("/") if s)
+    if any(s in (".", "..") for s in segs):
+        c.err(place, "must not contain . or .. segments")
+        return None
+    return PathRule(method, segs, value.strip())
+
+
+def _window(value: Any, place: str, key: str, c: _Checker) -> Window | None:
+    m = c.mapping(value, place, {key, "per"})
+    if not m:
+        c.err(place, f"must be a mapping {{{key}: N, per: DURATION}}")
+        return None
+    amount = c.integer(m, key, place, -1, 1, 2**53)
+    per = parse_duration(m.get("per"), _join(place, "per"), c)
+    if amount < 1 or per is None:
+        return None
+    return Window(amount, per, str(m.get("per")))
+
+
+def parse_policy(value: Any, place: str, c: _Checker) -> Policy | None:
+    keys = {
+        "allow",
+        "deny",
+        "tools",
+        "max_amount_cents",
+        "amount_fields",
+        "budget",
+        "rate",
+        "require_test_mode",
+    }
+    m = c.mapping(value, place, keys)
+    if m is None:
+        return None
+
+    def rules(key: str) -> tuple[PathRule, ...]:
+        raw = m.get(key, [])
+        if not isinstance(raw, list):
+            c.err(_join(place, key), 'must be a list of "METHOD /glob" rules')
+            return ()
+        return tuple(r for i, v in enumerate(raw) if (r := parse_path_rule(v, f"{place}.{key}[{i}]", c)))
+
+    tools_allow: frozenset[str] | None = None
+    tools_deny: frozenset[str] = frozenset()
+    if "tools" in m:
+        t = c.mapping(m["tools"], _join(place, "tools"), {"allow", "deny"}) or {}
+        if "allow" in t:
+            tools_allow = frozenset(c.strings(t, "allow", _join(place, "tools"), ()))
+        tools_deny = frozenset(c.strings(t, "deny", _join(place, "tools"), ()))
+    max_amount = None
+    if "max_amount_cents" in m:
+        max_amount = c.integer(m, "max_amount_cents", place, 0, 0, 2**53)
+    return Policy(
+        allow=rules("allow") if "allow" in m else None,
+        deny=rules("deny"),
+        tools_allow=tools_allow,
+        tools_deny=tools_deny,
+        max_amount_cents=max_amount,
+        amount_fields=c.strings(m, "amount_fields", place, DEFAULT_AMOUNT_FIELDS) or DEFAULT_AMOUNT_FIELDS,
+        budget=_window(m["budget"], _join(place, "budget"), "amount_cents", c) if "budget" in m else None,
+        rate=_window(m["rate"], _join(place, "rate"), "requests", c) if "rate" in m else None,
+        require_test_mode=c.boolean(m, "require_test_mode", place, False),
+    )
+
+
 TOP_KEYS = {
     "listen", "allowed_hosts", "allowed_origins", "allowed_uids", "allow_remote",
     "allow_insecure_upstream", "secret_store", "state_dir", "socket_mode", "limits", "timeouts", "log",
@@ -704,14 +834,10 @@ def build_config(data: Any, lines: dict[str, int], path: str, issues: list[Confi
         if "auth" not in m:
             c.err(_join(place, "auth"), "is required")
         auth = parse_auth(m.get("auth"), _join(place, "auth"), insecure, c)
-        if "policy" in m:
-            c.err(
-                _join(place, "policy"),
-                "route policies are not supported by this version; remove the block (see README 'Not yet')",
-            )
+        policy = parse_policy(m["policy"], _join(place, "policy"), c) if "policy" in m else None
         if name and prefix and upstream and auth:
             names.add(name)
-            routes.append(Route(name, prefix, upstream, auth, place))
+            routes.append(Route(name, prefix, upstream, auth, place, policy))
 
     if issues:
         return None

@@ -11,6 +11,7 @@ that could spend money, buffer a whole body, or let a held secret through.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,7 @@ RESPONSE_DROP = HOP_BY_HOP | {
 # The broker decodes gzip/deflate itself so it can scrub bodies; the agent gets identity.
 UPSTREAM_ACCEPT_ENCODING = "gzip, deflate"
 SAFE_TO_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_FILTERED = 16 * 1024 * 1024  # an answer a policy rewrites is read whole, up to this
 REPLAY_LIMIT = 1024 * 1024  # bodies up to this are held so a 401 can be retried after a refresh
 
 
@@ -54,12 +56,16 @@ class Exchange:
     """What happened to one forwarded request, for the audit line and metrics."""
 
     request_id: str = ""
+    detail: str | None = None
     upstream_status: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
     error: str | None = None
     body_too_large: bool = field(default=False)
-    body: bytes | None = None  # the request body, when it was held for a possible retry
+    body: bytes | None = None  # the request body, when it was read whole (policy, retry)
+
+    def hold(self, body: bytes) -> None:
+        self.body, self.bytes_in = body, len(body)
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[istr]:
@@ -194,8 +200,14 @@ async def forward(
     table: RouteTable,
     secrets: SecretSet,
     ex: Exchange,
+    body: bytes | None = None,
+    response_filter: Callable[[bytes, str], bytes] | None = None,
 ) -> web.StreamResponse:
-    """Send `request` to `target` with `credential`, stream the answer back to the agent."""
+    """Send `request` to `target` with `credential`, stream the answer back to the agent.
+
+    `body`: the request body when a policy already read it (forwarded byte for byte).
+    `response_filter`: rewrites a (small) successful answer whole, e.g. a filtered tools/list.
+    """
     route = target.route.name
     limit = config.limits.max_body_bytes
     length = request.content_length
@@ -209,11 +221,13 @@ async def forward(
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     # A credential that can be refreshed gets "401 -> refresh once -> retry once", which needs
     # the body twice: small bodies (JSON-RPC calls) are held; large ones stream without a retry.
-    replayable = credential.can_refresh and (
-        not request.body_exists or (length is not None and length <= REPLAY_LIMIT)
+    replayable = body is not None or (
+        credential.can_refresh
+        and (not request.body_exists or (length is not None and length <= REPLAY_LIMIT))
     )
-    body = None
-    if replayable and request.body_exists:
+    if body is not None:
+        ex.body, ex.bytes_in = body, len(body)
+    elif replayable and request.body_exists:
         try:
             body = ex.body = await _read_body(request, limit, ex)
         except _BodyTooLarge:
@@ -234,9 +248,12 @@ async def forward(
             raise BrokerError(code, f"AgentCard refused the broker's credential; {credential.reason}", route)
         host = request.headers.get("Host", "127.0.0.1")
         location = _rewrite_location(up, target, table, host)
+        headers_out = response_headers(up, secrets, location)
+        headers_out["X-Broker-Request-Id"] = ex.request_id
+        if response_filter is not None and up.status == 200:
+            return await _filtered(request, up, headers_out, response_filter, secrets, ex)
         resp = web.StreamResponse(status=up.status, reason=up.reason)
-        resp.headers.extend(response_headers(up, secrets, location))
-        resp.headers["X-Broker-Request-Id"] = ex.request_id
+        resp.headers.extend(headers_out)
         try:
             await resp.prepare(request)
         except ConnectionError:  # the agent left before the answer: not an error of ours
@@ -250,6 +267,25 @@ async def forward(
         return resp
     finally:
         up.release()
+
+
+async def _filtered(
+    request: web.BaseRequest,
+    up: aiohttp.ClientResponse,
+    resp_headers: CIMultiDict[str],
+    response_filter: Callable[[bytes, str], bytes],
+    secrets: SecretSet,
+    ex: Exchange,
+) -> web.StreamResponse:
+    raw = await up.content.read(MAX_FILTERED + 1)
+    if len(raw) > MAX_FILTERED:
+        raise BrokerError("upstream_unreachable", "the upstream's answer is too large to filter", None)
+    scrubber = secrets.scrubber()
+    body = scrubber.feed(response_filter(raw, up.headers.get("Content-Type", ""))) + scrubber.flush()
+    resp_headers.popall("Content-Length", None)
+    resp = web.Response(status=up.status, reason=up.reason, body=body, headers=resp_headers)
+    ex.bytes_out = len(body)
+    return resp
 
 
 async def _stream(

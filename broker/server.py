@@ -33,6 +33,7 @@ from broker.config import Config, ConfigError, Listen
 from broker.errors import BrokerError, error_response
 from broker.logs import safe_path
 from broker.metrics import Metrics
+from broker.policy import BudgetLedger, PolicySet
 from broker.routing import RouteTable
 from broker.scrub import SecretSet
 from broker.sdnotify import Notifier
@@ -76,6 +77,8 @@ class Runtime:
         self.credentials: dict[str, Credential] = {
             r.name: make_credential(r, self.store, self.secrets) for r in config.routes
         }
+        self.policies = PolicySet(BudgetLedger(config.state_path() / "budgets.json"))
+        self.policies.update(config.routes)
         self.session: aiohttp.ClientSession | None = None
         self.listen_addresses: list[str] = []
         self.in_flight = 0
@@ -152,6 +155,7 @@ class Runtime:
             for cred in creds.values():
                 cred.invalidate()
             self.credentials = creds
+            self.policies.update(new.routes)
             self.snapshot = Snapshot(new)
             log.info("config.reloaded", reason=reason, routes=[r.name for r in new.routes])
 
@@ -192,20 +196,37 @@ class Runtime:
                 else:
                     target = snap.table.target(request.raw_path)
                     route_name = target.route.name
-                    resp = await proxy.forward(
-                        request,
-                        target,
-                        self.credentials[route_name],
-                        session=self._session(),
-                        config=cfg,
-                        table=snap.table,
-                        secrets=self.secrets,
-                        ex=ex,
+                    credential = self.credentials[route_name]
+                    rules = self.policies.by_route.get(route_name)
+                    gate = (
+                        await rules.admit(
+                            request, target.url.raw_path, credential.mode, cfg.limits.max_body_bytes, ex.hold
+                        )
+                        if rules is not None
+                        else None
                     )
+                    try:
+                        resp = await proxy.forward(
+                            request,
+                            target,
+                            credential,
+                            session=self._session(),
+                            config=cfg,
+                            table=snap.table,
+                            secrets=self.secrets,
+                            ex=ex,
+                            body=gate.body if gate else None,
+                            response_filter=gate.response_filter if gate else None,
+                        )
+                    finally:
+                        if rules is not None and gate is not None:
+                            rules.settle(gate, ex.upstream_status)
             except BrokerError as err:
                 if err.route is None and route_name not in (None, "_broker"):
                     err = BrokerError(err.code, err.message, route_name, err.retry_after, err.http_status)
                 ex.error = ex.error or err.code
+                if err.code in ("policy_denied", "rate_limited"):
+                    ex.detail = err.message  # the audit line says which rule refused it
                 resp = await self._error(request, err, ex)
             if not resp.prepared:
                 resp.headers["X-Broker-Request-Id"] = rid
@@ -228,6 +249,7 @@ class Runtime:
                         status=status,
                         upstream_status=ex.upstream_status,
                         error=ex.error,
+                        detail=ex.detail,
                         bytes_in=ex.bytes_in,
                         bytes_out=ex.bytes_out,
                         duration_ms=round(elapsed * 1000, 2),

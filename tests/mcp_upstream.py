@@ -225,8 +225,9 @@ class McpUpstream:
 async def run_mcp_upstream(
     access_ttl: int = 60, iss: str | None = None, auth: bool = True
 ) -> AsyncIterator[McpUpstream]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it (Linux)
     sock.bind(("127.0.0.1", 0))
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     provider = Provider(access_ttl=access_ttl, expected_resource=f"{base}/mcp", issuer=iss)

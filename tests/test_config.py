@@ -275,13 +275,45 @@ def test_route_needs_auth(cfg_path: Path) -> None:
     assert issue.line is not None  # points at the route when the key itself is missing
 
 
-def test_policy_block_is_refused_with_a_message(cfg_path: Path) -> None:
+def test_policy_block_parses(cfg_path: Path) -> None:
     d = doc()
-    d["routes"][1]["policy"] = {"allow": ["GET /api/v1/cards"]}
+    d["routes"][1]["policy"] = {
+        "allow": ["GET /api/v1/cards", "post /api/v1/cards/*"],
+        "deny": ["GET /api/v1/cards/*/details"],
+        "tools": {"allow": ["list_cards"], "deny": ["withdraw_wallet"]},
+        "max_amount_cents": 5000,
+        "budget": {"amount_cents": 20000, "per": "24h"},
+        "rate": {"requests": 60, "per": "1m"},
+        "require_test_mode": True,
+    }
+    p = load(write_config(cfg_path, d)).routes[1].policy
+    assert p is not None
+    assert p.allow is not None and [r.method for r in p.allow] == ["GET", "POST"]
+    assert p.deny[0].segments == ("api", "v1", "cards", "*", "details")
+    assert p.tools_allow == frozenset({"list_cards"}) and p.tools_deny == frozenset({"withdraw_wallet"})
+    assert p.budget is not None and (p.budget.amount, p.budget.seconds) == (20000, 86400)
+    assert p.rate is not None and (p.rate.amount, p.rate.seconds) == (60, 60)
+    assert p.amount_fields == ("amount_cents", "spend_limit_cents", "amountCents", "spendLimitCents")
+    assert p.require_test_mode and p.reads_body
+
+
+def test_policy_errors_name_their_place(cfg_path: Path) -> None:
+    d = doc()
+    d["routes"][1]["policy"] = {
+        "allow": ["FETCH /x", "GET no-slash"],
+        "budget": {"amount_cents": 100, "per": "fortnight"},
+        "rate": {"requests": 0, "per": "1m"},
+        "tool": {},
+    }
     err = load_error(write_config(cfg_path, d))
-    (issue,) = issues_at(err, "routes[1].policy")
-    assert "not supported" in issue.message
-    assert "remove" in issue.message
+    for place in (
+        "routes[1].policy.allow[0]",
+        "routes[1].policy.allow[1]",
+        "routes[1].policy.budget.per",
+        "routes[1].policy.rate.requests",
+        "routes[1].policy.tool",
+    ):
+        assert issues_at(err, place), place
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,412 @@
+"""Route policy: the limits a user sets that an agent cannot talk its way past.
+
+Owns: REST allow/deny by method and path glob (on the normalized path forwarded), MCP tool
+allow/deny for `tools/call` (single and batch) and filtering of `tools/list` answers (JSON and
+SSE), amount caps, a rolling budget kept across restarts (crash-safe writes), per-route rate
+limits, and `require_test_mode`. A body a rule must read is read once, bounded, and forwarded
+byte for byte; one that cannot be parsed is refused, never forwarded unchecked. Must never:
+let a concurrent burst spend past the budget, or crash on any body an agent sends.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from broker.config import PathRule, Policy
+from broker.errors import BrokerError
+
+MAX_FILTERED_RESPONSE = 16 * 1024 * 1024
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _deny(route: str, rule: str, why: str) -> BrokerError:
+    return BrokerError("policy_denied", f"refused by route {route!r} policy ({rule}): {why}", route)
+
+
+# ---------------------------------------------------------------- path rules
+
+
+def _match(pattern: tuple[str, ...], path: tuple[str, ...]) -> bool:
+    if not pattern:
+        return not path
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match(rest, path[i:]) for i in range(len(path) + 1))
+    if not path:
+        return False
+    return fnmatch.fnmatchcase(path[0], head) and _match(rest, path[1:])
+
+
+def rule_matches(rule: PathRule, method: str, path_segments: tuple[str, ...]) -> bool:
+    return rule.method in ("*", method) and _match(rule.segments, path_segments)
+
+
+def path_segments(raw_path: str) -> tuple[str, ...]:
+    return tuple(unquote(s) for s in raw_path.split("/") if s)
+
+
+# ---------------------------------------------------------------- the budget ledger
+
+
+class BudgetLedger:
+    """Amounts let through per route, with timestamps, in one JSON file (atomic replace)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._entries: dict[str, list[list[float]]] = {}
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(raw, dict):
+                self._entries = {
+                    str(k): [[float(e[0]), float(e[1])] for e in v if isinstance(e, list) and len(e) == 2]
+                    for k, v in raw.items()
+                    if isinstance(v, list)
+                }
+        except (OSError, ValueError, TypeError):
+            self._entries = {}
+
+    def used(self, route: str, window_s: float, now: float) -> float:
+        return sum(a for t, a in self._entries.get(route, []) if t > now - window_s)
+
+    def reserve(self, route: str, amount: float, limit: float, window_s: float, now: float) -> float | None:
+        """Record `amount` if it fits under `limit` in the window. Returns the amount used before."""
+        with self._lock:
+            entries = [e for e in self._entries.get(route, []) if e[0] > now - window_s]
+            used = sum(a for _, a in entries)
+            if used + amount > limit:
+                return None
+            entries.append([now, amount])
+            self._entries[route] = entries
+            self._save()
+            return used
+
+    def refund(self, route: str, when: float, amount: float) -> None:
+        with self._lock:
+            entries = self._entries.get(route, [])
+            for i, (t, a) in enumerate(entries):
+                if t == when and a == amount:
+                    del entries[i]
+                    self._save()
+                    return
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".budgets-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self._entries, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)  # a crash leaves the old file or the new one, never half
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# ---------------------------------------------------------------- reading bodies
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            n = float(value.strip())
+        except ValueError:
+            return None
+        return n if math.isfinite(n) else None
+    return None
+
+
+def find_amounts(doc: Any, fields: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    """(field, raw value) for amount fields at the top level or one object down."""
+    if not isinstance(doc, dict):
+        return
+    for key, value in doc.items():
+        if key in fields:
+            yield key, value
+        elif isinstance(value, dict):
+            for k2, v2 in value.items():
+                if k2 in fields:
+                    yield f"{key}.{k2}", v2
+
+
+@dataclass
+class Gate:
+    """What a policy decided for one request: the body it read, the budget it reserved."""
+
+    body: bytes | None = None
+    response_filter: Callable[[bytes, str], bytes] | None = None
+    reserved: tuple[float, float] | None = None  # (when, amount) against the budget
+
+
+@dataclass
+class RoutePolicy:
+    route: str
+    policy: Policy
+    ledger: BudgetLedger
+    _recent: deque[float] = field(default_factory=deque)
+
+    # -- rate
+
+    def _rate(self, now: float) -> None:
+        rate = self.policy.rate
+        if rate is None:
+            return
+        while self._recent and self._recent[0] <= now - rate.seconds:
+            self._recent.popleft()
+        if len(self._recent) >= rate.amount:
+            wait = max(1, math.ceil(self._recent[0] + rate.seconds - now))
+            raise BrokerError(
+                "rate_limited",
+                f"route {self.route!r} allows {rate.amount} requests per {rate.text}; try again in {wait}s",
+                self.route,
+                retry_after=wait,
+            )
+        self._recent.append(now)
+
+    # -- REST rules
+
+    def _paths(self, method: str, segments: tuple[str, ...], shown: str) -> None:
+        p = self.policy
+        for rule in p.deny:
+            if rule_matches(rule, method, segments):
+                raise _deny(self.route, f'deny "{rule.text}"', f"{method} {shown}")
+        if p.allow is not None and not any(rule_matches(r, method, segments) for r in p.allow):
+            raise _deny(self.route, "allow", f"{method} {shown} matches no allow rule")
+
+    # -- body rules
+
+    def _amounts(self, doc: Any, rule_prefix: str = "") -> float:
+        p = self.policy
+        total = 0.0
+        for name, raw in find_amounts(doc, p.amount_fields):
+            if raw is None:
+                continue
+            n = _number(raw)
+            if n is None:
+                raise _deny(self.route, "amount_fields", f"{rule_prefix}{name} is not a number")
+            if n < 0:
+                raise _deny(self.route, "amount_fields", f"{rule_prefix}{name} is negative")
+            if p.max_amount_cents is not None and n > p.max_amount_cents:
+                raise _deny(
+                    self.route,
+                    "max_amount_cents",
+                    f"{rule_prefix}{name} {n:g} is over the cap {p.max_amount_cents}",
+                )
+            total += n
+        return total
+
+    def _tool_allowed(self, name: str) -> bool:
+        p = self.policy
+        if name in p.tools_deny:
+            return False
+        return p.tools_allow is None or name in p.tools_allow
+
+    def _jsonrpc(self, messages: list[Any], mode: str | None) -> tuple[float, set[Any]]:
+        total = 0.0
+        list_ids: set[Any] = set()
+        for msg in messages:
+            if not isinstance(msg, dict):
+                raise _deny(self.route, "body", "a JSON-RPC batch entry is not an object")
+            method = msg.get("method")
+            raw_params = msg.get("params")
+            params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
+            if method == "tools/list" and "id" in msg:
+                key = msg["id"]
+                list_ids.add(json.dumps(key, sort_keys=True))
+            if method != "tools/call":
+                continue
+            name = params.get("name")
+            if not isinstance(name, str):
+                raise _deny(self.route, "tools", "tools/call without a tool name")
+            if not self._tool_allowed(name):
+                raise _deny(self.route, "tools", f"tool {name!r} is not allowed")
+            args = params.get("arguments")
+            if args is None:
+                args = {}
+            if not isinstance(args, dict):
+                raise _deny(self.route, "tools", f"tool {name!r} arguments are not an object")
+            if self.policy.require_test_mode and (args.get("sandbox") is False or mode == "live"):
+                raise _deny(self.route, "require_test_mode", f"tool {name!r} would act outside the sandbox")
+            total += self._amounts(args, rule_prefix=f"{name}.")
+        return total, list_ids
+
+    def inspect(self, doc: Any, mode: str | None) -> tuple[float, set[Any]]:
+        """Check a parsed body: (the amount it spends, ids of tools/list requests in it).
+
+        Raises BrokerError(policy_denied) and nothing else, whatever the document.
+        """
+        if isinstance(doc, list) or (isinstance(doc, dict) and "jsonrpc" in doc):
+            return self._jsonrpc(doc if isinstance(doc, list) else [doc], mode)
+        return self._amounts(doc), set()
+
+    # -- the gate
+
+    async def admit(
+        self,
+        request: web.BaseRequest,
+        forwarded_path: str,
+        mode: str | None,
+        max_body: int,
+        keep_body: Callable[[bytes], None],
+    ) -> Gate:
+        """Let the request through (with what was read), or raise the refusal.
+
+        `keep_body` receives the body as soon as it is read, so a refusal can still answer a
+        JSON-RPC request with its own id.
+        """
+        now = time.time()
+        self._rate(now)
+        self._paths(request.method, path_segments(forwarded_path), forwarded_path)
+        p = self.policy
+        if p.require_test_mode and mode == "live":
+            raise _deny(self.route, "require_test_mode", "the route's credential is live (real money)")
+        gate = Gate()
+        if not p.reads_body or not request.body_exists:
+            return gate
+        body = await _read_bounded(request, max_body, self.route)
+        gate.body = body
+        keep_body(body)
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            raise _deny(
+                self.route, "body", "the body must be JSON for this route's rules and is not"
+            ) from None
+        total, list_ids = self.inspect(doc, mode)
+        if list_ids and (p.tools_allow is not None or p.tools_deny):
+            gate.response_filter = lambda raw, ctype: filter_tools_list(
+                raw, ctype, list_ids, self._tool_allowed
+            )
+        if p.budget is not None and total > 0:
+            used = self.ledger.reserve(self.route, total, p.budget.amount, p.budget.seconds, now)
+            if used is None:
+                used_now = self.ledger.used(self.route, p.budget.seconds, now)
+                raise _deny(
+                    self.route,
+                    "budget",
+                    f"{used_now:g} of {p.budget.amount} used in the last {p.budget.text}; "
+                    f"this request needs {total:g}",
+                )
+            gate.reserved = (now, total)
+        return gate
+
+    def settle(self, gate: Gate, upstream_status: int | None) -> None:
+        """A request the upstream did not accept gives its reservation back."""
+        if gate.reserved is not None and (upstream_status is None or upstream_status >= 400):
+            self.ledger.refund(self.route, *gate.reserved)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        p = self.policy
+        now = time.time()
+        if p.budget is not None:
+            used = self.ledger.used(self.route, p.budget.seconds, now)
+            out["budget"] = {
+                "amount_cents": p.budget.amount,
+                "per": p.budget.text,
+                "used": used,
+                "left": max(0.0, p.budget.amount - used),
+            }
+        if p.rate is not None:
+            out["rate"] = {"requests": p.rate.amount, "per": p.rate.text}
+        return out
+
+
+async def _read_bounded(request: web.BaseRequest, limit: int, route: str) -> bytes:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BrokerError("request_too_large", f"request body is over limits.max_body_bytes ({limit})", route)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BrokerError(
+                "request_too_large", f"request body is over limits.max_body_bytes ({limit})", route
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+# ---------------------------------------------------------------- tools/list filtering
+
+
+def _filter_message(msg: Any, ids: set[Any], allowed: Callable[[str], bool]) -> Any:
+    if not isinstance(msg, dict) or json.dumps(msg.get("id"), sort_keys=True) not in ids:
+        return msg
+    result = msg.get("result")
+    if isinstance(result, dict) and isinstance(result.get("tools"), list):
+        result["tools"] = [t for t in result["tools"] if isinstance(t, dict) and allowed(str(t.get("name")))]
+    return msg
+
+
+def filter_tools_list(raw: bytes, content_type: str, ids: set[Any], allowed: Callable[[str], bool]) -> bytes:
+    """Remove tools the policy does not allow from tools/list answers, JSON or SSE."""
+    if "text/event-stream" in content_type:
+        events = raw.replace(b"\r\n", b"\n").split(b"\n\n")
+        out = []
+        for event in events:
+            lines = event.split(b"\n")
+            data = [ln[5:].removeprefix(b" ") for ln in lines if ln.startswith(b"data:")]
+            if not data:
+                out.append(event)
+                continue
+            try:
+                doc = json.loads(b"\n".join(data))
+            except ValueError:
+                out.append(event)
+                continue
+            doc = _filter_message(doc, ids, allowed)
+            others = [ln for ln in lines if not ln.startswith(b"data:")]
+            out.append(b"\n".join([*others, b"data: " + json.dumps(doc).encode()]))
+        return b"\n\n".join(out)
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return raw
+    doc = (
+        [_filter_message(m, ids, allowed) for m in doc]
+        if isinstance(doc, list)
+        else _filter_message(doc, ids, allowed)
+    )
+    return json.dumps(doc).encode()
+
+
+class PolicySet:
+    """Per-route policies; rate-limit state survives a reload while the route's policy is unchanged."""
+
+    def __init__(self, ledger: BudgetLedger) -> None:
+        self.ledger = ledger
+        self.by_route: dict[str, RoutePolicy] = {}
+
+    def update(self, routes: Any) -> None:
+        fresh: dict[str, RoutePolicy] = {}
+        for r in routes:
+            if r.policy is None:
+                continue
+            old = self.by_route.get(r.name)
+            fresh[r.name] = (
+                old
+                if old is not None and old.policy == r.policy
+                else RoutePolicy(r.name, r.policy, self.ledger)
+            )
+        self.by_route = fresh

@@ -1,0 +1,308 @@
+"""Spend guard: route policies seen from a real agent, with a real upstream that records what it got."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mcp import Client
+
+from broker.config import DEFAULT_AMOUNT_FIELDS, Policy
+from broker.errors import BrokerError
+from broker.policy import BudgetLedger, RoutePolicy, filter_tools_list
+from tests.conftest import LIVE_KEY, TEST_KEY, BrokerFactory, Upstream, api_config, store_key
+from tests.mcp_upstream import McpUpstream, run_mcp_upstream
+
+
+def with_policy(upstream: Upstream, policy: dict[str, Any], **top: Any) -> dict[str, Any]:
+    auth = top.pop("auth", {"type": "api_key"})
+    return api_config(
+        upstream.url,
+        routes=[{"name": "api", "prefix": "/", "upstream": upstream.url, "auth": auth, "policy": policy}],
+        **top,
+    )
+
+
+REST_RULES = {
+    "allow": ["GET /api/v1/cards", "GET /api/v1/cards/*", "POST /api/v1/cards", "GET /api/v1/cardholders/**"],
+    "deny": ["GET /api/v1/cards/*/details"],
+}
+
+
+async def test_rest_allow_and_deny(make_broker: BrokerFactory, upstream: Upstream) -> None:
+    store_key(TEST_KEY)
+    b = await make_broker(with_policy(upstream, REST_RULES))
+    cases = [
+        ("GET", "/api/v1/cards", 200),
+        ("GET", "/api/v1/cards/c1", 200),
+        ("POST", "/api/v1/cards", 200),
+        ("GET", "/api/v1/cardholders/ch1/cards/c9", 200),
+        ("GET", "/api/v1/cards/c1/details", 403),
+        ("GET", "/api/v1/cards/c1/%64etails", 403),  # normalized before the rules look at it
+        ("DELETE", "/api/v1/cards/c1", 403),
+        ("GET", "/api/v1/wallet", 403),
+    ]
+    for method, path, expected in cases:
+        async with b.request(method, path) as r:
+            assert r.status == expected, (method, path)
+            if expected == 403:
+                doc = await r.json()
+                assert r.headers["X-Broker-Error"] == "policy_denied"
+                assert "policy" in doc["error"]["message"]
+    assert [(s.method, s.raw_path) for s in upstream.seen] == [(m, p) for m, p, e in cases if e == 200]
+    async with b.request("GET", "/api/v1/cards/c1/details") as r:
+        assert 'deny "GET /api/v1/cards/*/details"' in (await r.json())["error"]["message"]
+    refusals = [e for e in b.log_events() if e["event"] == "request" and e["error"] == "policy_denied"]
+    assert len(refusals) == 5
+    assert all("policy" in e["detail"] for e in refusals)
+
+
+async def test_amount_cap_and_unreadable_bodies(make_broker: BrokerFactory, upstream: Upstream) -> None:
+    store_key(TEST_KEY)
+    b = await make_broker(with_policy(upstream, {"max_amount_cents": 5000}, limits={"max_body_bytes": 2048}))
+    refused = [
+        b'{"amount_cents": 6000}',
+        b'{"card": {"spend_limit_cents": 5001}}',
+        b'{"amountCents": "7000"}',
+        b'{"amount_cents": "lots"}',
+        b'{"amount_cents": -5}',
+        b'{"amount_cents": 1e999}',
+        b"{not json",
+        b"\xff\xfe",
+    ]
+    for body in refused:
+        async with b.request(
+            "POST", "/api/v1/cards", data=body, headers={"Content-Type": "application/json"}
+        ) as r:
+            assert r.status == 403, body
+            assert r.headers["X-Broker-Error"] == "policy_denied"
+    async with b.request("POST", "/api/v1/cards", data=b"x" * 3000) as r:
+        assert r.status == 413
+    assert upstream.seen == []
+    ok = b'{ "cardholder_id" : "ch_1",\n  "card": {"spend_limit_cents": 5000} }'
+    async with b.request("POST", "/api/v1/cards", data=ok, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 200
+    assert upstream.seen[-1].body == ok  # byte for byte
+    async with b.request("GET", "/api/v1/cards") as r:  # no body: nothing to read
+        assert r.status == 200
+
+
+async def test_budget_survives_restart_and_refunds_failures(
+    make_broker: BrokerFactory, upstream: Upstream
+) -> None:
+    store_key(TEST_KEY)
+
+    async def maybe_decline(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("amount_cents") == 3333:
+            return web.json_response({"error": "insufficient funds"}, status=402)
+        return web.json_response({"ok": True})
+
+    upstream.handlers["/api/v1/cards"] = maybe_decline
+    doc = with_policy(upstream, {"budget": {"amount_cents": 10000, "per": "24h"}})
+
+    async def post(b: Any, amount: int) -> int:
+        async with b.request("POST", "/api/v1/cards", json={"amount_cents": amount}) as r:
+            return r.status
+
+    first = await make_broker(doc)
+    assert await post(first, 6000) == 200
+    assert await post(first, 3333) == 402  # declined upstream: not spent, not counted
+    await first.daemon.stop()
+    second = await make_broker(doc)
+    assert await post(second, 5000) == 403
+    assert await post(second, 4000) == 200
+    async with second.request("GET", "/_broker/status") as r:
+        budget = (await r.json())["routes"][0]["budget"]
+    assert budget == {"amount_cents": 10000, "per": "24h", "used": 10000, "left": 0}
+    async with second.request("POST", "/api/v1/cards", json={"amount_cents": 1}) as r:
+        assert "budget" in (await r.json())["error"]["message"]
+
+
+async def test_concurrent_spending_stops_exactly_at_the_budget(
+    make_broker: BrokerFactory, upstream: Upstream
+) -> None:
+    store_key(TEST_KEY)
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)
+        return web.json_response({"ok": True})
+
+    upstream.handlers["/api/v1/cards"] = slow
+    b = await make_broker(with_policy(upstream, {"budget": {"amount_cents": 10000, "per": "1h"}}))
+
+    async def post(i: int) -> int:
+        async with b.request("POST", "/api/v1/cards", json={"amount_cents": 1000, "n": i}) as r:
+            return r.status
+
+    statuses = await asyncio.gather(*(post(i) for i in range(20)))
+    assert sorted(statuses) == [200] * 10 + [403] * 10
+    spent = sum(json.loads(s.body)["amount_cents"] for s in upstream.seen)
+    assert spent == 10000
+
+
+async def test_rate_limit(make_broker: BrokerFactory, upstream: Upstream) -> None:
+    store_key(TEST_KEY)
+    b = await make_broker(with_policy(upstream, {"rate": {"requests": 3, "per": "1m"}}))
+    for _ in range(3):
+        async with b.request("GET", "/x") as r:
+            assert r.status == 200
+    async with b.request("GET", "/x") as r:
+        assert r.status == 429
+        assert r.headers["X-Broker-Error"] == "rate_limited"
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+        assert "3 requests per 1m" in (await r.json())["error"]["message"]
+    assert len(upstream.seen) == 3
+
+
+async def test_require_test_mode_refuses_live_keys(make_broker: BrokerFactory, upstream: Upstream) -> None:
+    store_key(LIVE_KEY)
+    b = await make_broker(
+        with_policy(upstream, {"require_test_mode": True}, auth={"type": "api_key", "allow_live": True})
+    )
+    async with b.request("GET", "/api/v1/cards") as r:
+        assert r.status == 403
+        assert "require_test_mode" in (await r.json())["error"]["message"]
+    assert upstream.seen == []
+
+
+@pytest.fixture
+async def mcp_plain() -> AsyncIterator[McpUpstream]:
+    async with run_mcp_upstream(auth=False) as up:
+        yield up
+
+
+def mcp_policy_config(up: McpUpstream, policy: dict[str, Any]) -> dict[str, Any]:
+    store_key(TEST_KEY, "mcp")
+    return {
+        "listen": ["127.0.0.1:0"],
+        "allow_insecure_upstream": True,
+        "timeouts": {"drain": 1},
+        "log": {"level": "debug", "format": "json"},
+        "routes": [
+            {
+                "name": "mcp",
+                "prefix": "/mcp",
+                "upstream": up.mcp_url,
+                "auth": {"type": "api_key"},
+                "policy": policy,
+            }
+        ],
+    }
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_mcp_tools_filtered_and_refused(
+    make_broker: BrokerFactory, mcp_plain: McpUpstream, mode: str
+) -> None:
+    b = await make_broker(
+        mcp_policy_config(mcp_plain, {"tools": {"deny": ["whoami"]}, "max_amount_cents": 5000})
+    )
+    async with Client(f"{b.url}/mcp", mode=mode) as agent:
+        names = {t.name for t in (await agent.list_tools()).tools}
+        assert names == {"list_cards", "create_card"}  # whoami is not even offered
+        ok = await agent.call_tool("create_card", {"amount_cents": 5000})
+        assert not ok.is_error
+        calls_before = mcp_plain.recorder.calls[("POST", "/mcp")]
+        with pytest.raises(Exception, match="policy") as info:
+            await agent.call_tool("whoami", {})
+        with pytest.raises(Exception, match="max_amount_cents"):
+            await agent.call_tool("create_card", {"amount_cents": 7000})
+        assert mcp_plain.recorder.calls[("POST", "/mcp")] == calls_before  # refused calls never arrived
+    assert "whoami" in str(info.value)
+
+
+async def test_mcp_batch_with_a_denied_tool_is_refused(
+    make_broker: BrokerFactory, mcp_plain: McpUpstream
+) -> None:
+    b = await make_broker(mcp_policy_config(mcp_plain, {"tools": {"allow": ["list_cards"]}}))
+    batch = [
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "list_cards", "arguments": {}},
+        },
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "create_card", "arguments": {}},
+        },
+    ]
+    async with b.request("POST", "/mcp", json=batch) as r:
+        assert r.status == 403
+        doc = await r.json()
+    assert doc["jsonrpc"] == "2.0"
+    assert doc["error"]["data"]["code"] == "policy_denied"
+    assert "create_card" in doc["error"]["message"]
+    sandbox_off = {
+        "jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "list_cards", "arguments": {"sandbox": False}},
+    }  # fmt: skip
+    b2 = await make_broker(mcp_policy_config(mcp_plain, {"require_test_mode": True}))
+    async with b2.request("POST", "/mcp", json=sandbox_off) as r:
+        assert r.status == 403
+        assert (await r.json())["id"] == 3
+    assert mcp_plain.recorder.calls[("POST", "/mcp")] == 0
+
+
+def test_tools_list_filter_json_and_sse() -> None:
+    allowed = {"a"}.__contains__
+    ids = {json.dumps(7)}
+    msg = {"jsonrpc": "2.0", "id": 7, "result": {"tools": [{"name": "a"}, {"name": "b"}], "resultType": "x"}}
+    out = json.loads(filter_tools_list(json.dumps(msg).encode(), "application/json", ids, allowed))
+    assert out["result"] == {"tools": [{"name": "a"}], "resultType": "x"}
+    sse = b"event: message\r\nid: 1\r\ndata: " + json.dumps(msg).encode() + b"\r\n\r\n"
+    filtered = filter_tools_list(sse, "text/event-stream", ids, allowed)
+    assert filtered.startswith(b"event: message\nid: 1\ndata: ")
+    assert b'"b"' not in filtered and b'"a"' in filtered
+    other = {"jsonrpc": "2.0", "id": 8, "result": {"tools": [{"name": "b"}]}}  # not a tools/list we saw
+    assert (
+        json.loads(filter_tools_list(json.dumps(other).encode(), "application/json", ids, allowed)) == other
+    )
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+keys = st.sampled_from(
+    [*DEFAULT_AMOUNT_FIELDS, "jsonrpc", "method", "params", "name", "arguments", "id", "x"]
+)
+documents = st.recursive(
+    json_values,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=documents, mode=st.sampled_from([None, "test", "live"]))
+def test_policy_never_crashes_on_any_json(
+    tmp_path_factory: pytest.TempPathFactory, doc: Any, mode: str | None
+) -> None:
+    ledger = BudgetLedger(tmp_path_factory.mktemp("ledger") / "b.json")
+    policy = Policy(
+        tools_deny=frozenset({"x"}),
+        max_amount_cents=100,
+        require_test_mode=True,
+        amount_fields=DEFAULT_AMOUNT_FIELDS,
+    )
+    rp = RoutePolicy("r", policy, ledger)
+    try:
+        total, _ids = rp.inspect(doc, mode)
+    except BrokerError as err:
+        assert err.code == "policy_denied"
+    else:
+        assert total >= 0
+    raw = json.dumps(doc, allow_nan=True).encode()
+    for ctype in ("application/json", "text/event-stream"):
+        assert isinstance(filter_tools_list(raw, ctype, {json.dumps(1)}, {"a"}.__contains__), bytes)
