@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the browser (300)")
     lo = sub.add_parser("logout", parents=[common], help="revoke and forget an oauth route's tokens")
     lo.add_argument("route")
+    sd = sub.add_parser("stdio", parents=[common], help="an MCP stdio server relaying to the daemon's route")
+    sd.add_argument("route", nargs="?", default="mcp")
     ins = sub.add_parser(
         "install-service", parents=[common], help="write the systemd user unit / launchd agent for this user"
     )
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "check": cmd_check,
         "set-key": cmd_set_key,
         "status": cmd_status,
+        "stdio": cmd_stdio,
         "login": cmd_login,
         "logout": cmd_logout,
         "install-service": cmd_install_service,
@@ -548,3 +551,32 @@ def cmd_logout(args: argparse.Namespace) -> int:
     if _daemon_request(cfg, "POST", "/_broker/reload") is not None:
         print("the running daemon picked it up")
     return 0
+
+
+# ---------------------------------------------------------------- stdio
+
+
+def cmd_stdio(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from broker import stdio
+
+    cfg = _load(args)
+    if cfg is None:
+        return 1
+    route = cfg.route(args.route)
+    if route is None:
+        print(f"no route named {args.route!r} in {cfg.path}", file=sys.stderr)
+        return 1
+    listen = cfg.listen[0]
+    prefix = "" if route.prefix == "/" else route.prefix
+    host = cfg.allowed_hosts[0] if cfg.allowed_hosts else "127.0.0.1"
+    if listen.kind == "unix":
+        url, host_header, unix_path = f"http://localhost{prefix}", host, listen.path
+    else:
+        h = f"[{listen.host}]" if ":" in listen.host else listen.host
+        url, host_header, unix_path = f"http://{h}:{listen.port}{prefix}", f"{host}:{listen.port}", None
+    try:
+        return asyncio.run(stdio.run(url, host_header, unix_path))
+    except KeyboardInterrupt:
+        return 0
