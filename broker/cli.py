@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     lo.add_argument("route")
     sd = sub.add_parser("stdio", parents=[common], help="an MCP stdio server relaying to the daemon's route")
     sd.add_argument("route", nargs="?", default="mcp")
+    cn = sub.add_parser("connect", parents=[common], help="point an agent host at the broker")
+    cn.add_argument("host", help="claude-desktop, claude-code, cursor, vscode, open-webui, librechat, env")
+    cn.add_argument(
+        "--write", action="store_true", help="merge it into the host's config file (with a backup)"
+    )
+    cn.add_argument(
+        "--file", metavar="PATH", help="the host config file to merge into (default: the host's own)"
+    )
+    cn.add_argument("--route", default="mcp", help="the MCP route (default: mcp)")
     ins = sub.add_parser(
         "install-service", parents=[common], help="write the systemd user unit / launchd agent for this user"
     )
@@ -70,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "set-key": cmd_set_key,
         "status": cmd_status,
         "stdio": cmd_stdio,
+        "connect": cmd_connect,
         "login": cmd_login,
         "logout": cmd_logout,
         "install-service": cmd_install_service,
@@ -580,3 +590,56 @@ def cmd_stdio(args: argparse.Namespace) -> int:
         return asyncio.run(stdio.run(url, host_header, unix_path))
     except KeyboardInterrupt:
         return 0
+
+
+# ---------------------------------------------------------------- connect
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from broker import connect
+    from broker.service import broker_command
+
+    cfg = _load(args)
+    if cfg is None:
+        return 1
+    route = cfg.route(args.route)
+    tcp = next((x for x in cfg.listen if x.kind == "tcp" and x.port), None)
+    base = f"http://{'[' + tcp.host + ']' if ':' in tcp.host else tcp.host}:{tcp.port}" if tcp else ""
+    prefix = route.prefix if route and route.prefix != "/" else ""
+    stdio_cmd = [*broker_command(), "stdio", args.route, "--config", str(Path(cfg.path).resolve())]
+    try:
+        p = connect.plan(args.host, base + prefix, base, stdio_cmd)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if not base and args.host != "claude-desktop":
+        print(
+            "the config has no TCP listen address; use `connect claude-desktop` (stdio) instead",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.write:
+        print(f"# {p.title}" + (f": {p.file}" if p.file else ""))
+        sys.stdout.write(p.text)
+        if p.file:
+            print(
+                f"# to merge it into that file (with a backup): agentcard-broker connect {args.host} --write"
+            )
+        return 0
+    if p.file is None:
+        print(
+            f"{p.title} keeps no config file this command can edit; run it without --write", file=sys.stderr
+        )
+        return 1
+    target = Path(args.file).expanduser() if args.file else p.file
+    try:
+        backup = connect.merge(p, target)
+    except (ValueError, OSError) as exc:
+        print(f"not written: {exc}", file=sys.stderr)
+        return 1
+    print(f"added `{connect.ENTRY}` to {target}" + (f" (the previous file is at {backup})" if backup else ""))
+    if args.host == "claude-desktop":
+        print("restart Claude Desktop to load it")
+    return 0
