@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         "--file", metavar="PATH", help="the host config file to merge into (default: the host's own)"
     )
     cn.add_argument("--route", default="mcp", help="the MCP route (default: mcp)")
+    sb = sub.add_parser("sandbox", help="run a local stand-in for AgentCard (test data only) on 127.0.0.1")
+    sb.add_argument("--port", type=int, default=8780, help="port on 127.0.0.1 (default 8780)")
+    sub.add_parser("demo", help="see the broker work end to end against the sandbox, offline")
     ins = sub.add_parser(
         "install-service", parents=[common], help="write the systemd user unit / launchd agent for this user"
     )
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         "set-key": cmd_set_key,
         "status": cmd_status,
         "stdio": cmd_stdio,
+        "sandbox": cmd_sandbox,
+        "demo": cmd_demo,
         "connect": cmd_connect,
         "login": cmd_login,
         "logout": cmd_logout,
@@ -643,3 +648,44 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if args.host == "claude-desktop":
         print("restart Claude Desktop to load it")
     return 0
+
+
+# ---------------------------------------------------------------- sandbox / demo
+
+
+def _needs_sandbox_extra() -> bool:
+    try:
+        import mcp  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("this needs the sandbox extra: pip install 'agentcard-broker[sandbox]'", file=sys.stderr)
+        return False
+    return True
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    import asyncio
+
+    if not _needs_sandbox_extra():
+        return 1
+    from broker import sandbox
+
+    try:
+        return asyncio.run(sandbox.serve_forever(args.port, lambda text: print(text, flush=True)))
+    except OSError as exc:
+        print(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    if not _needs_sandbox_extra():
+        return 1
+    from broker import demo
+
+    try:
+        return asyncio.run(demo.run(lambda text: print(text, flush=True)))
+    except Exception as exc:  # noqa: BLE001 - the demo reports any failure in one line
+        print(f"demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

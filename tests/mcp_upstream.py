@@ -10,30 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import socket
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
 import uvicorn
-from mcp.server.auth.provider import (
-    AccessToken,
-    AuthorizationCode,
-    AuthorizationParams,
-    AuthorizeError,
-    OAuthAuthorizationServerProvider,
-    RefreshToken,
-    TokenError,
-    construct_redirect_uri,
-)
 from mcp.server.auth.settings import AuthSettings, ClientRegistrationOptions, RevocationOptions
 from mcp.server.mcpserver import MCPServer
-from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.sandbox import SandboxAuthServer as Provider
 
 
 def build_server(**kwargs: Any) -> MCPServer:
@@ -61,116 +50,6 @@ def build_server(**kwargs: Any) -> MCPServer:
         return "anonymous" if tok is None else f"{tok.client_id} {tok.subject} {tok.resource}"
 
     return mcp
-
-
-@dataclass
-class Provider(OAuthAuthorizationServerProvider[AuthorizationCode, RefreshToken, AccessToken]):
-    access_ttl: int = 60
-    expected_resource: str | None = None
-    issuer: str | None = None  # set: add RFC 9207 `iss` to the authorization response
-    clients: dict[str, OAuthClientInformationFull] = field(default_factory=dict)
-    codes: dict[str, AuthorizationCode] = field(default_factory=dict)
-    access_tokens: dict[str, AccessToken] = field(default_factory=dict)
-    refresh_tokens: dict[str, RefreshToken] = field(default_factory=dict)
-    pairs: dict[str, str] = field(default_factory=dict)  # either token -> its partner
-
-    async def get_client(self, client_id: str) -> OAuthClientInformationFull | None:
-        return self.clients.get(client_id)
-
-    async def register_client(self, client_info: OAuthClientInformationFull) -> None:
-        assert client_info.client_id is not None
-        self.clients[client_info.client_id] = client_info
-
-    async def authorize(self, client: OAuthClientInformationFull, params: AuthorizationParams) -> str:
-        if self.expected_resource is not None and params.resource != self.expected_resource:
-            raise AuthorizeError(
-                error="invalid_target", error_description=f"unknown resource {params.resource}"
-            )
-        code = secrets.token_urlsafe(32)
-        self.codes[code] = AuthorizationCode(
-            code=code,
-            scopes=params.scopes or [],
-            expires_at=time.time() + 60,
-            client_id=client.client_id or "",
-            code_challenge=params.code_challenge,
-            redirect_uri=params.redirect_uri,
-            redirect_uri_provided_explicitly=params.redirect_uri_provided_explicitly,
-            resource=params.resource,
-            subject="alice@example.test",
-        )
-        return construct_redirect_uri(
-            str(params.redirect_uri), code=code, state=params.state, iss=self.issuer
-        )
-
-    async def load_authorization_code(
-        self, client: OAuthClientInformationFull, authorization_code: str
-    ) -> AuthorizationCode | None:
-        return self.codes.get(authorization_code)
-
-    async def exchange_authorization_code(
-        self, client: OAuthClientInformationFull, authorization_code: AuthorizationCode
-    ) -> OAuthToken:
-        if self.codes.pop(authorization_code.code, None) is None:
-            raise TokenError(error="invalid_grant", error_description="code already used")
-        return self._issue(client.client_id or "", authorization_code.scopes, authorization_code.resource)
-
-    async def load_refresh_token(
-        self, client: OAuthClientInformationFull, refresh_token: str
-    ) -> RefreshToken | None:
-        return self.refresh_tokens.get(refresh_token)
-
-    async def exchange_refresh_token(
-        self, client: OAuthClientInformationFull, refresh_token: RefreshToken, scopes: list[str]
-    ) -> OAuthToken:
-        if self.refresh_tokens.pop(refresh_token.token, None) is None:  # single use
-            raise TokenError(error="invalid_grant", error_description="refresh token already used")
-        self.access_tokens.pop(self.pairs.pop(refresh_token.token, ""), None)
-        return self._issue(client.client_id or "", refresh_token.scopes, refresh_token.resource)
-
-    async def load_access_token(self, token: str) -> AccessToken | None:
-        at = self.access_tokens.get(token)
-        if at is None or (at.expires_at is not None and at.expires_at < time.time()):
-            return None
-        return at
-
-    async def revoke_token(self, token: AccessToken | RefreshToken) -> None:
-        self.revoke_all_of(token.token)
-
-    def revoke_all_of(self, token: str) -> None:
-        partner = self.pairs.pop(token, "")
-        self.pairs.pop(partner, None)
-        for t in (token, partner):
-            self.access_tokens.pop(t, None)
-            self.refresh_tokens.pop(t, None)
-
-    def revoke_everything(self) -> None:
-        self.access_tokens.clear()
-        self.refresh_tokens.clear()
-        self.pairs.clear()
-
-    def _issue(self, client_id: str, scopes: list[str], resource: str | None) -> OAuthToken:
-        now = int(time.time())
-        at = "at_" + secrets.token_urlsafe(24)
-        rt = "rt_" + secrets.token_urlsafe(24)
-        self.access_tokens[at] = AccessToken(
-            token=at,
-            client_id=client_id,
-            scopes=scopes,
-            expires_at=now + self.access_ttl,
-            resource=resource,
-            subject="alice@example.test",
-        )
-        self.refresh_tokens[rt] = RefreshToken(
-            token=rt, client_id=client_id, scopes=scopes, resource=resource
-        )
-        self.pairs[at], self.pairs[rt] = rt, at
-        return OAuthToken(
-            access_token=at,
-            token_type="Bearer",
-            expires_in=self.access_ttl,
-            scope=" ".join(scopes),
-            refresh_token=rt,
-        )
 
 
 class Recorder:
@@ -230,7 +109,9 @@ async def run_mcp_upstream(
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it (Linux)
     sock.bind(("127.0.0.1", 0))
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    provider = Provider(access_ttl=access_ttl, expected_resource=f"{base}/mcp", issuer=iss)
+    provider = Provider(
+        access_ttl=access_ttl, expected_resource=f"{base}/mcp", issuer=iss, subject="alice@example.test"
+    )
     if auth:
         settings = AuthSettings(
             issuer_url=base,  # type: ignore[arg-type]

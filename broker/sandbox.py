@@ -1,0 +1,450 @@
+"""`agentcard-broker sandbox`: a local stand-in for AgentCard, for trying things and for tests.
+
+Owns: on one 127.0.0.1 port, the v1 REST card endpoints (create, list, get, details, close;
+`sk_test_` keys only; AgentCard's `{"error": …}` shapes and RateLimit headers) and an MCP
+server with card tools behind a real OAuth 2.1 authorization server (the MCP SDK's: PKCE S256,
+dynamic registration, single-use rotating refresh tokens, revocation) whose consent page says
+it is a sandbox and approves by itself. Every answer says `"mode": "test"`. Must never: be
+mistaken for AgentCard (a banner at start, a header on every answer), or listen beyond loopback.
+Needs the `sandbox` extra (the MCP SDK and uvicorn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+from mcp.server.auth.provider import (
+    AccessToken,
+    AuthorizationCode,
+    AuthorizationParams,
+    AuthorizeError,
+    OAuthAuthorizationServerProvider,
+    RefreshToken,
+    TokenError,
+    construct_redirect_uri,
+)
+from mcp.server.auth.settings import AuthSettings, ClientRegistrationOptions, RevocationOptions
+from mcp.server.mcpserver import MCPServer
+from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+BANNER = "AgentCard SANDBOX on this machine: test data only, no real account, no real money"
+SANDBOX_HEADER = ("x-agentcard-sandbox", "test")
+RATE_LIMIT = 120  # requests per minute per key, like the real API's headers say
+
+
+# ---------------------------------------------------------------- the card store
+
+
+@dataclass
+class CardStore:
+    cards: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def create(self, spend_limit_cents: int, cardholder_id: str = "ch_sandbox") -> dict[str, Any]:
+        cid = "card_" + secrets.token_hex(6)
+        card = {
+            "id": cid,
+            "cardholder_id": cardholder_id,
+            "last4": f"{secrets.randbelow(10000):04d}",
+            "spend_limit_cents": spend_limit_cents,
+            "status": "active",
+            "mode": "test",
+        }
+        self.cards[cid] = card
+        return card
+
+    def details(self, cid: str) -> dict[str, Any]:
+        card = self.cards[cid]
+        # a Visa test number: never a real card
+        return {"id": cid, "pan": "4242424242424242", "cvv": "123", "exp": "12/30", "mode": "test",
+                "last4": card["last4"]}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the authorization server
+
+
+@dataclass
+class SandboxAuthServer(OAuthAuthorizationServerProvider[AuthorizationCode, RefreshToken, AccessToken]):
+    """In-memory OAuth 2.1 provider: auto-approves, rotates single-use refresh tokens."""
+
+    access_ttl: int = 300
+    expected_resource: str | None = None
+    issuer: str | None = None  # when set, the authorization response carries RFC 9207 `iss`
+    consent_path: str | None = None  # when set, /authorize shows the sandbox consent page first
+    subject: str = "sandbox-user@example.test"
+    clients: dict[str, OAuthClientInformationFull] = field(default_factory=dict)
+    codes: dict[str, AuthorizationCode] = field(default_factory=dict)
+    access_tokens: dict[str, AccessToken] = field(default_factory=dict)
+    refresh_tokens: dict[str, RefreshToken] = field(default_factory=dict)
+    pairs: dict[str, str] = field(default_factory=dict)
+
+    async def get_client(self, client_id: str) -> OAuthClientInformationFull | None:
+        return self.clients.get(client_id)
+
+    async def register_client(self, client_info: OAuthClientInformationFull) -> None:
+        assert client_info.client_id is not None
+        self.clients[client_info.client_id] = client_info
+
+    async def authorize(self, client: OAuthClientInformationFull, params: AuthorizationParams) -> str:
+        if self.expected_resource is not None and params.resource != self.expected_resource:
+            raise AuthorizeError(
+                error="invalid_target", error_description=f"unknown resource {params.resource}"
+            )
+        code = secrets.token_urlsafe(32)
+        self.codes[code] = AuthorizationCode(
+            code=code,
+            scopes=params.scopes or [],
+            expires_at=time.time() + 120,
+            client_id=client.client_id or "",
+            code_challenge=params.code_challenge,
+            redirect_uri=params.redirect_uri,
+            redirect_uri_provided_explicitly=params.redirect_uri_provided_explicitly,
+            resource=params.resource,
+            subject=self.subject,
+        )
+        back = construct_redirect_uri(
+            str(params.redirect_uri), code=code, state=params.state, iss=self.issuer
+        )
+        if self.consent_path:
+            return (
+                f"{self.consent_path}?{urlencode({'next': back, 'client': client.client_name or 'a client'})}"
+            )
+        return back
+
+    async def load_authorization_code(
+        self, client: OAuthClientInformationFull, authorization_code: str
+    ) -> AuthorizationCode | None:
+        return self.codes.get(authorization_code)
+
+    async def exchange_authorization_code(
+        self, client: OAuthClientInformationFull, authorization_code: AuthorizationCode
+    ) -> OAuthToken:
+        if self.codes.pop(authorization_code.code, None) is None:
+            raise TokenError(error="invalid_grant", error_description="code already used")
+        return self._issue(client.client_id or "", authorization_code.scopes, authorization_code.resource)
+
+    async def load_refresh_token(
+        self, client: OAuthClientInformationFull, refresh_token: str
+    ) -> RefreshToken | None:
+        return self.refresh_tokens.get(refresh_token)
+
+    async def exchange_refresh_token(
+        self, client: OAuthClientInformationFull, refresh_token: RefreshToken, scopes: list[str]
+    ) -> OAuthToken:
+        if self.refresh_tokens.pop(refresh_token.token, None) is None:  # single use
+            raise TokenError(error="invalid_grant", error_description="refresh token already used")
+        self.access_tokens.pop(self.pairs.pop(refresh_token.token, ""), None)
+        return self._issue(client.client_id or "", refresh_token.scopes, refresh_token.resource)
+
+    async def load_access_token(self, token: str) -> AccessToken | None:
+        at = self.access_tokens.get(token)
+        if at is None or (at.expires_at is not None and at.expires_at < time.time()):
+            return None
+        return at
+
+    async def revoke_token(self, token: AccessToken | RefreshToken) -> None:
+        self.revoke_all_of(token.token)
+
+    def revoke_all_of(self, token: str) -> None:
+        partner = self.pairs.pop(token, "")
+        self.pairs.pop(partner, None)
+        for t in (token, partner):
+            self.access_tokens.pop(t, None)
+            self.refresh_tokens.pop(t, None)
+
+    def revoke_everything(self) -> None:
+        self.access_tokens.clear()
+        self.refresh_tokens.clear()
+        self.pairs.clear()
+
+    def _issue(self, client_id: str, scopes: list[str], resource: str | None) -> OAuthToken:
+        now = int(time.time())
+        at = "at_" + secrets.token_urlsafe(24)
+        rt = "rt_" + secrets.token_urlsafe(24)
+        self.access_tokens[at] = AccessToken(
+            token=at,
+            client_id=client_id,
+            scopes=scopes,
+            expires_at=now + self.access_ttl,
+            resource=resource,
+            subject=self.subject,
+        )
+        self.refresh_tokens[rt] = RefreshToken(
+            token=rt, client_id=client_id, scopes=scopes, resource=resource
+        )
+        self.pairs[at], self.pairs[rt] = rt, at
+        return OAuthToken(
+            access_token=at,
+            token_type="Bearer",
+            expires_in=self.access_ttl,
+            scope=" ".join(scopes),
+            refresh_token=rt,
+        )
+
+
+# ---------------------------------------------------------------- the MCP server
+
+
+def card_server(store: CardStore, **kwargs: Any) -> MCPServer:
+    mcp = MCPServer("agentcard-sandbox", log_level="WARNING", **kwargs)
+
+    @mcp.tool()
+    def list_cards() -> dict[str, Any]:
+        """List the sandbox's virtual cards."""
+        return {"cards": list(store.cards.values()), "mode": "test"}
+
+    @mcp.tool()
+    def create_card(amount_cents: int, sandbox: bool = True) -> dict[str, Any]:
+        """Create a sandbox virtual card with a spend limit in cents."""
+        return store.create(amount_cents)
+
+    @mcp.tool()
+    def check_balance() -> dict[str, Any]:
+        """The sandbox wallet's balance."""
+        return {
+            "balance_cents": 1_000_000 - sum(c["spend_limit_cents"] for c in store.cards.values()),
+            "mode": "test",
+        }
+
+    @mcp.tool()
+    def whoami() -> str:
+        """Who the access token belongs to."""
+        from mcp.server.auth.middleware.auth_context import get_access_token
+
+        tok = get_access_token()
+        return "anonymous" if tok is None else f"{tok.client_id} {tok.subject} {tok.resource}"
+
+    return mcp
+
+
+# ---------------------------------------------------------------- the REST API
+
+
+@dataclass
+class RestApi:
+    store: CardStore
+    accepted_key: str | None = None  # None: any sk_test_ key
+    seen: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
+    _hits: dict[str, deque[float]] = field(default_factory=dict)
+
+    def _auth(self, request: Request) -> tuple[str | None, JSONResponse | None]:
+        header = request.headers.get("authorization", "")
+        key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        if not key:
+            return None, JSONResponse({"error": "missing API key", "mode": "test"}, status_code=401)
+        if not key.startswith("sk_test_"):
+            msg = "the sandbox accepts sk_test_ keys only"
+            return None, JSONResponse({"error": msg, "mode": "test"}, status_code=401)
+        if self.accepted_key is not None and not secrets.compare_digest(key, self.accepted_key):
+            return None, JSONResponse({"error": "invalid API key", "mode": "test"}, status_code=401)
+        return key, None
+
+    def _rate(self, key: str) -> tuple[dict[str, str], bool]:
+        now = time.time()
+        hits = self._hits.setdefault(key, deque())
+        while hits and hits[0] <= now - 60:
+            hits.popleft()
+        over = len(hits) >= RATE_LIMIT
+        if not over:
+            hits.append(now)
+        reset = int(60 - (now - hits[0])) if hits else 60
+        headers = {
+            "RateLimit-Limit": str(RATE_LIMIT),
+            "RateLimit-Remaining": str(max(0, RATE_LIMIT - len(hits))),
+            "RateLimit-Reset": str(max(0, reset)),
+        }
+        return headers, over
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        resp = await self.handle(request)
+        await resp(scope, receive, send)
+
+    async def handle(self, request: Request) -> Response:
+        body = await request.body()
+        self.seen.append(
+            {
+                "method": request.method,
+                "path": request.url.path,
+                "headers": dict(request.headers),
+                "body": body,
+            }
+        )
+        key, refusal = self._auth(request)
+        if refusal is not None or key is None:
+            return refusal or JSONResponse({"error": "unauthorized"}, status_code=401)
+        headers, over = self._rate(key)
+        if over:
+            return JSONResponse(
+                {"error": "rate limit exceeded", "mode": "test"}, status_code=429, headers=headers
+            )
+        parts = [p for p in request.url.path.split("/") if p][2:]  # after api/v1
+        status, doc = self._route(request.method, parts, body)
+        return JSONResponse(doc, status_code=status, headers=headers)
+
+    def _route(self, method: str, parts: list[str], body: bytes) -> tuple[int, dict[str, Any]]:
+        import json
+
+        s = self.store
+        if parts == ["cards"] and method == "GET":
+            return 200, {"cards": list(s.cards.values()), "mode": "test"}
+        if parts == ["cards"] and method == "POST":
+            try:
+                doc = json.loads(body or b"{}")
+                limit = int(doc.get("spend_limit_cents", doc.get("amount_cents", 0)))
+            except (ValueError, TypeError, AttributeError):
+                return 400, {"error": "body must be JSON with spend_limit_cents", "mode": "test"}
+            if limit <= 0:
+                return 400, {"error": "spend_limit_cents must be positive", "mode": "test"}
+            return 201, s.create(limit, str(doc.get("cardholder_id", "ch_sandbox")))
+        if parts == ["cardholders"] and method == "GET":
+            return 200, {"cardholders": [{"id": "ch_sandbox", "name": "Sandbox Holder"}], "mode": "test"}
+        if len(parts) in (2, 3) and parts[0] == "cards":
+            card = s.cards.get(parts[1])
+            if card is None:
+                return 404, {"error": f"no card {parts[1]}", "mode": "test"}
+            if len(parts) == 3 and parts[2] == "details" and method == "GET":
+                return 200, s.details(parts[1])
+            if len(parts) == 2 and method == "GET":
+                return 200, card
+            if len(parts) == 2 and method == "DELETE":
+                card["status"] = "closed"
+                return 200, card
+        return 404, {"error": "not found", "mode": "test"}
+
+
+# ---------------------------------------------------------------- one ASGI app, one port
+
+
+def _consent_page(request: Request) -> Response:
+    nxt = request.query_params.get("next", "")
+    if not nxt.startswith("http://127.0.0.1:") and not nxt.startswith("http://localhost:"):
+        return HTMLResponse("bad redirect", status_code=400)
+    client = html.escape(request.query_params.get("client", "a client"))
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>AgentCard sandbox</title>"
+        f"<meta http-equiv='refresh' content='1;url={html.escape(nxt)}'></head>"
+        "<body style='font-family: system-ui; max-width: 40em; margin: 4em auto'>"
+        "<h1>AgentCard <em>sandbox</em></h1>"
+        f"<p>{html.escape(BANNER)}.</p><p>Approving access for {client} automatically…</p>"
+        f"<p><a id='continue' href='{html.escape(nxt)}'>Continue</a></p></body></html>"
+    )
+    return HTMLResponse(page)
+
+
+class SandboxApp:
+    """Dispatches /api/v1 to the REST API, /sandbox/consent to the page, the rest to the MCP app."""
+
+    def __init__(self, rest: RestApi, mcp_app: ASGIApp) -> None:
+        self.rest = rest
+        self.mcp_app = mcp_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def marked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), tuple(h.encode() for h in SANDBOX_HEADER)]
+            await send(message)
+
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path.startswith("/api/v1/"):
+            await self.rest(scope, receive, marked)
+        elif path == "/sandbox/consent":
+            await _consent_page(Request(scope, receive))(scope, receive, marked)
+        elif path == "/":
+            about = {"service": "agentcard-sandbox", "mode": "test", "note": BANNER}
+            await JSONResponse(about)(scope, receive, marked)
+        else:
+            await self.mcp_app(scope, receive, marked)
+
+
+@dataclass
+class Sandbox:
+    base: str
+    store: CardStore
+    rest: RestApi
+    auth: SandboxAuthServer
+
+    @property
+    def mcp_url(self) -> str:
+        return f"{self.base}/mcp"
+
+
+@contextlib.asynccontextmanager
+async def running(
+    port: int = 0,
+    *,
+    key: str | None = None,
+    access_ttl: int = 300,
+    consent: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> AsyncIterator[Sandbox]:
+    import uvicorn
+
+    class Quiet(uvicorn.Server):  # the caller owns the process's signals
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            yield
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", port))  # loopback only, always
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    store = CardStore()
+    auth = SandboxAuthServer(
+        access_ttl=access_ttl,
+        expected_resource=f"{base}/mcp",
+        consent_path="/sandbox/consent" if consent else None,
+    )
+    settings = AuthSettings(
+        issuer_url=base,  # type: ignore[arg-type]
+        resource_server_url=f"{base}/mcp",  # type: ignore[arg-type]
+        required_scopes=["cards"],
+        client_registration_options=ClientRegistrationOptions(
+            enabled=True, valid_scopes=["cards"], default_scopes=["cards"]
+        ),
+        revocation_options=RevocationOptions(enabled=True),
+        validate_token_resource=True,
+    )
+    rest = RestApi(store, key)
+    app = SandboxApp(rest, card_server(store, auth=settings, auth_server_provider=auth).streamable_http_app())
+    server = Quiet(
+        uvicorn.Config(app, host="127.0.0.1", log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        if say is not None:
+            say(f"*** {BANNER} ***")
+            say(f"REST: {base}/api/v1   MCP: {base}/mcp   (OAuth issuer {base})")
+        yield Sandbox(base, store, rest, auth)
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def serve_forever(port: int, say: Callable[[str], None]) -> int:
+    async with running(port, say=say):
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    return 0
