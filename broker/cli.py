@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker import __version__
@@ -34,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
-    sub.add_parser("check", parents=[common], help="validate the config and the credentials it names")
+    ck = sub.add_parser("check", parents=[common], help="validate the config and the credentials it names")
+    ck.add_argument("--json", action="store_true", help="machine-readable output")
     sk = sub.add_parser("set-key", parents=[common], help="store a route's API key or client secret")
     sk.add_argument("route")
     sk.add_argument("--stdin", action="store_true", help="read the secret from standard input")
@@ -136,73 +138,92 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- check
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    if cfg is None:
-        return 1
-    from broker.auth.api_key import fix_hint, key_mode
-    from broker.config import ApiKeyAuth, OAuthAuth
-    from broker.secrets import SecretStoreError, open_store, resolve
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
+
+def _credential_check(cfg: Config, route: Any, store: Any) -> tuple[str, str | None]:
+    """(what is there, the problem or None) for one route's credential. Reads, never prints."""
+    from broker.auth.api_key import fix_hint, key_mode
+    from broker.auth.oauth import OAuthStore
+    from broker.config import ApiKeyAuth, OAuthAuth
+    from broker.secrets import SecretStoreError, resolve
+
+    r = route
+    if isinstance(r.auth, ApiKeyAuth):
+        found = resolve(r.auth.key, r.name, store)
+        if found.value is None:
+            return "no key", f"{found.reason}; {fix_hint(r.name, r.auth)}"
+        mode = key_mode(found.value)
+        if mode is None:
+            return "not an AgentCard key", f"expected sk_test_ or sk_live_; {fix_hint(r.name, r.auth)}"
+        if mode == "live" and not r.auth.allow_live:
+            return (
+                "live key",
+                "a live (real money) key but allow_live is false; set it, or store an sk_test_ key",
+            )
+        return f"{mode}-mode key ({r.auth.key.describe()})", None
+    if isinstance(r.auth, OAuthAuth):
+        try:
+            tokens = OAuthStore(r.name, store).load_tokens()
+        except SecretStoreError as exc:
+            return "store unreadable", str(exc)
+        if tokens is None:
+            return "not logged in", f"run: agentcard-broker login {r.name}"
+        if tokens.dead:
+            return "login ended", f"{tokens.dead}; run: agentcard-broker login {r.name}"
+        return f"logged in (scopes: {tokens.scope or '-'})", None
+    found = resolve(r.auth.client_secret, f"{r.name}:client_secret", store)
+    if found.value is None:
+        return "no client secret", f"{found.reason}; run: agentcard-broker set-key {r.name}"
+    return "client secret present", None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from broker.config import ConfigError, find_config, load
+    from broker.secrets import open_store
+
+    try:
+        cfg = load(find_config(args.config))
+    except ConfigError as exc:
+        if args.json:
+            print(json.dumps({"config": {"path": exc.path, "errors": exc.lines()}, "ok": False}, indent=2))
+        else:
+            for line in exc.lines():
+                print(line, file=sys.stderr)
+        return 1
     store = open_store(cfg.secret_store, cfg.state_path())
+    routes: list[dict[str, str | None]] = []
     problems: list[str] = []
-    print(f"config: {cfg.path}: ok ({len(cfg.routes)} routes, listen {', '.join(map(str, cfg.listen))})")
-    print(f"secret store: {store.description}")
     for r in cfg.routes:
         place = f"{r.place}.auth"
         where = f"{cfg.path}:{cfg.line_of(place) or cfg.line_of(r.place) or '?'}: {place}"
-        if isinstance(r.auth, ApiKeyAuth):
-            found = resolve(r.auth.key, r.name, store)
-            if found.value is None:
-                problems.append(f"{where}: route {r.name!r}: {found.reason}; {fix_hint(r.name, r.auth)}")
-                continue
-            mode = key_mode(found.value)
-            if mode is None:
-                problems.append(
-                    f"{where}: route {r.name!r}: the stored value is not an AgentCard API key "
-                    f"(expected sk_test_ or sk_live_); {fix_hint(r.name, r.auth)}"
-                )
-            elif mode == "live" and not r.auth.allow_live:
-                problems.append(
-                    f"{where}: route {r.name!r}: holds a live (real money) key but allow_live is false; "
-                    "set allow_live: true to use it, or store an sk_test_ key"
-                )
-            else:
-                print(
-                    f"route {r.name} ({r.prefix} -> {r.upstream}): ready, "
-                    f"{mode}-mode key from {r.auth.key.describe()}"
-                )
-        elif isinstance(r.auth, OAuthAuth):
-            from broker.auth.oauth import OAuthStore
-
-            try:
-                tokens = OAuthStore(r.name, store).load_tokens()
-            except SecretStoreError as exc:
-                problems.append(f"{where}: route {r.name!r}: {exc}")
-                continue
-            if tokens is None:
-                problems.append(
-                    f"{where}: route {r.name!r}: not logged in; run: agentcard-broker login {r.name}"
-                )
-            elif tokens.dead:
-                problems.append(
-                    f"{where}: route {r.name!r}: {tokens.dead}; run: agentcard-broker login {r.name}"
-                )
-            else:
-                print(
-                    f"route {r.name} ({r.prefix} -> {r.upstream}): logged in "
-                    f"(oauth, scopes: {tokens.scope or '-'})"
-                )
-        else:
-            found = resolve(r.auth.client_secret, f"{r.name}:client_secret", store)
-            if found.value is None:
-                problems.append(
-                    f"{where}: route {r.name!r}: {found.reason}; run: agentcard-broker set-key {r.name}"
-                )
-            else:
-                print(
-                    f"route {r.name} ({r.prefix} -> {r.upstream}): client secret present (client_credentials)"
-                )
+        have, problem = _credential_check(cfg, r, store)
+        routes.append(
+            {"name": r.name, "prefix": r.prefix, "auth": r.auth.type, "credential": have, "problem": problem}
+        )
+        if problem:
+            problems.append(f"{where}: route {r.name!r}: {problem}")
+    if args.json:
+        doc = {
+            "config": {"path": cfg.path, "errors": []},
+            "secret_store": store.description,
+            "routes": routes,
+            "problems": problems,
+            "ok": not problems,
+        }
+        print(json.dumps(doc, indent=2))
+        return 1 if problems else 0
+    print(f"config: {cfg.path}: ok ({len(cfg.routes)} routes, listen {', '.join(map(str, cfg.listen))})")
+    print(f"secret store: {store.description}")
+    rows = [["ROUTE", "PREFIX", "AUTH", "CREDENTIAL", "OK"]]
+    rows += [
+        [str(x[k]) for k in ("name", "prefix", "auth", "credential")] + ["no" if x["problem"] else "yes"]
+        for x in routes
+    ]
+    _print_table(rows)
     for p in problems:
         print(p, file=sys.stderr)
     print(f"{len(problems)} problem(s)" if problems else "no problems")
@@ -399,9 +420,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 str(r["requests"]),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(rows)
     for r in doc["routes"]:
         if r["state"] != "ready" and r.get("reason"):
             print(f"{r['name']}: {r['reason']}")

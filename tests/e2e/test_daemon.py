@@ -61,7 +61,12 @@ async def test_check_names_the_fix_and_the_place(upstream: Upstream, daemon_fact
     store_key(TEST_KEY)
     rc, out, err = await cli("check", "--config", str(d.config))
     assert rc == 0, err
-    assert "ready, test-mode key" in out
+    assert "test-mode key (keyring)  yes" in out
+    rc, out, err = await cli("check", "--config", str(d.config), "--json")
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["ok"] is True
+    assert doc["routes"][0]["credential"] == "test-mode key (keyring)"
     assert_no_secret(out, err)
 
     bad = d.config.parent / "bad.yaml"
