@@ -48,8 +48,20 @@ def status_document(rt: Runtime) -> dict[str, Any]:
         "secret_store": rt.store.description,
         "uptime_s": round(rt.uptime(), 1),
         "in_flight": rt.in_flight,
+        "process": _process_counts(),
         "routes": routes,
     }
+
+
+def _process_counts() -> dict[str, int | None]:
+    """Tasks and open file descriptors: what a leak would grow (benchmarks watch these)."""
+    import asyncio
+
+    try:
+        fds: int | None = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = None
+    return {"tasks": len(asyncio.all_tasks()), "open_fds": fds}
 
 
 def _json(doc: Any) -> web.Response:
