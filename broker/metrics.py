@@ -7,6 +7,7 @@ error counts, refresh counts. Must never: label anything with a path, query or h
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Iterable
 
@@ -28,12 +29,7 @@ class Metrics:
         counts = self._buckets.get(route)
         if counts is None:
             counts = self._buckets[route] = [0] * (len(BUCKETS) + 1)
-        for i, bound in enumerate(BUCKETS):
-            if seconds <= bound:
-                counts[i] += 1
-                break
-        else:
-            counts[-1] += 1
+        counts[bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bucket with seconds <= bound
         self._sums[route] = self._sums.get(route, 0.0) + seconds
 
     def upstream_error(self, route: str, kind: str) -> None:

@@ -136,6 +136,12 @@ def _rewrite_location(up: aiohttp.ClientResponse, target: Target, table: RouteTa
     return f"http://{host}{path}" if path is not None else None
 
 
+class _HeadersWithBody(web.StreamResponse):
+    """A streamed response whose headers wait for the first body bytes (one syscall, not two)."""
+
+    _send_headers_immediately = False  # aiohttp's own switch, as web.Response sets it
+
+
 async def _send(
     request: web.BaseRequest,
     target: Target,
@@ -252,7 +258,10 @@ async def forward(
         headers_out["X-Broker-Request-Id"] = ex.request_id
         if response_filter is not None and up.status == 200:
             return await _filtered(request, up, headers_out, response_filter, secrets, ex)
-        resp = web.StreamResponse(status=up.status, reason=up.reason)
+        # A body of known length goes out with the headers in one write; an open-ended stream
+        # (SSE) gets its headers at once so the agent sees the answer start.
+        cls = _HeadersWithBody if "Content-Length" in headers_out else web.StreamResponse
+        resp = cls(status=up.status, reason=up.reason)
         resp.headers.extend(headers_out)
         try:
             await resp.prepare(request)

@@ -19,6 +19,8 @@ SECRET_SHAPE = re.compile(r"(?<![A-Za-z0-9])(sk_(?:test|live)_|acs_)[A-Za-z0-9_\
 
 def redact_shapes(text: str) -> str:
     """Mask anything shaped like an AgentCard secret, whether or not the broker holds it."""
+    if "sk_" not in text and "acs_" not in text:  # the common case, without the regex
+        return text
     return SECRET_SHAPE.sub(lambda m: m.group(1) + "[REDACTED]", text)
 
 

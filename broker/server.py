@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -17,7 +18,6 @@ import signal
 import socket
 import stat
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,8 @@ class Runtime:
         self.in_flight = 0
         self._started = time.monotonic()
         self._reload_lock = asyncio.Lock()
+        # unique per process and across restarts, cheaper than a uuid per request
+        self._request_ids = (f"{os.urandom(4).hex()}{n:08x}" for n in itertools.count(1))
         self.rebind: Callable[[Config], Awaitable[None]] | None = None  # set by Daemon
 
     def uptime(self) -> float:
@@ -165,7 +167,7 @@ class Runtime:
         started = time.perf_counter()
         snap = self.snapshot
         cfg = snap.config
-        rid = uuid.uuid4().hex[:16]
+        rid = next(self._request_ids)
         ex = proxy.Exchange(request_id=rid)
         route_name: str | None = None
         status = 500
