@@ -80,7 +80,7 @@ def test_install_service_writes_a_unit_that_verifies(tmp_path: Path, isolated_en
     )
     for directive in (
         "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
-        "LockPersonality=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "WatchdogSec=60",
+        "LockPersonality=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK", "WatchdogSec=60",
         "RestartPreventExitStatus=78",
     ):  # fmt: skip
         assert directive in text.splitlines()

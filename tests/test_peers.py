@@ -1,0 +1,38 @@
+"""Peer uids of loopback TCP connections: the netlink query and the /proc fallback agree."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+from broker import peers
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+
+@pytest.mark.parametrize(("family", "host"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_both_lookups_find_this_process(family: int, host: str) -> None:
+    try:
+        srv = socket.socket(family, socket.SOCK_STREAM)
+        srv.bind((host, 0))
+    except OSError:
+        pytest.skip(f"no {host} here")
+    srv.listen()
+    client = socket.socket(family, socket.SOCK_STREAM)
+    client.connect(srv.getsockname()[:2])
+    conn, _ = srv.accept()
+    try:
+        local, peer = conn.getsockname()[:2], conn.getpeername()[:2]
+        assert peers._netlink_uid(local, peer, family) == os.getuid()
+        assert peers._proc_uid(local, peer, family) == os.getuid()
+        assert peers.tcp_peer_uid(local, peer, family) == os.getuid()
+        # a connection that does not exist is unknown, never someone's
+        ghost = (peer[0], 1)
+        assert peers._netlink_uid(local, ghost, family) == peers.UNKNOWN
+        assert peers._proc_uid(local, ghost, family) == peers.UNKNOWN
+    finally:
+        for s in (conn, client, srv):
+            s.close()
