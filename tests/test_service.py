@@ -80,8 +80,8 @@ def test_install_service_writes_a_unit_that_verifies(tmp_path: Path, isolated_en
     )
     for directive in (
         "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
-        "LockPersonality=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK", "WatchdogSec=60",
-        "RestartPreventExitStatus=78",
+        "LockPersonality=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        "WatchdogSec=60", "RestartPreventExitStatus=78",
     ):  # fmt: skip
         assert directive in text.splitlines()
     v = verify(unit_path, isolated_env, user=True)
