@@ -1,29 +1,51 @@
-"""MCP forwarding benchmark: mcp.Client straight to an OAuth-protected MCP upstream, and through the broker.
+"""MCP forwarding benchmark: mcp.Client straight to an OAuth-protected MCP upstream, through the
+broker, and through mcp-remote.
 
-    python bench/mcp.py [--calls 200] [--block 50] [--json out.json]
+    python bench/mcp.py [--calls 200] [--block 50] [--json out.json] [--no-mcp-remote]
 
 Run from the repository root. What it starts, all on 127.0.0.1 and all inside one temporary
 directory removed on exit:
 
+* `npm install --prefix TMP/mcp-remote mcp-remote@0.15.1` (the one request that leaves 127.0.0.1:
+  the npm registry; `--no-mcp-remote` skips it and the third target);
 * the MCP upstream of the tests (tests/mcp_upstream.py): the real MCP SDK server with the SDK's own
   OAuth 2.1 authorization server, in this process under uvicorn, access tokens living an hour so
   no refresh happens while measuring;
 * `agentcard-broker login mcp --no-browser` (the real CLI), with this script as the browser;
 * the broker daemon (`agentcard-broker run`): one oauth route /mcp -> the upstream, keyring file
-  backend in a temporary HOME, logging at warning level with the audit line off.
+  backend in a temporary HOME, logging at warning level with the audit line off;
+* mcp-remote (TMP/mcp-remote/node_modules/.bin/mcp-remote, under node), one process per session,
+  spawned by `mcp.Client` over stdio with StdioServerParameters.
 
 For "direct" the script registers its own OAuth client at the upstream (dynamic registration,
 authorize with PKCE S256, code exchange) and gives `mcp.Client` a transport whose httpx2 client adds
-that bearer token. For "broker" `mcp.Client` talks to the broker with no token at all.
+that bearer token. For "broker" `mcp.Client` talks to the broker with no token at all. For
+"mcp-remote" `mcp.Client` talks JSON-RPC over stdio to `mcp-remote URL --transport http-only
+--header "Authorization: Bearer ${BENCH_MCP_REMOTE_TOKEN}" --silent`, the same token as direct's,
+in that environment variable: mcp-remote 0.15.1 expands ${VAR} in --header values itself, so the
+token is never on a command line. It needs no --allow-http for http://127.0.0.1 (0.15.1 allows
+http:// for localhost and 127.0.0.1). It gets a throwaway HOME and MCP_REMOTE_CONFIG_DIR in the
+temporary directory; with the header it needs no OAuth of its own (it still reads the upstream's
+/.well-known metadata at start), which the script checks: no /register, /authorize or /token
+request may reach the upstream while measuring. `--silent` drops mcp-remote's per-message stderr
+lines, as the broker runs with its audit line off; `--mcp-remote-logs` keeps them.
 
 For each of mode="legacy" and mode="auto" one session is opened to each target, warmed up (list_tools
 and 10 calls), then N sequential `call_tool("create_card", ...)` round trips are timed one by one,
-in blocks that alternate direct and broker (and alternate which goes first), so machine noise hits
-both alike.
+in blocks that rotate through the targets (direct, broker, mcp-remote; then broker, mcp-remote,
+direct; ...), so machine noise hits all alike. Before a mode, a short mcp-remote session in that
+mode is tried (open, list_tools, one call); if it fails, mcp-remote is left out of that mode and the
+report says why.
 
-Note the client and the upstream share this process and its event loop in both cases; the broker
-is a separate process. On a small machine all three share the CPUs: compare the numbers with each
-other, not with other machines. Every value is fake; nothing leaves 127.0.0.1.
+Note the client and the upstream share this process and its event loop in all cases; the broker
+and mcp-remote are separate processes. For direct and broker the client's HTTP work runs on that
+shared loop; for mcp-remote it runs in node and this loop only writes and reads stdio lines, so
+mcp-remote's overhead over direct can come out near zero or below. In mode "legacy" mcp.Client
+(mcp 2.3.0) opens a new TCP connection for every call, to the upstream and to the broker alike,
+and the broker looks each new loopback peer up in /proc/net/tcp, whose cost grows with the sockets
+on the machine (TIME_WAIT leftovers of earlier runs included): the report prints that count. On a
+small machine all of them share the CPUs: compare the numbers with each other, not with other
+machines. Every value is fake; nothing but the npm install leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -47,6 +69,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -63,6 +86,7 @@ import aiohttp  # noqa: E402
 import httpx2  # noqa: E402
 import yaml  # noqa: E402
 from mcp import Client  # noqa: E402
+from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
 from tests.mcp_upstream import McpUpstream, run_mcp_upstream  # noqa: E402
@@ -72,6 +96,12 @@ MODES = ("legacy", "auto")
 WARMUP_CALLS = 10
 ACCESS_TTL = 3600
 DIRECT_REDIRECT_URI = "http://127.0.0.1:9/callback"  # never contacted: the 302 is read, not followed
+MCP_REMOTE_VERSION = "0.15.1"
+MCP_REMOTE_TOKEN_ENV = "BENCH_MCP_REMOTE_TOKEN"  # mcp-remote expands ${NAME} in --header values
+TARGETS = ("direct", "broker", "mcp-remote")
+WARMUP_BASE = {"direct": 0, "broker": 500_000, "mcp-remote": 700_000}  # amounts, so each call is told apart
+PREFLIGHT_BASE = 900_000
+OAUTH_PATHS = (("POST", "/register"), ("GET", "/authorize"), ("POST", "/token"))
 
 
 # ---------------------------------------------------------------- small helpers
@@ -137,6 +167,36 @@ def set_listener_nodelay(port: int) -> int:
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     done += 1
     return done
+
+
+def child_pids(needle: str) -> list[int]:
+    """This process's children whose command line holds `needle`, from /proc (empty off Linux)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = Path(f"/proc/{d}/cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == os.getpid() and needle.encode() in cmdline:
+                found.append(int(d))
+    return found
+
+
+def tcp_table_rows() -> int | None:
+    """Sockets listed in /proc/net/tcp and tcp6 (None off Linux).
+
+    The broker looks a loopback peer up there once per new agent connection (broker/peers.py), so
+    its cost grows with this count (TIME_WAIT leftovers included); in mode "legacy" mcp.Client
+    opens a new connection per call.
+    """
+    try:
+        return sum(len(Path(t).read_text().splitlines()) - 1 for t in ("/proc/net/tcp", "/proc/net/tcp6"))
+    except OSError:
+        return None
 
 
 TCP_STATES = {"01": "established", "06": "time_wait", "08": "close_wait", "0A": "listen"}
@@ -420,6 +480,140 @@ async def direct_client(url: str, mode: str, token: str) -> AsyncIterator[Client
         yield c
 
 
+# ---------------------------------------------------------------- the mcp-remote side
+
+
+@dataclass
+class McpRemote:
+    bin: Path  # TMP/mcp-remote/node_modules/.bin/mcp-remote (a `#!/usr/bin/env node` script)
+    home: Path  # its throwaway HOME; MCP_REMOTE_CONFIG_DIR is home/.mcp-auth
+    logs: Path  # a directory: one stderr log per session
+    version: str
+    node: str
+    silent: bool
+
+    def env(self, token: str) -> dict[str, str]:
+        # merged by the SDK over its default environment (HOME, PATH, ... of this process)
+        return {
+            "HOME": str(self.home),
+            "MCP_REMOTE_CONFIG_DIR": str(self.home / ".mcp-auth"),
+            "XDG_CONFIG_HOME": str(self.home / "config"),
+            "XDG_CACHE_HOME": str(self.home / "cache"),
+            "XDG_DATA_HOME": str(self.home / "data"),
+            "XDG_STATE_HOME": str(self.home / "state"),
+            MCP_REMOTE_TOKEN_ENV: token,
+        }
+
+    def args(self, url: str) -> list[str]:
+        """The command line: the token's variable name only, never the token."""
+        args = [
+            url,
+            "--transport", "http-only",
+            "--header", f"Authorization: Bearer ${{{MCP_REMOTE_TOKEN_ENV}}}",
+            "--auth-timeout", "5",  # should the header ever be refused: fail fast, not wait for a browser
+        ]  # fmt: skip
+        if self.silent:
+            args.append("--silent")
+        return args
+
+    def params(self, url: str, token: str) -> StdioServerParameters:
+        return StdioServerParameters(command=str(self.bin), args=self.args(url), env=self.env(token))
+
+    @contextlib.asynccontextmanager
+    async def client(self, url: str, mode: str, token: str, log_name: str) -> AsyncIterator[Client]:
+        # Client(StdioServerParameters) is Client(stdio_client(params)); spelt out only to send
+        # mcp-remote's stderr to a log file instead of this script's stderr
+        with (self.logs / log_name).open("a") as errlog:
+            async with Client(stdio_client(self.params(url, token), errlog=errlog), mode=mode) as c:
+                yield c
+
+    def home_files(self) -> list[str]:
+        return sorted(str(p.relative_to(self.home)) for p in self.home.rglob("*"))
+
+    def log_lines(self) -> dict[str, list[str]]:
+        return {
+            p.name: [line for line in p.read_text(errors="replace").splitlines() if line.strip()]
+            for p in sorted(self.logs.glob("*.log"))
+        }
+
+
+async def run_quiet(*cmd: str, env: dict[str, str], timeout: float) -> str:
+    """Run a command, return its stdout and stderr together; RuntimeError unless it exits 0 in time."""
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise RuntimeError(f"`{' '.join(cmd[:3])} ...` took more than {timeout}s") from None
+    text = out.decode(errors="replace")
+    if proc.returncode != 0:
+        tail_text = "\n".join(text.splitlines()[-20:])
+        raise RuntimeError(f"`{' '.join(cmd[:3])} ...` exited {proc.returncode}:\n{tail_text}")
+    return text
+
+
+async def install_mcp_remote(tmp: Path, silent: bool) -> McpRemote:
+    """`npm install --prefix TMP/mcp-remote mcp-remote@VERSION` (no install scripts), then check it."""
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        raise RuntimeError("mcp-remote needs node and npm on PATH (or pass --no-mcp-remote)")
+    prefix = tmp / "mcp-remote"
+    prefix.mkdir()
+    env = dict(os.environ, npm_config_update_notifier="false", npm_config_fund="false")
+    await run_quiet(
+        npm, "install", "--prefix", str(prefix), "--ignore-scripts", "--no-audit", "--no-fund",
+        f"mcp-remote@{MCP_REMOTE_VERSION}", env=env, timeout=300,
+    )  # fmt: skip
+    remote = McpRemote(
+        bin=prefix / "node_modules" / ".bin" / "mcp-remote",
+        home=tmp / "mcp-remote-home",
+        logs=tmp / "mcp-remote-logs",
+        version="",
+        node=(await run_quiet(node, "--version", env=env, timeout=30)).strip(),
+        silent=silent,
+    )
+    remote.home.mkdir(mode=0o700)
+    remote.logs.mkdir()
+    if not remote.bin.exists():
+        raise RuntimeError(f"npm installed no {remote.bin}")
+    menv = dict(os.environ, **remote.env(""))
+    remote.version = (await run_quiet(str(remote.bin), "--version", env=menv, timeout=30)).strip()
+    if remote.version != MCP_REMOTE_VERSION:
+        raise RuntimeError(f"mcp-remote --version says {remote.version!r}, not {MCP_REMOTE_VERSION}")
+    return remote
+
+
+async def mcp_remote_preflight(
+    remote: McpRemote, url: str, mode: str, token: str, timeout: float, base: int
+) -> tuple[str | None, str | None]:
+    """A short mcp-remote session in this mode: (protocol version, None), or (None, what failed)."""
+    try:
+        async with (
+            asyncio.timeout(timeout),
+            remote.client(url, mode, token, f"{mode}-preflight.log") as c,
+        ):
+            tools = await c.list_tools()
+            if "create_card" not in {t.name for t in tools.tools}:
+                return None, f"list_tools has no create_card: {sorted(t.name for t in tools.tools)}"
+            await one_call(c, "mcp-remote", base, timeout)
+            return c.protocol_version, None
+    except TimeoutError:
+        return None, f"opening a session, list_tools and one call took more than {timeout}s"
+    except Exception as exc:  # noqa: BLE001 -- reported: mcp-remote is then left out of this mode
+        return None, describe(exc)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one line; a task group's by its leaves."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
 # ---------------------------------------------------------------- measuring
 
 
@@ -456,11 +650,29 @@ async def warm_up(c: Client, target: str, timeout: float, base: int) -> None:
         await one_call(c, target, base + i, timeout)
 
 
+def rotated(targets: list[str], n: int) -> list[str]:
+    k = n % len(targets)
+    return targets[k:] + targets[:k]
+
+
 async def run_mode(
-    mode: str, up: McpUpstream, broker_url: str, token: str, args: argparse.Namespace, seq: int
+    mode: str,
+    up: McpUpstream,
+    broker_url: str,
+    token: str,
+    remote: McpRemote | None,
+    args: argparse.Namespace,
+    seq: int,
 ) -> dict[str, Any]:
-    samples: dict[str, list[float]] = {"direct": [], "broker": []}
+    """One mode: a session per target, warm-up, then rotating blocks of timed calls.
+
+    `remote` None leaves mcp-remote out (--no-mcp-remote, or its preflight failed in this mode).
+    """
+    targets = ["direct", "broker"] + (["mcp-remote"] if remote is not None else [])
+    samples: dict[str, list[float]] = {t: [] for t in targets}
     blocks: list[dict[str, Any]] = []
+    remote_proc: dict[str, Any] = {}
+    tcp_rows_before = tcp_table_rows()
     t_open = time.perf_counter()
     t_close: float | None = None
     try:
@@ -470,17 +682,21 @@ async def run_mode(
                     "direct": await stack.enter_async_context(direct_client(up.mcp_url, mode, token)),
                     "broker": await stack.enter_async_context(Client(broker_url, mode=mode)),
                 }
+                if remote is not None:
+                    clients["mcp-remote"] = await stack.enter_async_context(
+                        remote.client(up.mcp_url, mode, token, f"{mode}.log")
+                    )
             versions = {k: c.protocol_version for k, c in clients.items()}
             for k, c in clients.items():
-                await warm_up(
-                    c, k, args.call_timeout, base=seq * 1_000_000 + (0 if k == "direct" else 500_000)
-                )
+                await warm_up(c, k, args.call_timeout, base=seq * 1_000_000 + WARMUP_BASE[k])
+            pids = child_pids("mcp-remote") if remote is not None else []
+            if len(pids) == 1:
+                remote_proc = {"pid": pids[0], "usage_after_warmup": proc_usage(pids[0])}
             i = 0
             round_no = 0
             while i < args.calls:
                 size = min(args.block, args.calls - i)
-                order = ("direct", "broker") if round_no % 2 == 0 else ("broker", "direct")
-                for target in order:
+                for target in rotated(targets, round_no):
                     block = []
                     for j in range(size):
                         amount = seq * 1_000_000 + 1000 + i + j
@@ -491,43 +707,63 @@ async def run_mode(
                     )
                 i += size
                 round_no += 1
+            if remote_proc:
+                remote_proc["usage_after_calls"] = proc_usage(remote_proc["pid"])
+            tcp_rows_after = tcp_table_rows()
             t_close = time.perf_counter()
             closing.reschedule(asyncio.get_running_loop().time() + args.call_timeout)
     except TimeoutError:
         step = "opening them / list_tools" if t_close is None else "closing them"
         raise CallFailed(
-            f"{mode}: {step} (direct and broker sessions) hung for more than {args.call_timeout}s"
+            f"{mode}: {step} ({', '.join(targets)} sessions) hung for more than {args.call_timeout}s"
         ) from None
     assert t_close is not None
     close_s = time.perf_counter() - t_close
-    direct, broker = stats(samples["direct"]), stats(samples["broker"])
-    # per round: broker block median minus direct block median (pairs the two runs that share noise)
+    if remote_proc:
+        await asyncio.sleep(0.2)
+        remote_proc["exited_after_close"] = not Path(f"/proc/{remote_proc['pid']}").exists()
+    st = {t: stats(samples[t]) for t in targets}
+    direct = st["direct"]
+    # per round: a target's block median minus direct's block median (pairs the runs that share noise)
     by_round: dict[int, dict[str, float]] = {}
     for b in blocks:
         by_round.setdefault(b["round"], {})[b["target"]] = b["median_ms"]
-    paired = [r["broker"] - r["direct"] for r in by_round.values()]
-    return {
+    overhead: dict[str, dict[str, float]] = {}
+    ratio: dict[str, dict[str, float]] = {}
+    for t in targets[1:]:
+        paired = [r[t] - r["direct"] for r in by_round.values()]
+        overhead[t] = {q: round(st[t][q] - direct[q], 3) for q in ("p50", "p90", "p99", "mean")}
+        overhead[t]["median_of_paired_block_medians"] = round(statistics.median(paired), 3)
+        ratio[t] = {q: round(st[t][q] / direct[q], 3) for q in ("p50", "mean")}
+    res: dict[str, Any] = {
         "mode": mode,
+        "targets": targets,
         "protocol_version": versions,
-        "direct": direct,
-        "broker": broker,
-        "added_ms": {
-            "p50": round(broker["p50"] - direct["p50"], 3),
-            "mean": round(broker["mean"] - direct["mean"], 3),
-            "median_of_paired_block_medians": round(statistics.median(paired), 3),
-        },
-        "ratio": {
-            "p50": round(broker["p50"] / direct["p50"], 3),
-            "mean": round(broker["mean"] / direct["mean"], 3),
-        },
-        "session_open_and_measure_s": round(t_close - t_open, 2),
-        "session_close_s": round(close_s, 3),
-        "samples_ms": {k: [round(v, 4) for v in vs] for k, vs in samples.items()},
+        **st,
+        # the broker's figures under the names earlier versions of this script used
+        "added_ms": {k: overhead["broker"][k] for k in ("p50", "mean", "median_of_paired_block_medians")},
+        "ratio": ratio["broker"],
+        "overhead_ms": overhead,
+        "overhead_ratio": ratio,
     }
+    if remote is not None:
+        ob, om = overhead["broker"], overhead["mcp-remote"]
+        below = {k: ob[k] < om[k] for k in ob}
+        res["broker_below_mcp_remote"] = {**below, "all": all(below.values())}
+        res["mcp_remote_process"] = remote_proc
+    res["proc_net_tcp_rows"] = {"before": tcp_rows_before, "after_calls": tcp_rows_after}
+    res["session_open_and_measure_s"] = round(t_close - t_open, 2)
+    res["session_close_s"] = round(close_s, 3)
+    res["samples_ms"] = {k: [round(v, 4) for v in vs] for k, vs in samples.items()}
+    return res
 
 
 def upstream_traffic(up: McpUpstream, direct_token_value: str) -> dict[str, Any]:
-    """What the upstream saw on /mcp, by whose token (the tokens themselves are never printed)."""
+    """What the upstream saw on /mcp, by whose token (the tokens themselves are never printed).
+
+    mcp-remote sends the bench's own token too; its requests are told apart by their user-agent
+    (node's fetch sends `node`, undici's `undici`), httpx2's is python-httpx2/...
+    """
     by: Counter[str] = Counter()
     methods: Counter[str] = Counter()
     for h in up.recorder.mcp_headers:
@@ -535,7 +771,8 @@ def upstream_traffic(up: McpUpstream, direct_token_value: str) -> dict[str, Any]
         if not auth:
             who = "no token"
         elif auth == f"Bearer {direct_token_value}":
-            who = "bench's own token"
+            ua = h.get("user-agent", "").split("/")[0].lower()
+            who = "bench's token via mcp-remote" if ua in ("node", "undici") else "bench's own token"
         else:
             who = "broker's token"
         by[who] += 1
@@ -545,7 +782,14 @@ def upstream_traffic(up: McpUpstream, direct_token_value: str) -> dict[str, Any]
         "requests_by_token_and_method": dict(sorted(methods.items())),
         "token_grants": dict(up.recorder.grants),
         "register_calls": up.recorder.calls[("POST", "/register")],
+        "well_known_requests": {
+            f"{m} {path}": n for (m, path), n in sorted(up.recorder.calls.items()) if "/.well-known/" in path
+        },
     }
+
+
+def oauth_calls(up: McpUpstream) -> dict[str, int]:
+    return {f"{m} {path}": up.recorder.calls[(m, path)] for m, path in OAUTH_PATHS}
 
 
 # ---------------------------------------------------------------- main
@@ -554,7 +798,7 @@ def upstream_traffic(up: McpUpstream, direct_token_value: str) -> dict[str, Any]
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--calls", type=int, default=200, help="timed calls per target and mode (default 200)")
-    p.add_argument("--block", type=int, default=50, help="calls per alternating block (default 50)")
+    p.add_argument("--block", type=int, default=50, help="calls per rotating block (default 50)")
     p.add_argument("--call-timeout", type=float, default=30.0, help="seconds before a call counts as hung")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
@@ -563,6 +807,16 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="leave Nagle on at the test upstream, as tests/mcp_upstream.py has it (~40 ms stalls)",
     )
+    p.add_argument(
+        "--no-mcp-remote",
+        action="store_true",
+        help="measure direct and broker only: no npm install, no mcp-remote target",
+    )
+    p.add_argument(
+        "--mcp-remote-logs",
+        action="store_true",
+        help="run mcp-remote without --silent (its default: a stderr line per message, to a log file)",
+    )
     a = p.parse_args()
     if a.calls < 2 or a.block < 1:
         p.error("--calls must be at least 2 and --block at least 1")
@@ -570,40 +824,71 @@ def parse_args() -> argparse.Namespace:
 
 
 def print_report(results: list[dict[str, Any]], extra: dict[str, Any], args: argparse.Namespace) -> None:
+    r = extra.get("mcp_remote")
+    names = "direct/broker" + ("/mcp-remote" if r else "")
     print()
     print(
         f"agentcard-broker MCP bench: {args.calls} sequential tools/call create_card per target and mode, "
-        f"blocks of {args.block} alternating direct/broker ({os.cpu_count()} CPUs, python "
+        f"blocks of {args.block} rotating {names} ({os.cpu_count()} CPUs, python "
         f"{platform.python_version()}, mcp {extra['versions']['mcp']})"
     )
+    if r:
+        print(
+            f"mcp-remote {r['version']} on node {r['node']}: mcp-remote URL {' '.join(r['args'][1:])}"
+            f"  (env {MCP_REMOTE_TOKEN_ENV}=<direct's token>)"
+        )
     print(f"upstream TCP_NODELAY: {extra['upstream_nodelay']}")
     print()
-    head = f"{'mode':<6} | {'target':<6} | {'p50 ms':>7} | {'p90 ms':>7} | {'p99 ms':>7} | {'mean ms':>7}"
+    head = f"{'mode':<6} | {'target':<10} | {'p50 ms':>7} | {'p90 ms':>7} | {'p99 ms':>7} | {'mean ms':>7}"
     head += f" | {'min ms':>7} | {'max ms':>7}"
     print(head)
     print("-" * len(head))
     for res in results:
-        for target in ("direct", "broker"):
+        for target in res["targets"]:
             s = res[target]
             print(
-                f"{res['mode']:<6} | {target:<6} | {s['p50']:>7.2f} | {s['p90']:>7.2f} | {s['p99']:>7.2f} | "
+                f"{res['mode']:<6} | {target:<10} | {s['p50']:>7.2f} | {s['p90']:>7.2f} | {s['p99']:>7.2f} | "
                 f"{s['mean']:>7.2f} | {s['min']:>7.2f} | {s['max']:>7.2f}"
             )
+        if res.get("mcp_remote_skipped"):
+            print(f"{res['mode']:<6} | {'mcp-remote':<10} | left out: {res['mcp_remote_skipped']}")
     print()
-    print("added by the broker (broker - direct)")
+    print("per-call overhead over direct (target - direct), ms")
+    print(
+        f"  {'mode':<6} {'target':<10} {'p50':>7} {'p90':>7} {'p99':>7} {'mean':>7}  {'x p50':>6} "
+        f"{'x mean':>6}  per-round block medians, median difference"
+    )
     for res in results:
-        a, r = res["added_ms"], res["ratio"]
-        print(
-            f"  {res['mode']:<6} p50 {a['p50']:+.2f} ms (x{r['p50']:.2f})   mean {a['mean']:+.2f} ms "
-            f"(x{r['mean']:.2f})   per-round block medians, median difference "
-            f"{a['median_of_paired_block_medians']:+.2f} ms"
-        )
+        for target, o in res["overhead_ms"].items():
+            x = res["overhead_ratio"][target]
+            print(
+                f"  {res['mode']:<6} {target:<10} {o['p50']:>+7.2f} {o['p90']:>+7.2f} {o['p99']:>+7.2f} "
+                f"{o['mean']:>+7.2f}  {x['p50']:>6.2f} {x['mean']:>6.2f}  "
+                f"{o['median_of_paired_block_medians']:>+7.2f}"
+            )
+    if r:
+        print()
+        print("target: the broker's overhead below mcp-remote's")
+        for res in results:
+            below = res.get("broker_below_mcp_remote")
+            if below is None:
+                print(f"  {res['mode']:<6} not measured (mcp-remote left out of this mode)")
+                continue
+            stats_ = [k for k in below if k != "all"]
+            yes = [k.replace("median_of_paired_block_medians", "paired") for k in stats_ if below[k]]
+            no = [k.replace("median_of_paired_block_medians", "paired") for k in stats_ if not below[k]]
+            verdict = "MET" if below["all"] else "NOT MET"
+            print(
+                f"  {res['mode']:<6} {verdict}: below on {', '.join(yes) or 'none'}"
+                + (f"; not below on {', '.join(no)}" if no else "")
+            )
     print()
     for res in results:
         pv = res["protocol_version"]
         print(
-            f"  {res['mode']:<6} protocol direct {pv['direct']} / broker {pv['broker']}; "
-            f"closing both sessions took {res['session_close_s']:.3f}s"
+            f"  {res['mode']:<6} protocol {' / '.join(f'{k} {v}' for k, v in pv.items())}; "
+            f"closing the sessions took {res['session_close_s']:.3f}s; /proc/net/tcp rows "
+            f"{res['proc_net_tcp_rows']['before']} -> {res['proc_net_tcp_rows']['after_calls']}"
         )
     print()
     u = extra["upstream"]
@@ -620,12 +905,36 @@ def print_report(results: list[dict[str, Any]], extra: dict[str, Any], args: arg
     print(f"broker log lines at warning or above: {len(b['log_problems'])}")
     for doc in b["log_problems"][:20]:
         print(f"  {json.dumps(doc)[:400]}")
+    if r:
+        print()
+        print(f"upstream /.well-known requests (mcp-remote reads them at start): {u['well_known_requests']}")
+        print(
+            f"upstream OAuth requests while measuring (mcp-remote must do no OAuth of its own): "
+            f"{r['oauth_calls_while_measuring']}"
+        )
+        for res in results:
+            mp = res.get("mcp_remote_process")
+            if mp:
+                print(
+                    f"mcp-remote ({res['mode']}) pid {mp['pid']}: after warm-up "
+                    f"{mp['usage_after_warmup']}  after the calls {mp['usage_after_calls']}  exited after "
+                    f"session close: {mp['exited_after_close']}"
+                )
+        print(f"files mcp-remote left in its throwaway HOME: {r['home_files']}")
+        lines = r["stderr_lines"]
+        print(f"mcp-remote stderr lines per session: { {k: len(v) for k, v in lines.items()} }")
+        if not r["silent"]:
+            return
+        for name, ls in lines.items():
+            for line in ls[:10]:
+                print(f"  {name}: {line[:300]}")
 
 
 async def amain(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="agentcard-bench-mcp-"))
     broker: asyncio.subprocess.Process | None = None
     broker_log = tmp / "broker.log"
+    remote: McpRemote | None = None
     extra: dict[str, Any] = {
         "versions": {
             "mcp": importlib.metadata.version("mcp"),
@@ -634,6 +943,11 @@ async def amain(args: argparse.Namespace) -> int:
         }
     }
     try:
+        if not args.no_mcp_remote:
+            print(f"npm install mcp-remote@{MCP_REMOTE_VERSION} ...", file=sys.stderr)
+            remote = await install_mcp_remote(tmp, silent=not args.mcp_remote_logs)
+            extra["versions"]["mcp-remote"] = remote.version
+            extra["versions"]["node"] = remote.node
         async with run_mcp_upstream(access_ttl=ACCESS_TTL, auth=True) as up:
             try:
                 if args.upstream_nagle:
@@ -659,14 +973,29 @@ async def amain(args: argparse.Namespace) -> int:
                 up_port = urlsplit(up.base).port or 0
                 usage_before = proc_usage(broker.pid)
                 sockets_before = tcp_sockets(broker.pid, port, up_port)
+                oauth_before = oauth_calls(up)
 
                 results = []
                 for seq, mode in enumerate(MODES, start=1):
+                    mode_remote, pv, skipped = remote, None, None
+                    if remote is not None:
+                        print(f"mode {mode}: trying an mcp-remote session ...", file=sys.stderr)
+                        pv, skipped = await mcp_remote_preflight(
+                            remote, up.mcp_url, mode, token, args.call_timeout,
+                            seq * 1_000_000 + PREFLIGHT_BASE,
+                        )  # fmt: skip
+                        if skipped is not None:
+                            print(f"  mcp-remote fails in mode {mode}, left out: {skipped}", file=sys.stderr)
+                            mode_remote = None
                     print(f"mode {mode}: warm-up, then {args.calls} calls per target ...", file=sys.stderr)
-                    res = await run_mode(mode, up, broker_url, token, args, seq)
+                    res = await run_mode(mode, up, broker_url, token, mode_remote, args, seq)
+                    if skipped is not None:
+                        res["mcp_remote_skipped"] = skipped
+                    elif remote is not None:
+                        res["mcp_remote_preflight_protocol"] = pv
                     results.append(res)
-                    d, b = res["direct"]["p50"], res["broker"]["p50"]
-                    print(f"  direct p50 {d:.2f} ms, broker p50 {b:.2f} ms", file=sys.stderr)
+                    p50s = ", ".join(f"{t} p50 {res[t]['p50']:.2f} ms" for t in res["targets"])
+                    print(f"  {p50s}", file=sys.stderr)
                     if broker.returncode is not None:
                         raise RuntimeError(f"broker died during mode {mode}:\n{tail(broker_log)}")
                 await asyncio.sleep(1.0)  # let closed sessions and connections settle
@@ -674,6 +1003,7 @@ async def amain(args: argparse.Namespace) -> int:
                 sockets_after = tcp_sockets(broker.pid, port, up_port)
                 route_after = (await broker_status(port))["routes"][0].get("state")
                 extra["upstream"] = upstream_traffic(up, token)
+                oauth_after = oauth_calls(up)
             finally:
                 exit_code = await stop_broker(broker)
         extra["broker"] = {
@@ -686,6 +1016,18 @@ async def amain(args: argparse.Namespace) -> int:
             "exit_code": exit_code,
             "log_problems": broker_log_problems(broker_log),
         }
+        if remote is not None:
+            extra["mcp_remote"] = {
+                "version": remote.version,
+                "node": remote.node,
+                "command": str(remote.bin.relative_to(tmp)),
+                "args": remote.args("URL"),
+                "silent": remote.silent,
+                "token_env": MCP_REMOTE_TOKEN_ENV,
+                "oauth_calls_while_measuring": {k: oauth_after[k] - oauth_before[k] for k in oauth_after},
+                "home_files": remote.home_files(),
+                "stderr_lines": remote.log_lines(),
+            }
         extra["login_output_lines"] = len(login_out.splitlines())
         print_report(results, extra, args)
         if args.json:
@@ -703,6 +1045,8 @@ async def amain(args: argparse.Namespace) -> int:
                 "upstream": extra["upstream"],
                 "broker": extra["broker"],
             }
+            if remote is not None:
+                doc["mcp_remote"] = extra["mcp_remote"]
             Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
             print(f"wrote {args.json}")
         return 0
@@ -710,6 +1054,9 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"bench failed: {exc}", file=sys.stderr)
         if broker_log.exists():
             print(f"broker log tail:\n{tail(broker_log)}", file=sys.stderr)
+        if remote is not None:
+            for name, ls in remote.log_lines().items():
+                print(f"mcp-remote {name} tail:\n" + "\n".join(ls[-20:]), file=sys.stderr)
         return 1
     finally:
         await stop_broker(broker)
