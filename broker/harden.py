@@ -25,6 +25,14 @@ def apply() -> dict[str, bool]:
         applied["no_core_dumps"] = True
     except (ValueError, OSError):
         pass
+    # Every proxied stream holds two descriptors; 1024 would cap the broker near 500 streams.
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, 1 << 20), hard))
+    except (ValueError, OSError):
+        pass
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)

@@ -80,6 +80,7 @@ class Runtime:
         self.policies = PolicySet(BudgetLedger(config.state_path() / "budgets.json"))
         self.policies.update(config.routes)
         self.session: aiohttp.ClientSession | None = None
+        self._warmup: asyncio.Task[None] | None = None
         self.listen_addresses: list[str] = []
         self.in_flight = 0
         self._started = time.monotonic()
@@ -92,9 +93,10 @@ class Runtime:
         return time.monotonic() - self._started
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=256, limit_per_host=64, keepalive_timeout=30, ttl_dns_cache=300
-        )
+        # No cap on upstream connections: each one serves an agent connection, so agents and the
+        # fd limit (raised at start) bound them. A cap here would park long-lived MCP streams
+        # behind each other and time out everything else to that upstream.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -110,12 +112,18 @@ class Runtime:
                 note="secrets are kept in a 0600 file, not the OS keyring; anyone who can read "
                 "your files can read them",
             )
-        for cred in self.credentials.values():
-            refresh = getattr(cred, "refresh_from_store", None)
-            if refresh is not None:
-                await refresh()
+        # Credentials are read in the background: a keyring (D-Bus, backend discovery) must not
+        # delay readiness; a request that comes first reads its own route's credential.
+        self._warmup = asyncio.get_running_loop().create_task(self._read_credentials())
+
+    async def _read_credentials(self) -> None:
+        for cred in list(self.credentials.values()):
+            with contextlib.suppress(Exception):
+                await cred.prepare()
 
     async def close(self) -> None:
+        if self._warmup is not None:
+            self._warmup.cancel()
         if self.session is not None:
             await self.session.close()
         for cred in self.credentials.values():
@@ -200,6 +208,8 @@ class Runtime:
                     route_name = target.route.name
                     credential = self.credentials[route_name]
                     rules = self.policies.by_route.get(route_name)
+                    if rules is not None:
+                        await credential.prepare()  # the rules may ask its mode (test or live)
                     gate = (
                         await rules.admit(
                             request, target.url.raw_path, credential.mode, cfg.limits.max_body_bytes, ex.hold

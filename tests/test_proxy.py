@@ -664,3 +664,30 @@ async def test_secret_store_file(make_broker: BrokerFactory, upstream: Upstream,
     assert any(e["event"] == "secret_store.plaintext_file" for e in b.log_events())
     async with b.request("GET", "/_broker/status") as r:
         assert (await r.json())["secret_store"].startswith("file (")
+
+
+async def test_many_long_streams_at_once(broker: Broker, upstream: Upstream) -> None:
+    """Long-lived streams (MCP GET streams, SSE) must not queue behind a connection-pool cap."""
+    release = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: hello\n\n")
+        await release.wait()
+        await resp.write_eof()
+        return resp
+
+    upstream.handlers["/events"] = stream
+    n = 150
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        responses = [await s.get(f"{broker.url}/events").__aenter__() for _ in range(n)]
+        firsts = await asyncio.wait_for(
+            asyncio.gather(*(r.content.readuntil(b"\n\n") for r in responses)), 10
+        )
+        assert firsts == [b"data: hello\n\n"] * n
+        release.set()
+        for r in responses:
+            await r.read()
+            r.release()

@@ -79,10 +79,13 @@ class ApiKeyCredential(Credential):
         async with self._lock:
             self._apply(await asyncio.to_thread(self.lookup))
 
-    async def authorization(self) -> dict[str, str]:
+    async def prepare(self) -> None:
         age = time.monotonic() - self._checked_at
         if age > (RECHECK_READY_S if self._value else RECHECK_MISSING_S):
             await self.refresh_from_store()
+
+    async def authorization(self) -> dict[str, str]:
+        await self.prepare()
         if self._value is None:
             raise self.error("no_credential", f"no API key for route {self.route!r}: {self.reason}")
         if self.mode == "live" and not self.auth.allow_live:

@@ -47,6 +47,10 @@ class Credential(ABC):
         """Extra, secret-free fields for `status` (scopes, subject, refresh count)."""
         return {}
 
+    async def prepare(self) -> None:
+        """Read what the credential needs from the store, if not read recently (no network)."""
+        return None
+
     def on_upstream_status(self, status: int) -> None:
         """Learn from the upstream's answer: a 401 means the credential was refused."""
         return None

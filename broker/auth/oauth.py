@@ -477,6 +477,10 @@ class OAuthCredential(Credential):
             tokens = self._tokens
         return client, tokens
 
+    async def prepare(self) -> None:
+        if self._stale:
+            await self.refresh_from_store()
+
     async def _current(self) -> TokenSet:
         missing = self._tokens is None or self._tokens.dead
         if self._stale or (missing and time.monotonic() - self._checked_at > RECHECK_MISSING_S):
