@@ -181,15 +181,15 @@ http {{
 """
 
 
-def start_nginx(tmp: Path, direct: int, proxy: int, workers: int) -> subprocess.Popen[bytes]:
-    (tmp / "nginx-tmp").mkdir()
+def nginx_user_line() -> str:
+    return "user root;\n" if os.geteuid() == 0 else ""  # workers must read the 0700 temp dir
+
+
+def launch_nginx(tmp: Path, conf_text: str, ports: tuple[int, ...]) -> subprocess.Popen[bytes]:
+    """nginx with this nginx.conf text (prefix `tmp`, `daemon off;`), once it listens on every port."""
+    (tmp / "nginx-tmp").mkdir(exist_ok=True)
     conf = tmp / "nginx.conf"
-    user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the 0700 temp dir
-    conf.write_text(
-        NGINX_CONF.format(
-            user=user, workers=workers, tmp=tmp, host=HOST, direct=direct, proxy=proxy, key=FAKE_KEY
-        )
-    )
+    conf.write_text(conf_text)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     errlog = tmp / "nginx-error.log"
     test = subprocess.run(
@@ -208,11 +208,19 @@ def start_nginx(tmp: Path, direct: int, proxy: int, workers: int) -> subprocess.
         preexec_fn=_pdeathsig,
     )
     try:
-        wait_port(direct, proc, "nginx")
-        wait_port(proxy, proc, "nginx")
+        for port in ports:
+            wait_port(port, proc, "nginx")
     except RuntimeError as exc:
+        stop_process(proc, "nginx")
         raise RuntimeError(f"{exc}\nnginx error log:\n{tail(errlog)}") from None
     return proc
+
+
+def start_nginx(tmp: Path, direct: int, proxy: int, workers: int) -> subprocess.Popen[bytes]:
+    conf_text = NGINX_CONF.format(
+        user=nginx_user_line(), workers=workers, tmp=tmp, host=HOST, direct=direct, proxy=proxy, key=FAKE_KEY
+    )
+    return launch_nginx(tmp, conf_text, (direct, proxy))
 
 
 # ---------------------------------------------------------------- broker
@@ -233,12 +241,24 @@ def broker_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def broker_config(tmp: Path, port: int, upstream_port: int) -> Path:
+def broker_config(
+    tmp: Path,
+    port: int,
+    upstream_port: int,
+    *,
+    upstream: str | None = None,
+    insecure: bool = True,
+    extra_routes: list[dict[str, Any]] | None = None,
+) -> Path:
+    """The bench config: route `api` (prefix /) -> http://HOST:upstream_port, or `upstream` when given.
+
+    `insecure` is allow_insecure_upstream; `extra_routes` are appended after `api`.
+    """
     import yaml  # a dependency of the broker itself
 
     doc = {
         "listen": [f"{HOST}:{port}"],
-        "allow_insecure_upstream": True,
+        "allow_insecure_upstream": insecure,
         "secret_store": "keyring",
         "timeouts": {"connect": 10, "first_byte": 60, "idle": 300, "drain": 2},
         "log": {"level": "warning", "format": "json", "audit": False},
@@ -246,9 +266,10 @@ def broker_config(tmp: Path, port: int, upstream_port: int) -> Path:
             {
                 "name": "api",
                 "prefix": "/",
-                "upstream": f"http://{HOST}:{upstream_port}",
+                "upstream": upstream or f"http://{HOST}:{upstream_port}",
                 "auth": {"type": "api_key", "key": "keyring"},
-            }
+            },
+            *(extra_routes or []),
         ],
     }
     path = tmp / "broker.yaml"
@@ -264,9 +285,9 @@ def broker_cmd() -> str:
     return exe
 
 
-def store_key(cfg: Path, env: dict[str, str]) -> None:
+def store_key(cfg: Path, env: dict[str, str], route: str = "api") -> None:
     done = subprocess.run(
-        [broker_cmd(), "set-key", "api", "--config", str(cfg), "--stdin"],
+        [broker_cmd(), "set-key", route, "--config", str(cfg), "--stdin"],
         input=FAKE_KEY + "\n",
         env=env,
         capture_output=True,

@@ -1,0 +1,299 @@
+"""All the benchmarks in sequence, then one summary table of each measure, its target and pass/fail.
+
+    python bench/all.py [--only rest,latency] [--skip mcp] [--json summary.json]
+
+Runs rest.py, latency.py, tls.py, memory.py, startup.py and mcp.py one after the other, each as a
+subprocess of this interpreter with `--json` to a temporary file (their own output is shown as they
+run), then reads those files. Measures without a target are listed with "-". Exit 0 when every
+script ran and every target was met, 1 otherwise. Run from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ("rest", "latency", "tls", "memory", "startup", "mcp")
+
+Row = dict[str, Any]  # script, measure, value, unit, goal ("-" when none), ok (None when no target)
+
+
+def row(
+    script: str, measure: str, value: Any, unit: str = "", goal: str = "-", ok: bool | None = None
+) -> Row:
+    return {"script": script, "measure": measure, "value": value, "unit": unit, "goal": goal, "ok": ok}
+
+
+def from_checks(script: str, doc: dict[str, Any]) -> list[Row]:
+    """The `checks` list that latency.py, tls.py, memory.py and startup.py write."""
+    out = []
+    for c in doc.get("checks", []):
+        name = str(c["name"]).split(": ", 1)[-1]
+        unit = c.get("unit", "")
+        goal = f"{c['op']} {c['target']:g} {unit}".strip()
+        if c.get("note"):
+            goal += f" ({c['note']})"
+        out.append(row(script, name, c.get("value"), unit, goal, bool(c.get("ok"))))
+    return out
+
+
+def rest_rows(doc: dict[str, Any]) -> list[Row]:
+    out = []
+    for r in doc.get("results", []):
+        out.append(row("rest", f"wrk req/s {r['target']}", round(r["rps"]), "req/s"))
+        out.append(
+            row("rest", f"wrk p50 / p99 {r['target']}", f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}", "ms")
+        )
+    for k, v in (doc.get("ratios_rps") or {}).items():
+        out.append(row("rest", f"req/s {k}", v, "x"))
+    rss = doc.get("rss") or {}
+    if rss:
+        out.append(row("rest", "RSS idle", rss.get("idle_mib"), "MiB"))
+        out.append(row("rest", "RSS delta from the 200 MiB stream", rss.get("delta_200mib_mib"), "MiB"))
+    return out
+
+
+def latency_rows(doc: dict[str, Any]) -> list[Row]:
+    lat = doc.get("latency_ms") or {}
+    out = [
+        row("latency", f"{t} p50 / p99", f"{lat[t]['p50']:.3f} / {lat[t]['p99']:.3f}", "ms")
+        for t in ("direct", "broker")
+        if t in lat
+    ]
+    return out + from_checks("latency", doc)
+
+
+def tls_rows(doc: dict[str, Any]) -> list[Row]:
+    res = doc.get("results") or {}
+    out = [
+        row("tls", f"{t} req/s (p50 {res[t]['p50']:.2f} ms)", res[t]["rps"], "req/s")
+        for t in ("direct", "broker")
+        if t in res
+    ]
+    return out + from_checks("tls", doc)
+
+
+def memory_rows(doc: dict[str, Any]) -> list[Row]:
+    samples = doc.get("samples") or []
+    out = []
+    if samples:
+        idle = samples[0]
+        for s in samples:
+            delta = (s["rss_kib"] - idle["rss_kib"]) / 1024
+            out.append(
+                row(
+                    "memory",
+                    f"{s['phase']}: RSS (Δ idle) tasks fds",
+                    f"{s['rss_kib'] / 1024:.1f} ({delta:+.1f}) {s['tasks']} {s['open_fds']}",
+                    "",
+                )
+            )
+    return out + from_checks("memory", doc)
+
+
+def startup_rows(doc: dict[str, Any]) -> list[Row]:
+    out = []
+    for key, name in (("ready", "ready min"), ("help", "--help min")):
+        if doc.get(key):
+            out.append(row("startup", name, doc[key]["min_s"], "s"))
+    return out + from_checks("startup", doc)
+
+
+def mcp_rows(doc: dict[str, Any]) -> list[Row]:
+    """mcp.py's schema (it is edited elsewhere): read defensively, skip what is not there."""
+    out = []
+    for r in doc.get("results", []):
+        mode = r.get("mode", "?")
+        for t in r.get("targets") or ("direct", "broker"):
+            if isinstance(r.get(t), dict) and "p50" in r[t]:
+                out.append(row("mcp", f"{mode}: {t} p50 per call", r[t]["p50"], "ms"))
+        added = (r.get("overhead_ms") or {}).get("broker") or r.get("added_ms") or {}
+        below = r.get("broker_below_mcp_remote")
+        if "p50" in added:
+            if isinstance(below, dict) and "all" in below:
+                remote = (r.get("overhead_ms") or {}).get("mcp-remote") or {}
+                goal = f"< mcp-remote's ({remote.get('p50', float('nan')):+.2f} ms)"
+                out.append(
+                    row(
+                        "mcp",
+                        f"{mode}: broker overhead p50",
+                        f"{added['p50']:+.2f}",
+                        "ms",
+                        goal,
+                        below["all"],
+                    )
+                )
+            else:
+                out.append(row("mcp", f"{mode}: broker overhead p50", f"{added['p50']:+.2f}", "ms"))
+    return out
+
+
+ADAPTERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "rest": rest_rows,
+    "latency": latency_rows,
+    "tls": tls_rows,
+    "memory": memory_rows,
+    "startup": startup_rows,
+    "mcp": mcp_rows,
+}
+
+
+def fmt(value: Any, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        value = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return f"{value} {unit}".strip()
+
+
+def run_script(name: str, json_path: Path, extra: list[str]) -> tuple[int, float]:
+    cmd = [sys.executable, str(HERE / f"{name}.py"), "--json", str(json_path), *extra]
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"\n=== {name}: {' '.join(cmd[1:])}  (load average {load})", flush=True)
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=HERE.parent)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)  # each script stops what it started on SIGTERM
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    return rc, time.monotonic() - started
+
+
+def broker_code() -> str:
+    """Which broker code ran: the commit, plus uncommitted changes under broker/ (editable install)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=HERE.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "broker"],
+            cwd=HERE.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "broker code: unknown (no git)"
+    return f"broker code: {head}" + (f" + {len(dirty)} uncommitted file(s) under broker/" if dirty else "")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--only", help=f"comma-separated subset of {','.join(SCRIPTS)}")
+    p.add_argument("--skip", help="comma-separated scripts to leave out")
+    p.add_argument("--json", metavar="PATH", help="also write the summary (and each script's JSON) here")
+    a = p.parse_args()
+    chosen = [s.strip() for s in a.only.split(",")] if a.only else list(SCRIPTS)
+    skipped = {s.strip() for s in a.skip.split(",")} if a.skip else set()
+    unknown = [s for s in [*chosen, *skipped] if s not in SCRIPTS]
+    if unknown:
+        p.error(f"unknown script(s) {unknown}; known: {', '.join(SCRIPTS)}")
+    a.scripts = [s for s in chosen if s not in skipped]
+    return a
+
+
+def main() -> int:
+    args = parse_args()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    tmp = Path(tempfile.mkdtemp(prefix="agentcard-bench-all-"))
+    rows: list[Row] = []
+    docs: dict[str, Any] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    try:
+        for name in args.scripts:
+            out = tmp / f"{name}.json"
+            rc, took = run_script(name, out, [])
+            runs[name] = {"exit": rc, "seconds": round(took, 1)}
+            doc: dict[str, Any] | None = None
+            if rc == 0:
+                try:
+                    doc = json.loads(out.read_text())
+                except (OSError, ValueError) as exc:
+                    runs[name]["error"] = f"no JSON: {exc}"
+            if doc is None:
+                rows.append(row(name, "(script)", f"exit {rc}", "", "exit 0 with JSON", False))
+                continue
+            docs[name] = doc
+            try:
+                rows += ADAPTERS[name](doc)
+            except (KeyError, TypeError, ValueError) as exc:
+                rows.append(row(name, "(summary)", f"unreadable JSON: {exc!r}", "", "-", False))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print()
+    print("=" * 100)
+    print(f"agentcard-broker benchmarks: summary ({broker_code()})")
+    print("run time: " + ", ".join(f"{n} {r['seconds']:g}s (exit {r['exit']})" for n, r in runs.items()))
+    print()
+    cells = [
+        (
+            r["script"],
+            r["measure"],
+            fmt(r["value"], r["unit"]),
+            r["goal"],
+            {True: "PASS", False: "FAIL"}.get(r["ok"], "-"),
+        )
+        for r in rows
+    ]
+    heads = ("script", "measure", "figure", "target", "result")
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
+    line = " | ".join(f"{h:<{w}}" for h, w in zip(heads, widths, strict=True))
+    print(line)
+    print("-+-".join("-" * w for w in widths))
+    for c in cells:
+        print(
+            " | ".join(
+                f"{v:>{w}}" if i == 2 else f"{v:<{w}}" for i, (v, w) in enumerate(zip(c, widths, strict=True))
+            )
+        )
+    targets = [r for r in rows if r["ok"] is not None]
+    failed = [r for r in targets if not r["ok"]]
+    print()
+    print(f"targets: {len(targets) - len(failed)} met, {len(failed)} missed")
+    for r in failed:
+        print(f"  MISSED {r['script']}: {r['measure']} = {fmt(r['value'], r['unit'])} (target {r['goal']})")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"runs": runs, "summary": rows, "results": docs}, indent=2, default=str) + "\n"
+        )
+        print(f"wrote {args.json}")
+    return 1 if failed or any(r["exit"] != 0 for r in runs.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Added-latency benchmark: the broker at a fixed, moderate request rate, against no proxy at all.
+
+    python bench/latency.py [--rate 200] [--duration 10] [--block 1] [--json out.json]
+
+What it starts, all on 127.0.0.1 and inside one temporary directory removed on exit: the nginx of
+rest.py ("direct", the fast upstream answering `{"ok":true}`) and the broker (one api_key route `/`
+-> direct, keyring file backend in a temporary HOME, a fake sk_test_ key, warning-level log).
+
+The load is open-loop: request i is started at t0 + i/rate whether or not earlier ones are done
+(no coordinated omission from waiting on slow answers), at a rate far below what either target
+saturates at. The schedule alternates between direct and broker in `--block`-second blocks, so
+machine noise hits both alike. Each target has its own aiohttp ClientSession (keep-alive). Latency
+is from just before the request is sent until its whole body is read; how late each request started
+against its schedule is reported too (the client's own lag, the same for both targets).
+
+Added = broker - direct at p50 and p99. Targets: added p50 < 0.5 ms, added p99 < 2 ms.
+On a small machine the client, nginx and the broker share the CPUs: compare the two columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import aiohttp  # noqa: E402
+from benchlib import (  # noqa: E402
+    check,
+    install_signal_handlers,
+    print_checks,
+    restore_signal_handlers,
+    summarize_ms,
+    tcp_table_read_ms,
+    tcp_table_size,
+    write_json,
+)
+from rest import (  # noqa: E402
+    BENCH_PATH,
+    HOST,
+    broker_config,
+    broker_env,
+    broker_log_problems,
+    free_port,
+    sanity,
+    start_broker,
+    start_nginx,
+    stop_process,
+    store_key,
+    tail,
+)
+
+TARGETS = ("direct", "broker")
+ADDED_P50_TARGET_MS = 0.5
+ADDED_P99_TARGET_MS = 2.0
+
+
+class Run:
+    """Samples of one target: latency (ms), start lag against the schedule (ms), failures."""
+
+    def __init__(self) -> None:
+        self.latency_ms: list[float] = []
+        self.lag_ms: list[float] = []
+        self.failures: dict[str, int] = {}
+        self.block_medians: list[float] = []
+        self.at_s: list[float] = []  # scheduled time of each sample, seconds since the measured run began
+        self.new_connections = 0
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, scheduled: float, run: Run | None) -> None:
+    loop = asyncio.get_running_loop()
+    lag = loop.time() - scheduled
+    started = time.perf_counter()
+    try:
+        async with session.get(url) as resp:
+            await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        if run is not None:
+            key = type(exc).__name__
+            run.failures[key] = run.failures.get(key, 0) + 1
+        return
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if run is None:
+        return
+    if status != 200:
+        run.failures[f"HTTP {status}"] = run.failures.get(f"HTTP {status}", 0) + 1
+        return
+    run.latency_ms.append(elapsed_ms)
+    run.lag_ms.append(lag * 1000)
+    run.at_s.append(scheduled)
+
+
+Starter = Callable[[str, int, float], Coroutine[Any, Any, None]]  # (target, block, scheduled time)
+
+
+async def open_loop(schedule: list[tuple[str, int]], rate: float, start: Starter) -> None:
+    """Start request i at t0 + i/rate (start(target, block, scheduled time)); then wait for stragglers."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() + 0.05
+    tasks: set[asyncio.Task[None]] = set()
+    for i, (target, blk) in enumerate(schedule):
+        at = t0 + i / rate
+        delay = at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(start(target, blk, at))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+
+
+def make_schedule(rate: float, duration: float, block: float) -> list[tuple[str, int]]:
+    """(target, block number) per request: blocks of `block` seconds, alternating direct and broker."""
+    per_block = max(1, round(rate * block))
+    total = max(2 * per_block, round(rate * duration))
+    return [(TARGETS[(i // per_block) % 2], i // per_block) for i in range(total)]
+
+
+async def measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, Run]:
+    urls = {t: f"http://{HOST}:{ports[t]}{BENCH_PATH}" for t in TARGETS}
+    timeout = aiohttp.ClientTimeout(total=10)
+    runs = {t: Run() for t in TARGETS}
+    measuring = False
+
+    def counter(target: str) -> aiohttp.TraceConfig:
+        async def on_create(*_: Any) -> None:
+            if measuring:
+                runs[target].new_connections += 1
+
+        tc = aiohttp.TraceConfig()
+        tc.on_connection_create_end.append(on_create)
+        return tc
+
+    def session(target: str) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=0)
+        return aiohttp.ClientSession(timeout=timeout, connector=connector, trace_configs=[counter(target)])
+
+    async with session("direct") as s_direct, session("broker") as s_broker:
+        sessions = {"direct": s_direct, "broker": s_broker}
+
+        # warm-up, not recorded: open the keep-alive connections (client -> broker -> nginx) at the rate
+        async def untracked(target: str, _blk: int, scheduled: float) -> None:
+            await one_request(sessions[target], urls[target], scheduled, None)
+
+        await open_loop(make_schedule(args.rate, 2 * args.warmup, args.warmup), args.rate, untracked)
+
+        # measured: samples kept per block, for a paired comparison that ignores slow drifts
+        per_block: dict[int, Run] = {}
+
+        async def tracked(target: str, blk: int, scheduled: float) -> None:
+            await one_request(sessions[target], urls[target], scheduled, per_block.setdefault(blk, Run()))
+
+        measuring = True
+        t_begin = asyncio.get_running_loop().time()
+        await open_loop(make_schedule(args.rate, args.duration, args.block), args.rate, tracked)
+        for blk, r in sorted(per_block.items()):
+            target = TARGETS[blk % 2]
+            runs[target].latency_ms += r.latency_ms
+            runs[target].lag_ms += r.lag_ms
+            runs[target].at_s += [round(t - t_begin, 3) for t in r.at_s]
+            for k, v in r.failures.items():
+                runs[target].failures[k] = runs[target].failures.get(k, 0) + v
+            if r.latency_ms:
+                runs[target].block_medians.append(summarize_ms(r.latency_ms)["p50"])
+        return runs
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--rate", type=float, default=200.0, help="requests per second, open loop (default 200)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of measured load (default 10)")
+    p.add_argument("--block", type=float, default=1.0, help="seconds per alternating block (default 1)")
+    p.add_argument("--warmup", type=float, default=1.0, help="unrecorded seconds per target (default 1)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    a = p.parse_args()
+    if a.rate <= 0 or a.duration <= 0 or a.block <= 0 or a.warmup < 0:
+        p.error("--rate, --duration and --block must be positive, --warmup not negative")
+    return a
+
+
+def main() -> int:
+    args = parse_args()
+    install_signal_handlers()
+    tmp = Path(tempfile.mkdtemp(prefix="agentcard-bench-latency-"))
+    nginx: subprocess.Popen[bytes] | None = None
+    broker: subprocess.Popen[bytes] | None = None
+    broker_log = tmp / "broker.log"
+    try:
+        ports = {"direct": free_port(), "nginx": free_port(), "broker": free_port()}
+        if len(set(ports.values())) != 3:
+            raise RuntimeError(f"port picking collided: {ports}")
+        (tmp / "big.bin").touch()  # rest.py's nginx.conf names it; not used here
+        nginx = start_nginx(tmp, ports["direct"], ports["nginx"], 1)
+        env = broker_env(tmp)
+        cfg = broker_config(tmp, ports["broker"], ports["direct"])
+        store_key(cfg, env)
+        broker = start_broker(cfg, env, ports["broker"], broker_log)
+        sanity(ports)
+
+        print(
+            f"open loop at {args.rate:g} req/s for {args.duration:g}s, {args.block:g}s blocks ...",
+            file=sys.stderr,
+        )
+        runs = asyncio.run(measure(args, ports))
+        if broker.poll() is not None:
+            raise RuntimeError(f"broker died during the run (code {broker.returncode}):\n{tail(broker_log)}")
+        sanity(ports)
+        problems = broker_log_problems(broker_log)
+
+        res: dict[str, Any] = {t: summarize_ms(runs[t].latency_ms) for t in TARGETS}
+        lag = {t: summarize_ms(runs[t].lag_ms) for t in TARGETS}
+        fails = {t: runs[t].failures for t in TARGETS}
+        table = {"entries": tcp_table_size(), "read_ms": tcp_table_read_ms()}
+        slow = {
+            t: sorted(zip(runs[t].at_s, runs[t].latency_ms, strict=True), key=lambda x: -x[1])[:5]
+            for t in TARGETS
+        }
+        if any(res[t].get("n", 0) == 0 for t in TARGETS):
+            raise RuntimeError(f"no successful requests for a target; failures: {fails}")
+        added = {q: round(res["broker"][q] - res["direct"][q], 4) for q in ("p50", "p90", "p99", "mean")}
+        pairs = list(zip(runs["direct"].block_medians, runs["broker"].block_medians, strict=False))
+        paired = sorted(b - d for d, b in pairs)
+        added["median_of_block_median_diffs"] = round(paired[len(paired) // 2], 4) if paired else None
+
+        print()
+        print(
+            f"agentcard-broker latency bench: open loop GET {BENCH_PATH} at {args.rate:g} req/s for "
+            f"{args.duration:g}s, alternating {args.block:g}s blocks direct/broker, keep-alive "
+            f"({os.cpu_count()} CPUs, python {platform.python_version()}, aiohttp {aiohttp.__version__})"
+        )
+        print()
+        head = f"{'target':<7} | {'n':>5} | {'p50 ms':>7} | {'p90 ms':>7} | {'p99 ms':>7} | {'mean ms':>7}"
+        head += f" | {'max ms':>7} | {'lag p99 ms':>10} | failures"
+        print(head)
+        print("-" * len(head))
+        for t in TARGETS:
+            s = res[t]
+            print(
+                f"{t:<7} | {s['n']:>5} | {s['p50']:>7.3f} | {s['p90']:>7.3f} | {s['p99']:>7.3f} | "
+                f"{s['mean']:>7.3f} | {s['max']:>7.3f} | {lag[t]['p99']:>10.3f} | {fails[t] or 0}"
+            )
+        print()
+        print(
+            f"added by the broker: p50 {added['p50']:+.3f} ms, p90 {added['p90']:+.3f} ms, "
+            f"p99 {added['p99']:+.3f} ms, mean {added['mean']:+.3f} ms"
+        )
+        if added["median_of_block_median_diffs"] is not None:
+            print(
+                f"  paired: median over {len(pairs)} block pairs of (broker - direct) block medians "
+                f"{added['median_of_block_median_diffs']:+.3f} ms"
+            )
+        print("lag = how late a request started against its schedule (the client's own delay)")
+        for t in TARGETS:
+            print(
+                f"  {t}: slowest at (s into the run: ms) {', '.join(f'{a:.2f}: {v:.1f}' for a, v in slow[t])}"
+            )
+        print(
+            "new connections opened while measuring (aiohttp pool): "
+            + ", ".join(f"{t} {runs[t].new_connections}" for t in TARGETS)
+            + f"; TCP sockets on this machine: {table['entries']}, reading /proc/net/tcp takes "
+            f"{table['read_ms']} ms"
+        )
+        print(f"broker log lines at warning or above: {len(problems)}")
+        for doc in problems[:10]:
+            print(f"  {str(doc)[:300]}")
+
+        checks = [
+            check("latency: added p50", added["p50"], "ms", "<", ADDED_P50_TARGET_MS),
+            check("latency: added p99", added["p99"], "ms", "<", ADDED_P99_TARGET_MS),
+        ]
+        print_checks(checks)
+        write_json(
+            args.json,
+            {
+                "config": {
+                    "rate": args.rate,
+                    "duration_s": args.duration,
+                    "block_s": args.block,
+                    "warmup_s": args.warmup,
+                    "path": BENCH_PATH,
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "aiohttp": aiohttp.__version__,
+                },
+                "latency_ms": res,
+                "lag_ms": lag,
+                "failures": fails,
+                "added_ms": added,
+                "block_medians_ms": {t: runs[t].block_medians for t in TARGETS},
+                "slowest": {t: [{"at_s": a, "ms": round(v, 3)} for a, v in slow[t]] for t in TARGETS},
+                "new_connections": {t: runs[t].new_connections for t in TARGETS},
+                "tcp_table_after": table,
+                "broker_log_problems": problems,
+                "checks": checks,
+            },
+        )
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        if broker_log.exists():
+            print(f"broker log tail:\n{tail(broker_log)}", file=sys.stderr)
+        return 1
+    finally:
+        restore_signal_handlers()
+        stop_process(broker, "broker")
+        stop_process(nginx, "nginx")
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
