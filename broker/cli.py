@@ -302,9 +302,7 @@ def cmd_set_key(args: argparse.Namespace) -> int:
             )
     else:
         print(f"stored the {what} for route {route.name!r} in {store.description}")
-    reply = _daemon_request(cfg, "POST", "/_broker/reload")
-    if reply is not None:
-        print("the running daemon picked it up")
+    _tell_daemon(cfg)
     return 0
 
 
@@ -317,6 +315,12 @@ def _read_secret(from_stdin: bool, prompt: str) -> str:
 
 
 # ---------------------------------------------------------------- status
+
+
+def _tell_daemon(cfg: Config) -> None:
+    """After the secret store changed: a running daemon re-reads it now (it would within seconds)."""
+    if _daemon_request(cfg, "POST", "/_broker/reload") is not None:
+        print("the running daemon picked it up")
 
 
 def _daemon_request(cfg: Config, method: str, path: str, timeout: float = 3.0) -> Any | None:
@@ -560,8 +564,7 @@ def cmd_login(args: argparse.Namespace) -> int:
         f"scopes: {t.scope or '(none listed)'}; access token expires {expires}; refresh token: "
         f"{'yes' if t.refresh_token else 'no'}"
     )
-    if _daemon_request(cfg, "POST", "/_broker/reload") is not None:
-        print("the running daemon picked it up")
+    _tell_daemon(cfg)
     return 0
 
 
@@ -582,8 +585,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
         print(f"logout failed: {exc}", file=sys.stderr)
         return 1
     print(f"logged out route {route.name!r}" if had else f"route {route.name!r} was not logged in")
-    if _daemon_request(cfg, "POST", "/_broker/reload") is not None:
-        print("the running daemon picked it up")
+    _tell_daemon(cfg)
     return 0
 
 

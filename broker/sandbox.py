@@ -381,34 +381,18 @@ class Sandbox:
         return f"{self.base}/mcp"
 
 
-@contextlib.asynccontextmanager
-async def running(
-    port: int = 0,
-    *,
-    key: str | None = None,
-    access_ttl: int = 300,
-    consent: bool = True,
-    say: Callable[[str], None] | None = None,
-) -> AsyncIterator[Sandbox]:
-    import uvicorn
-
-    class Quiet(uvicorn.Server):  # the caller owns the process's signals
-        @contextlib.contextmanager
-        def capture_signals(self):  # type: ignore[no-untyped-def]
-            yield
-
+def loopback_socket(port: int = 0) -> socket.socket:
+    """A TCP socket bound to 127.0.0.1 (never beyond), Nagle off for its accepted connections."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", port))  # loopback only, always
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    store = CardStore()
-    auth = SandboxAuthServer(
-        access_ttl=access_ttl,
-        expected_resource=f"{base}/mcp",
-        consent_path="/sandbox/consent" if consent else None,
-    )
-    settings = AuthSettings(
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it (Linux)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+def auth_settings(base: str) -> AuthSettings:
+    """The MCP SDK's authorization server on `base`, protecting `base`/mcp with scope `cards`."""
+    return AuthSettings(
         issuer_url=base,  # type: ignore[arg-type]
         resource_server_url=f"{base}/mcp",  # type: ignore[arg-type]
         required_scopes=["cards"],
@@ -418,8 +402,18 @@ async def running(
         revocation_options=RevocationOptions(enabled=True),
         validate_token_resource=True,
     )
-    rest = RestApi(store, key)
-    app = SandboxApp(rest, card_server(store, auth=settings, auth_server_provider=auth).streamable_http_app())
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(app: ASGIApp, sock: socket.socket) -> AsyncIterator[None]:
+    """Serve `app` on `sock` in this event loop until the block ends (uvicorn, no signal handlers)."""
+    import uvicorn
+
+    class Quiet(uvicorn.Server):  # the caller owns the process's signals
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            yield
+
     server = Quiet(
         uvicorn.Config(app, host="127.0.0.1", log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
     )
@@ -429,13 +423,36 @@ async def running(
             if task.done():
                 task.result()
             await asyncio.sleep(0.01)
+        yield
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.asynccontextmanager
+async def running(
+    port: int = 0,
+    *,
+    key: str | None = None,
+    access_ttl: int = 300,
+    consent: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> AsyncIterator[Sandbox]:
+    sock = loopback_socket(port)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    store = CardStore()
+    auth = SandboxAuthServer(
+        access_ttl=access_ttl,
+        expected_resource=f"{base}/mcp",
+        consent_path="/sandbox/consent" if consent else None,
+    )
+    rest = RestApi(store, key)
+    mcp_app = card_server(store, auth=auth_settings(base), auth_server_provider=auth).streamable_http_app()
+    async with serve_asgi(SandboxApp(rest, mcp_app), sock):
         if say is not None:
             say(f"*** {BANNER} ***")
             say(f"REST: {base}/api/v1   MCP: {base}/mcp   (OAuth issuer {base})")
         yield Sandbox(base, store, rest, auth)
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def serve_forever(port: int, say: Callable[[str], None]) -> int:

@@ -8,21 +8,18 @@ refresh tokens that rotate and are single use, revocation. It auto-approves `/au
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-import uvicorn
-from mcp.server.auth.settings import AuthSettings, ClientRegistrationOptions, RevocationOptions
 from mcp.server.mcpserver import MCPServer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.sandbox import SandboxAuthServer as Provider
+from broker.sandbox import auth_settings, loopback_socket, serve_asgi
 
 
 def build_server(**kwargs: Any) -> MCPServer:
@@ -83,12 +80,6 @@ class Recorder:
         await self.app(scope, rx, send)
 
 
-class _QuietServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def,override]
-        yield  # leave pytest's signal handling alone
-
-
 @dataclass
 class McpUpstream:
     base: str
@@ -104,40 +95,12 @@ class McpUpstream:
 async def run_mcp_upstream(
     access_ttl: int = 60, iss: str | None = None, auth: bool = True
 ) -> AsyncIterator[McpUpstream]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it (Linux)
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     provider = Provider(
         access_ttl=access_ttl, expected_resource=f"{base}/mcp", issuer=iss, subject="alice@example.test"
     )
-    if auth:
-        settings = AuthSettings(
-            issuer_url=base,  # type: ignore[arg-type]
-            resource_server_url=f"{base}/mcp",  # type: ignore[arg-type]
-            required_scopes=["cards"],
-            client_registration_options=ClientRegistrationOptions(
-                enabled=True, valid_scopes=["cards"], default_scopes=["cards"]
-            ),
-            revocation_options=RevocationOptions(enabled=True),
-            validate_token_resource=True,
-        )
-        server = build_server(auth=settings, auth_server_provider=provider)
-    else:
-        server = build_server()
+    server = build_server(auth=auth_settings(base), auth_server_provider=provider) if auth else build_server()
     recorder = Recorder(server.streamable_http_app())
-    config = uvicorn.Config(
-        recorder, host="127.0.0.1", log_level="warning", lifespan="on", timeout_graceful_shutdown=1
-    )
-    uv = _QuietServer(config)
-    task = asyncio.create_task(uv.serve(sockets=[sock]))
-    try:
-        while not uv.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
+    async with serve_asgi(recorder, sock):
         yield McpUpstream(base, provider, recorder)
-    finally:
-        uv.should_exit = True
-        await task
