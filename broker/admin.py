@@ -73,13 +73,16 @@ def _json(doc: Any) -> web.Response:
 
 
 async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
-    path = request.raw_path.partition("?")[0].rstrip("/")
+    from broker.routing import normalize_path
+
+    path = normalize_path(request.raw_path.partition("?")[0]).rstrip("/")
     if path == "/_broker/health":
         _only(request, "GET", "HEAD")
         return _json({"status": "ok"})
     if path == "/_broker/status":
         _only(request, "GET", "HEAD")
-        return _json(status_document(rt))
+        # reasons can quote an upstream (a token endpoint's error): nothing held goes out
+        return _json(json.loads(rt.secrets.redact(json.dumps(status_document(rt)))))
     if path == "/_broker/metrics":
         _only(request, "GET", "HEAD")
         routes = rt.snapshot.config.routes

@@ -14,6 +14,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ from broker.config import PathRule, Policy
 from broker.errors import BrokerError
 
 MAX_FILTERED_RESPONSE = 16 * 1024 * 1024
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -124,27 +126,32 @@ class BudgetLedger:
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int | float):
+            n = float(value)
+        elif isinstance(value, str):
             n = float(value.strip())
-        except ValueError:
+        else:
             return None
-        return n if math.isfinite(n) else None
-    return None
+    except (ValueError, OverflowError):  # "lots", or an integer too large for a float
+        return None
+    return n if math.isfinite(n) else None
 
 
 def find_amounts(doc: Any, fields: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
-    """(field, raw value) for amount fields at the top level or one object down."""
+    """(field, raw value) for amount fields at the top level or one object down.
+
+    Names match without regard to case: some upstreams (Go's encoding/json) read them so.
+    """
+    wanted = {f.lower() for f in fields}
     if not isinstance(doc, dict):
         return
     for key, value in doc.items():
-        if key in fields:
+        if str(key).lower() in wanted:
             yield key, value
         elif isinstance(value, dict):
             for k2, v2 in value.items():
-                if k2 in fields:
+                if str(k2).lower() in wanted:
                     yield f"{key}.{k2}", v2
 
 
@@ -267,6 +274,7 @@ class RoutePolicy:
         mode: str | None,
         max_body: int,
         keep_body: Callable[[bytes], None],
+        has_mode: bool = True,
     ) -> Gate:
         """Let the request through (with what was read), or raise the refusal.
 
@@ -275,13 +283,37 @@ class RoutePolicy:
         """
         now = time.time()
         self._rate(now)
-        self._paths(request.method, path_segments(forwarded_path), forwarded_path)
         p = self.policy
-        if p.require_test_mode and mode == "live":
-            raise _deny(self.route, "require_test_mode", "the route's credential is live (real money)")
+        if (p.allow is not None or p.deny) and _ENCODED_SEPARATOR.search(forwarded_path):
+            # an upstream (or a proxy before it) that decodes %2F would see other segments
+            raise _deny(
+                self.route, "allow/deny", "encoded / or \\ in the path cannot be checked against path rules"
+            )
+        self._paths(request.method, path_segments(forwarded_path), forwarded_path)
+        if p.require_test_mode and (mode == "live" or (has_mode and mode is None)):
+            why = (
+                "the route's credential is live (real money)"
+                if mode == "live"
+                else "cannot tell test from live"
+            )
+            raise _deny(self.route, "require_test_mode", why)
+        if p.max_amount_cents is not None or p.budget is not None:
+            wanted = {f.lower() for f in p.amount_fields}
+            if any(k.lower() in wanted for k in request.query):
+                raise _deny(self.route, "amount_fields", "an amount in the query string")
         gate = Gate()
         if not p.reads_body or not request.body_exists:
             return gate
+        ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if not (
+            ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))
+        ):
+            raise _deny(self.route, "body", "rules on this route read the body: send it as application/json")
+        if encoding not in ("", "identity"):
+            raise _deny(
+                self.route, "body", "rules on this route read the body: send it without Content-Encoding"
+            )
         body = await _read_bounded(request, max_body, self.route)
         gate.body = body
         keep_body(body)
@@ -309,9 +341,13 @@ class RoutePolicy:
             gate.reserved = (now, total)
         return gate
 
-    def settle(self, gate: Gate, upstream_status: int | None) -> None:
-        """A request the upstream did not accept gives its reservation back."""
-        if gate.reserved is not None and (upstream_status is None or upstream_status >= 400):
+    def settle(self, gate: Gate, upstream_status: int | None, maybe_sent: bool) -> None:
+        """A request the upstream refused, or never saw, gives its reservation back.
+
+        One that may have reached it without an answer (a timeout) keeps it: the card may exist.
+        """
+        refused = upstream_status is not None and upstream_status >= 400
+        if gate.reserved is not None and (refused or not maybe_sent):
             self.ledger.refund(self.route, *gate.reserved)
 
     def status(self) -> dict[str, Any]:
@@ -351,7 +387,9 @@ async def _read_bounded(request: web.BaseRequest, limit: int, route: str) -> byt
 
 
 def _filter_message(msg: Any, ids: set[Any], allowed: Callable[[str], bool]) -> Any:
-    if not isinstance(msg, dict) or json.dumps(msg.get("id"), sort_keys=True) not in ids:
+    # Every answer with a tools list is filtered, whatever its id: ids can be written many
+    # ways (1, 1.0, 1e0) and an upstream may echo them in another.
+    if not isinstance(msg, dict):
         return msg
     result = msg.get("result")
     if isinstance(result, dict) and isinstance(result.get("tools"), list):

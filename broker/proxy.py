@@ -46,6 +46,7 @@ RESPONSE_DROP = HOP_BY_HOP | {
 }  # fmt: skip
 # The broker decodes gzip/deflate itself so it can scrub bodies; the agent gets identity.
 UPSTREAM_ACCEPT_ENCODING = "gzip, deflate"
+DECODED = ("gzip", "deflate")  # exactly the encodings asked for above, which aiohttp decodes
 SAFE_TO_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_FILTERED = 16 * 1024 * 1024  # an answer a policy rewrites is read whole, up to this
 REPLAY_LIMIT = 1024 * 1024  # bodies up to this are held so a 401 can be retried after a refresh
@@ -63,6 +64,7 @@ class Exchange:
     error: str | None = None
     body_too_large: bool = field(default=False)
     body: bytes | None = None  # the request body, when it was read whole (policy, retry)
+    maybe_sent: bool = False  # the upstream may have seen the request (so it may have acted on it)
 
     def hold(self, body: bytes) -> None:
         self.body, self.bytes_in = body, len(body)
@@ -94,6 +96,11 @@ def response_headers(
     if "Connection" in up.headers:
         drop |= _connection_tokens(up.headers)
     encoding = up.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity", *DECODED):
+        # bytes the broker cannot decode cannot be scrubbed: they never reach the agent
+        raise BrokerError(
+            "upstream_unreachable", f"the upstream used an unsupported Content-Encoding {encoding!r}"
+        )
     if encoding not in ("", "identity"):
         # the client decoded the body: its length and encoding no longer describe it
         drop |= {istr("Content-Encoding"), istr("Content-Length")}
@@ -161,6 +168,7 @@ async def _send(
     # a pooled keep-alive connection the upstream had closed: requests that cannot spend try twice
     attempts = 2 if request.method in SAFE_TO_RETRY and not request.body_exists else 1
     for attempt in range(attempts):
+        ex.maybe_sent = True
         try:
             async with asyncio.timeout(timeouts.first_byte):
                 return await session.request(
@@ -181,6 +189,8 @@ async def _send(
         except aiohttp.ClientError as exc:
             if ex.body_too_large:
                 raise _too_large(limit, route) from None
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                ex.maybe_sent = False  # no connection: nothing reached the upstream
             stale = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
             if stale and attempt + 1 < attempts:
                 continue
@@ -257,11 +267,13 @@ async def forward(
         headers_out = response_headers(up, secrets, location)
         headers_out["X-Broker-Request-Id"] = ex.request_id
         if response_filter is not None and up.status == 200:
-            return await _filtered(request, up, headers_out, response_filter, secrets, ex)
+            return await _filtered(
+                request, up, headers_out, response_filter, secrets, ex, config.timeouts.idle
+            )
         # A body of known length goes out with the headers in one write; an open-ended stream
         # (SSE) gets its headers at once so the agent sees the answer start.
         cls = _HeadersWithBody if "Content-Length" in headers_out else web.StreamResponse
-        resp = cls(status=up.status, reason=up.reason)
+        resp = cls(status=up.status)  # the standard reason phrase: the upstream's could carry anything
         resp.headers.extend(headers_out)
         try:
             await resp.prepare(request)
@@ -285,14 +297,24 @@ async def _filtered(
     response_filter: Callable[[bytes, str], bytes],
     secrets: SecretSet,
     ex: Exchange,
+    idle: float,
 ) -> web.StreamResponse:
-    raw = await up.content.read(MAX_FILTERED + 1)
-    if len(raw) > MAX_FILTERED:
-        raise BrokerError("upstream_unreachable", "the upstream's answer is too large to filter", None)
+    parts: list[bytes] = []
+    size = 0
+    async with asyncio.timeout(idle) as deadline:  # the whole answer is needed to filter it
+        async for chunk in up.content.iter_any():
+            size += len(chunk)
+            if size > MAX_FILTERED:
+                raise BrokerError(
+                    "upstream_unreachable", "the upstream's answer is too large to filter", None
+                )
+            parts.append(chunk)
+            deadline.reschedule(asyncio.get_running_loop().time() + idle)
+    raw = b"".join(parts)
     scrubber = secrets.scrubber()
     body = scrubber.feed(response_filter(raw, up.headers.get("Content-Type", ""))) + scrubber.flush()
     resp_headers.popall("Content-Length", None)
-    resp = web.Response(status=up.status, reason=up.reason, body=body, headers=resp_headers)
+    resp = web.Response(status=up.status, body=body, headers=resp_headers)
     ex.bytes_out = len(body)
     return resp
 

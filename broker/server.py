@@ -34,7 +34,7 @@ from broker.errors import BrokerError, error_response
 from broker.logs import safe_path
 from broker.metrics import Metrics
 from broker.policy import BudgetLedger, PolicySet
-from broker.routing import RouteTable
+from broker.routing import RouteTable, normalize_path
 from broker.scrub import SecretSet
 from broker.sdnotify import Notifier
 from broker.secrets import SecretStore, open_store
@@ -194,13 +194,15 @@ class Runtime:
                         f"request headers are over limits.max_header_bytes ({cfg.limits.max_header_bytes})",
                         http_status=431,
                     )
-                if OAUTH_DISCOVERY.search(request.raw_path.partition("?")[0]):
+                # checked on the normalized path: `%2Ewell-known`, `%5Fbroker` are the same paths
+                path = normalize_path(request.raw_path.partition("?")[0])
+                if OAUTH_DISCOVERY.search(path):
                     # the broker does OAuth for its agents; an agent that found metadata here
                     # would start its own login against AgentCard
                     raise BrokerError(
                         "not_found", "agents need no OAuth here: the broker holds the credential"
                     )
-                if request.raw_path == "/_broker" or request.raw_path.startswith("/_broker/"):
+                if path == "/_broker" or path.startswith("/_broker/"):
                     route_name = "_broker"
                     resp = await admin.handle(request, self)
                 else:
@@ -212,7 +214,12 @@ class Runtime:
                         await credential.prepare()  # the rules may ask its mode (test or live)
                     gate = (
                         await rules.admit(
-                            request, target.url.raw_path, credential.mode, cfg.limits.max_body_bytes, ex.hold
+                            request,
+                            target.url.raw_path,
+                            credential.mode,
+                            cfg.limits.max_body_bytes,
+                            ex.hold,
+                            has_mode=credential.has_mode,
                         )
                         if rules is not None
                         else None
@@ -232,10 +239,13 @@ class Runtime:
                         )
                     finally:
                         if rules is not None and gate is not None:
-                            rules.settle(gate, ex.upstream_status)
+                            rules.settle(gate, ex.upstream_status, ex.maybe_sent)
             except BrokerError as err:
-                if err.route is None and route_name not in (None, "_broker"):
-                    err = BrokerError(err.code, err.message, route_name, err.retry_after, err.http_status)
+                # a message can quote an upstream's words (a token endpoint's error): mask held secrets
+                route = err.route or (route_name if route_name not in (None, "_broker") else None)
+                err = BrokerError(
+                    err.code, self.secrets.redact(err.message), route, err.retry_after, err.http_status
+                )
                 ex.error = ex.error or err.code
                 if err.code in ("policy_denied", "rate_limited"):
                     ex.detail = err.message  # the audit line says which rule refused it
@@ -278,22 +288,33 @@ class Runtime:
         if request.method == "POST" and request.content_type == "application/json":
             doc: Any = None
             length = request.content_length
-            if ex.body is not None:  # held for a retry: already read
-                with contextlib.suppress(ValueError):
-                    doc = json.loads(ex.body)
-            elif (
-                ex.bytes_in == 0 and request.body_exists and (length is None or length <= JSONRPC_PEEK_BYTES)
-            ):
-                try:
-                    raw = await request.content.read(JSONRPC_PEEK_BYTES + 1)
-                    doc = json.loads(raw) if len(raw) <= JSONRPC_PEEK_BYTES else None
-                except (ValueError, ConnectionError):
-                    doc = None
+            raw: bytes | None = ex.body  # held for a policy or a retry: already read
+            small = length is None or length <= JSONRPC_PEEK_BYTES
+            if raw is None and ex.bytes_in == 0 and request.body_exists and small:
+                raw = await _read_up_to(request, JSONRPC_PEEK_BYTES)
+            if raw is not None:
+                with contextlib.suppress(ValueError, RecursionError):
+                    doc = json.loads(raw)
             if isinstance(doc, dict) and doc.get("jsonrpc") == "2.0":
                 is_rpc, rpc_id = True, doc.get("id")
             elif isinstance(doc, list) and doc and all(isinstance(d, dict) and "jsonrpc" in d for d in doc):
                 is_rpc = True
         return error_response(err, jsonrpc_id=rpc_id, jsonrpc=is_rpc)
+
+
+async def _read_up_to(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The whole body if it is at most `limit` bytes (it may arrive in many chunks), else None."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                return None
+            parts.append(chunk)
+    except ConnectionError:
+        return None
+    return b"".join(parts)
 
 
 # ---------------------------------------------------------------- listeners and lifecycle

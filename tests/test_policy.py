@@ -82,7 +82,8 @@ async def test_amount_cap_and_unreadable_bodies(make_broker: BrokerFactory, upst
         ) as r:
             assert r.status == 403, body
             assert r.headers["X-Broker-Error"] == "policy_denied"
-    async with b.request("POST", "/api/v1/cards", data=b"x" * 3000) as r:
+    too_big = {"Content-Type": "application/json"}
+    async with b.request("POST", "/api/v1/cards", data=b"x" * 3000, headers=too_big) as r:
         assert r.status == 413
     assert upstream.seen == []
     ok = b'{ "cardholder_id" : "ch_1",\n  "card": {"spend_limit_cents": 5000} }'
@@ -263,9 +264,13 @@ def test_tools_list_filter_json_and_sse() -> None:
     filtered = filter_tools_list(sse, "text/event-stream", ids, allowed)
     assert filtered.startswith(b"event: message\nid: 1\ndata: ")
     assert b'"b"' not in filtered and b'"a"' in filtered
-    other = {"jsonrpc": "2.0", "id": 8, "result": {"tools": [{"name": "b"}]}}  # not a tools/list we saw
+    # answers are filtered whatever their id: an upstream may write an id another way (1.0 -> 1)
+    other = {"jsonrpc": "2.0", "id": 8, "result": {"tools": [{"name": "b"}, {"name": "a"}]}}
+    out = json.loads(filter_tools_list(json.dumps(other).encode(), "application/json", ids, allowed))
+    assert out["result"]["tools"] == [{"name": "a"}]
+    error = {"jsonrpc": "2.0", "id": 9, "error": {"code": 1, "message": "x"}}  # nothing to filter
     assert (
-        json.loads(filter_tools_list(json.dumps(other).encode(), "application/json", ids, allowed)) == other
+        json.loads(filter_tools_list(json.dumps(error).encode(), "application/json", ids, allowed)) == error
     )
 
 

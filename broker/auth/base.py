@@ -27,6 +27,7 @@ class Credential(ABC):
     """Per-route credential. Lives across config reloads while the route's auth is unchanged."""
 
     can_refresh = False  # True: an upstream 401 is answered by one refresh and one retry
+    has_mode = True  # False: the credential cannot tell test from live (OAuth tokens)
 
     def __init__(self, route: str) -> None:
         self.route = route

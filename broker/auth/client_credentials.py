@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from broker.auth.base import AuthState, Credential
-from broker.auth.oauth import HTTP_TIMEOUT, MAX_SKEW_S
+from broker.auth.oauth import HTTP_TIMEOUT, MAX_SKEW_S, error_code
 from broker.config import ClientCredentialsAuth
 from broker.scrub import SecretSet
 from broker.secrets import SecretStore, resolve
@@ -105,7 +105,7 @@ class ClientCredentialsCredential(Credential):
                 ) from None
             token = doc.get("access_token") if isinstance(doc, dict) else None
             if status != 200 or not isinstance(token, str) or not token:
-                error = doc.get("error", "") if isinstance(doc, dict) else ""
+                error = error_code(doc)
                 self.state = AuthState.CREDENTIAL_REJECTED
                 self.reason = f"the token endpoint refused the client (HTTP {status} {error}); {self._fix()}"
                 raise self.error("credential_rejected", self.reason)
@@ -117,7 +117,7 @@ class ClientCredentialsCredential(Credential):
             self.expires_at = datetime.fromtimestamp(now + lifetime, UTC)
             self.refreshes += 1
             self.state = AuthState.READY
-            self.mode = "test" if self.auth.client_id.startswith("test") else None
+            self.mode = None  # a platform token does not say whether it is test or live
             self.reason = f"platform token minted, valid until {self.expires_at.isoformat()}"
 
     def on_upstream_status(self, status: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -229,6 +230,15 @@ def parse_token_response(doc: dict[str, Any], previous_refresh: str | None = Non
     )
 
 
+_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
+
+
+def error_code(doc: Any) -> str:
+    """An RFC 6749 error code from a response, or "": never free text, which could echo a secret."""
+    error = doc.get("error") if isinstance(doc, dict) else None
+    return error if isinstance(error, str) and _ERROR_CODE.match(error) else ""
+
+
 async def token_request(
     session: aiohttp.ClientSession, client: ClientRecord, form: dict[str, str]
 ) -> dict[str, Any]:
@@ -250,7 +260,7 @@ async def token_request(
                 doc = None
             if r.status == 200 and isinstance(doc, dict):
                 return doc
-            error = str(doc.get("error", "")) if isinstance(doc, dict) else ""
+            error = error_code(doc)
             raise OAuthError(f"the token endpoint answered HTTP {r.status} {error}".strip(), error)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise OAuthError(f"cannot reach the token endpoint: {type(exc).__name__}") from None
@@ -397,6 +407,7 @@ class OAuthCredential(Credential):
     """Tokens from a `login`, kept fresh. One refresh at a time however many requests wait."""
 
     can_refresh = True
+    has_mode = False
 
     def __init__(self, route: Route, auth: OAuthAuth, store: SecretStore, secrets: SecretSet) -> None:
         super().__init__(route.name)
@@ -443,7 +454,7 @@ class OAuthCredential(Credential):
         )
         self.scope = tokens.scope if tokens else ""
         self.subject = tokens.subject if tokens else None
-        self.mode = "test" if tokens and not tokens.dead else None
+        self.mode = None  # an OAuth token does not say whether the account is test or live
         if tokens is None or client is None:
             self.state = AuthState.NO_CREDENTIAL
             self.reason = f"never logged in; {self._fix()}"
