@@ -44,6 +44,7 @@ class ApiKeyCredential(Credential):
         self._value: str | None = None
         self._header: dict[str, str] = {}
         self._checked_at = float("-inf")
+        self._stale = True
         self._lock = asyncio.Lock()
         self.reason = "not read yet"
 
@@ -77,11 +78,12 @@ class ApiKeyCredential(Credential):
 
     async def refresh_from_store(self) -> None:
         async with self._lock:
+            self._stale = False  # an invalidate() during the read below sets it again
             self._apply(await asyncio.to_thread(self.lookup))
 
     async def prepare(self) -> None:
         age = time.monotonic() - self._checked_at
-        if age > (RECHECK_READY_S if self._value else RECHECK_MISSING_S):
+        if self._stale or age > (RECHECK_READY_S if self._value else RECHECK_MISSING_S):
             await self.refresh_from_store()
 
     async def authorization(self) -> dict[str, str]:
@@ -107,4 +109,4 @@ class ApiKeyCredential(Credential):
             self.reason = f"{self.mode}-mode key from {self.auth.key.describe()}"
 
     def invalidate(self) -> None:
-        self._checked_at = float("-inf")
+        self._stale = True  # set-key or a reload: read the store before the next request

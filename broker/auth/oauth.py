@@ -16,9 +16,10 @@ import contextlib
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -29,6 +30,7 @@ from broker.errors import BrokerError
 from broker.scrub import SecretSet
 from broker.secrets import SecretStore, SecretStoreError, resolve
 
+_T = TypeVar("_T")
 CLIENT_ACCOUNT = "{route}:oauth_client"
 TOKENS_ACCOUNT = "{route}:oauth_tokens"
 SECRET_ACCOUNT = "{route}:client_secret"
@@ -339,36 +341,35 @@ class OAuthStore:
     def __init__(self, route: str, store: SecretStore) -> None:
         self.route = route
         self.store = store
+        self._client_account = CLIENT_ACCOUNT.format(route=route)
+        self._tokens_account = TOKENS_ACCOUNT.format(route=route)
+
+    def _load(self, account: str, parse: Callable[[str], _T]) -> _T | None:
+        raw = self.store.get(account)
+        if not raw:
+            return None
+        try:
+            return parse(raw)
+        except (ValueError, TypeError):  # unreadable: as if absent, a new login replaces it
+            return None
 
     def load_client(self) -> ClientRecord | None:
-        raw = self.store.get(CLIENT_ACCOUNT.format(route=self.route))
-        if not raw:
-            return None
-        try:
-            return ClientRecord.from_json(raw)
-        except (ValueError, TypeError):
-            return None
+        return self._load(self._client_account, ClientRecord.from_json)
 
     def save_client(self, client: ClientRecord) -> None:
-        self.store.set(CLIENT_ACCOUNT.format(route=self.route), client.to_json())
+        self.store.set(self._client_account, client.to_json())
 
     def drop_client(self) -> None:
-        self.store.delete(CLIENT_ACCOUNT.format(route=self.route))
+        self.store.delete(self._client_account)
 
     def load_tokens(self) -> TokenSet | None:
-        raw = self.store.get(TOKENS_ACCOUNT.format(route=self.route))
-        if not raw:
-            return None
-        try:
-            return TokenSet.from_json(raw)
-        except (ValueError, TypeError):
-            return None
+        return self._load(self._tokens_account, TokenSet.from_json)
 
     def save_tokens(self, tokens: TokenSet) -> None:
-        self.store.set(TOKENS_ACCOUNT.format(route=self.route), tokens.to_json())
+        self.store.set(self._tokens_account, tokens.to_json())
 
     def drop_tokens(self) -> bool:
-        return self.store.delete(TOKENS_ACCOUNT.format(route=self.route))
+        return self.store.delete(self._tokens_account)
 
 
 def pinned_client(route: Route, auth: OAuthAuth, meta: ServerMetadata, store: SecretStore) -> ClientRecord:
@@ -467,6 +468,7 @@ class OAuthCredential(Credential):
 
     async def refresh_from_store(self) -> None:
         async with self._load_lock:
+            self._stale = False  # an invalidate() during the read below sets it again
             try:
                 client, tokens = await asyncio.to_thread(self._load)
             except SecretStoreError as exc:
@@ -475,7 +477,6 @@ class OAuthCredential(Credential):
                 self.reason = str(exc)
                 return
             self._checked_at = time.monotonic()
-            self._stale = False
             if tokens is not self._tokens or client is not self._client:
                 self._remember(tokens, client)
 
