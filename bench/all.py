@@ -15,17 +15,20 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import benchlib as bl  # noqa: E402
+
 SCRIPTS = ("rest", "latency", "tls", "memory", "startup", "mcp")
 
 Row = dict[str, Any]  # script, measure, value, unit, goal ("-" when none), ok (None when no target)
@@ -152,11 +155,8 @@ ADAPTERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
 
 
 def fmt(value: Any, unit: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, float):
-        value = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-    return f"{value} {unit}".strip()
+    """fmt_value, with NaN as "n/a" too."""
+    return "n/a" if isinstance(value, float) and math.isnan(value) else bl.fmt_value(value, unit)
 
 
 def run_script(name: str, json_path: Path, extra: list[str]) -> tuple[int, float]:
@@ -202,7 +202,7 @@ def broker_code() -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p = bl.arg_parser(__doc__)
     p.add_argument("--only", help=f"comma-separated subset of {','.join(SCRIPTS)}")
     p.add_argument("--skip", help="comma-separated scripts to leave out")
     p.add_argument("--json", metavar="PATH", help="also write the summary (and each script's JSON) here")
@@ -218,19 +218,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    tmp = Path(tempfile.mkdtemp(prefix="agentcard-bench-all-"))
     rows: list[Row] = []
     docs: dict[str, Any] = {}
     runs: dict[str, dict[str, Any]] = {}
-    try:
+    with bl.BenchRun("agentcard-bench-all-", keep=False, errors=()) as run:
         for name in args.scripts:
-            out = tmp / f"{name}.json"
+            out = run.tmp / f"{name}.json"
             rc, took = run_script(name, out, [])
             runs[name] = {"exit": rc, "seconds": round(took, 1)}
             doc: dict[str, Any] | None = None
@@ -247,13 +240,8 @@ def main() -> int:
                 rows += ADAPTERS[name](doc)
             except (KeyError, TypeError, ValueError) as exc:
                 rows.append(row(name, "(summary)", f"unreadable JSON: {exc!r}", "", "-", False))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        shutil.rmtree(tmp, ignore_errors=True)
+    if run.exit_code:
+        return run.exit_code
 
     print()
     print("=" * 100)
@@ -272,26 +260,21 @@ def main() -> int:
     ]
     heads = ("script", "measure", "figure", "target", "result")
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
-    line = " | ".join(f"{h:<{w}}" for h, w in zip(heads, widths, strict=True))
-    print(line)
-    print("-+-".join("-" * w for w in widths))
-    for c in cells:
-        print(
-            " | ".join(
-                f"{v:>{w}}" if i == 2 else f"{v:<{w}}" for i, (v, w) in enumerate(zip(c, widths, strict=True))
-            )
-        )
+    table = bl.Table(
+        *(
+            (h, f">{w}" if i == 2 else f"<{w}", f"<{w}")
+            for i, (h, w) in enumerate(zip(heads, widths, strict=True))
+        ),
+        ruled=True,
+    )
+    table.print_all(cells)
     targets = [r for r in rows if r["ok"] is not None]
     failed = [r for r in targets if not r["ok"]]
     print()
     print(f"targets: {len(targets) - len(failed)} met, {len(failed)} missed")
     for r in failed:
         print(f"  MISSED {r['script']}: {r['measure']} = {fmt(r['value'], r['unit'])} (target {r['goal']})")
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"runs": runs, "summary": rows, "results": docs}, indent=2, default=str) + "\n"
-        )
-        print(f"wrote {args.json}")
+    bl.write_json(args.json, {"runs": runs, "summary": rows, "results": docs})
     return 1 if failed or any(r["exit"] != 0 for r in runs.values()) else 0
 
 

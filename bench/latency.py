@@ -23,10 +23,7 @@ import argparse
 import asyncio
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -37,30 +34,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import aiohttp  # noqa: E402
-from benchlib import (  # noqa: E402
-    check,
-    install_signal_handlers,
-    print_checks,
-    restore_signal_handlers,
-    summarize_ms,
-    tcp_table_read_ms,
-    tcp_table_size,
-    write_json,
-)
-from rest import (  # noqa: E402
-    BENCH_PATH,
-    HOST,
-    broker_config,
-    broker_env,
-    broker_log_problems,
-    free_port,
-    sanity,
-    start_broker,
-    start_nginx,
-    stop_process,
-    store_key,
-    tail,
-)
+import benchlib as bl  # noqa: E402
 
 TARGETS = ("direct", "broker")
 ADDED_P50_TARGET_MS = 0.5
@@ -131,7 +105,7 @@ def make_schedule(rate: float, duration: float, block: float) -> list[tuple[str,
 
 
 async def measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, Run]:
-    urls = {t: f"http://{HOST}:{ports[t]}{BENCH_PATH}" for t in TARGETS}
+    urls = {t: f"http://{bl.HOST}:{ports[t]}{bl.BENCH_PATH}" for t in TARGETS}
     timeout = aiohttp.ClientTimeout(total=10)
     runs = {t: Run() for t in TARGETS}
     measuring = False
@@ -175,18 +149,17 @@ async def measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, 
             for k, v in r.failures.items():
                 runs[target].failures[k] = runs[target].failures.get(k, 0) + v
             if r.latency_ms:
-                runs[target].block_medians.append(summarize_ms(r.latency_ms)["p50"])
+                runs[target].block_medians.append(bl.summarize_ms(r.latency_ms)["p50"])
         return runs
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p = bl.arg_parser(__doc__)
     p.add_argument("--rate", type=float, default=200.0, help="requests per second, open loop (default 200)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of measured load (default 10)")
     p.add_argument("--block", type=float, default=1.0, help="seconds per alternating block (default 1)")
     p.add_argument("--warmup", type=float, default=1.0, help="unrecorded seconds per target (default 1)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    bl.add_output_args(p)
     a = p.parse_args()
     if a.rate <= 0 or a.duration <= 0 or a.block <= 0 or a.warmup < 0:
         p.error("--rate, --duration and --block must be positive, --warmup not negative")
@@ -195,22 +168,15 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    install_signal_handlers()
-    tmp = Path(tempfile.mkdtemp(prefix="agentcard-bench-latency-"))
-    nginx: subprocess.Popen[bytes] | None = None
-    broker: subprocess.Popen[bytes] | None = None
-    broker_log = tmp / "broker.log"
-    try:
-        ports = {"direct": free_port(), "nginx": free_port(), "broker": free_port()}
-        if len(set(ports.values())) != 3:
-            raise RuntimeError(f"port picking collided: {ports}")
-        (tmp / "big.bin").touch()  # rest.py's nginx.conf names it; not used here
-        nginx = start_nginx(tmp, ports["direct"], ports["nginx"], 1)
-        env = broker_env(tmp)
-        cfg = broker_config(tmp, ports["broker"], ports["direct"])
-        store_key(cfg, env)
-        broker = start_broker(cfg, env, ports["broker"], broker_log)
-        sanity(ports)
+    with bl.BenchRun("agentcard-bench-latency-", args.keep) as run:
+        broker_log = run.broker_log
+        ports = bl.free_ports("direct", "nginx", "broker")
+        run.stop_on_exit(bl.start_nginx(run.tmp, ports["direct"], ports["nginx"]), "nginx")
+        cfg, env = bl.prepare_broker(
+            run.tmp, ports["broker"], [bl.api_route(f"http://{bl.HOST}:{ports['direct']}")]
+        )
+        broker = run.stop_on_exit(bl.start_broker(cfg, env, ports["broker"], broker_log), "broker")
+        bl.sanity(ports)
 
         print(
             f"open loop at {args.rate:g} req/s for {args.duration:g}s, {args.block:g}s blocks ...",
@@ -218,14 +184,16 @@ def main() -> int:
         )
         runs = asyncio.run(measure(args, ports))
         if broker.poll() is not None:
-            raise RuntimeError(f"broker died during the run (code {broker.returncode}):\n{tail(broker_log)}")
-        sanity(ports)
-        problems = broker_log_problems(broker_log)
+            raise RuntimeError(
+                f"broker died during the run (code {broker.returncode}):\n{bl.tail(broker_log)}"
+            )
+        bl.sanity(ports)
+        problems = bl.broker_log_problems(broker_log)
 
-        res: dict[str, Any] = {t: summarize_ms(runs[t].latency_ms) for t in TARGETS}
-        lag = {t: summarize_ms(runs[t].lag_ms) for t in TARGETS}
+        res: dict[str, Any] = {t: bl.summarize_ms(runs[t].latency_ms) for t in TARGETS}
+        lag = {t: bl.summarize_ms(runs[t].lag_ms) for t in TARGETS}
         fails = {t: runs[t].failures for t in TARGETS}
-        table = {"entries": tcp_table_size(), "read_ms": tcp_table_read_ms()}
+        table = bl.tcp_table()
         slow = {
             t: sorted(zip(runs[t].at_s, runs[t].latency_ms, strict=True), key=lambda x: -x[1])[:5]
             for t in TARGETS
@@ -239,21 +207,26 @@ def main() -> int:
 
         print()
         print(
-            f"agentcard-broker latency bench: open loop GET {BENCH_PATH} at {args.rate:g} req/s for "
+            f"agentcard-broker latency bench: open loop GET {bl.BENCH_PATH} at {args.rate:g} req/s for "
             f"{args.duration:g}s, alternating {args.block:g}s blocks direct/broker, keep-alive "
             f"({os.cpu_count()} CPUs, python {platform.python_version()}, aiohttp {aiohttp.__version__})"
         )
         print()
-        head = f"{'target':<7} | {'n':>5} | {'p50 ms':>7} | {'p90 ms':>7} | {'p99 ms':>7} | {'mean ms':>7}"
-        head += f" | {'max ms':>7} | {'lag p99 ms':>10} | failures"
-        print(head)
-        print("-" * len(head))
-        for t in TARGETS:
-            s = res[t]
-            print(
-                f"{t:<7} | {s['n']:>5} | {s['p50']:>7.3f} | {s['p90']:>7.3f} | {s['p99']:>7.3f} | "
-                f"{s['mean']:>7.3f} | {s['max']:>7.3f} | {lag[t]['p99']:>10.3f} | {fails[t] or 0}"
-            )
+        ms = ">7.3f"
+        bl.Table(
+            ("target", "<7"),
+            ("n", ">5"),
+            ("p50 ms", ms),
+            ("p90 ms", ms),
+            ("p99 ms", ms),
+            ("mean ms", ms),
+            ("max ms", ms),
+            ("lag p99 ms", ">10.3f"),
+            ("failures", ""),
+        ).print_all(
+            (t, s["n"], s["p50"], s["p90"], s["p99"], s["mean"], s["max"], lag[t]["p99"], fails[t] or 0)
+            for t, s in res.items()
+        )
         print()
         print(
             f"added by the broker: p50 {added['p50']:+.3f} ms, p90 {added['p90']:+.3f} ms, "
@@ -275,16 +248,14 @@ def main() -> int:
             + f"; TCP sockets on this machine: {table['entries']}, reading /proc/net/tcp takes "
             f"{table['read_ms']} ms"
         )
-        print(f"broker log lines at warning or above: {len(problems)}")
-        for doc in problems[:10]:
-            print(f"  {str(doc)[:300]}")
+        bl.print_log_problems(problems)
 
         checks = [
-            check("latency: added p50", added["p50"], "ms", "<", ADDED_P50_TARGET_MS),
-            check("latency: added p99", added["p99"], "ms", "<", ADDED_P99_TARGET_MS),
+            bl.check("latency: added p50", added["p50"], "ms", "<", ADDED_P50_TARGET_MS),
+            bl.check("latency: added p99", added["p99"], "ms", "<", ADDED_P99_TARGET_MS),
         ]
-        print_checks(checks)
-        write_json(
+        bl.report_checks(
+            checks,
             args.json,
             {
                 "config": {
@@ -292,7 +263,7 @@ def main() -> int:
                     "duration_s": args.duration,
                     "block_s": args.block,
                     "warmup_s": args.warmup,
-                    "path": BENCH_PATH,
+                    "path": bl.BENCH_PATH,
                     "cpus": os.cpu_count(),
                     "python": platform.python_version(),
                     "aiohttp": aiohttp.__version__,
@@ -306,26 +277,9 @@ def main() -> int:
                 "new_connections": {t: runs[t].new_connections for t in TARGETS},
                 "tcp_table_after": table,
                 "broker_log_problems": problems,
-                "checks": checks,
             },
         )
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        if broker_log.exists():
-            print(f"broker log tail:\n{tail(broker_log)}", file=sys.stderr)
-        return 1
-    finally:
-        restore_signal_handlers()
-        stop_process(broker, "broker")
-        stop_process(nginx, "nginx")
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return run.exit_code
 
 
 if __name__ == "__main__":

@@ -65,7 +65,6 @@ import signal
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Generator
@@ -74,24 +73,28 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-# This file is named mcp.py: drop its own directory from the import path, or `import mcp` finds it
-# instead of the MCP SDK. Then add the repository root, for `tests.mcp_upstream`.
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import benchlib as bl  # noqa: E402
+
+# This file is named mcp.py: now that benchlib is in, drop its own directory from the import path, or
+# `import mcp` finds it instead of the MCP SDK. Then add the repository root, for `tests.mcp_upstream`.
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 import httpx2  # noqa: E402
-import yaml  # noqa: E402
 from mcp import Client  # noqa: E402
 from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
 from tests.mcp_upstream import McpUpstream, run_mcp_upstream  # noqa: E402
 
-HOST = "127.0.0.1"
+LOG_LINES = 30  # of the broker log, when something fails
 MODES = ("legacy", "auto")
 WARMUP_CALLS = 10
 ACCESS_TTL = 3600
@@ -105,39 +108,6 @@ OAUTH_PATHS = (("POST", "/register"), ("GET", "/authorize"), ("POST", "/token"))
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-def _pdeathsig() -> None:  # runs in the child before exec: die with us even on SIGKILL of this script
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def proc_usage(pid: int) -> dict[str, Any]:
-    """VmRSS, VmHWM (KiB), open fds and threads of a process, from /proc (empty off Linux)."""
-    out: dict[str, Any] = {}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "Threads"):
-                out[key] = int(rest.split()[0])
-        out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
-    return out
 
 
 def set_listener_nodelay(port: int) -> int:
@@ -162,7 +132,7 @@ def set_listener_nodelay(port: int) -> int:
                     s.family == socket.AF_INET
                     and s.type == socket.SOCK_STREAM
                     and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                    and s.getsockname() == (HOST, port)
+                    and s.getsockname() == (bl.HOST, port)
                 ):
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     done += 1
@@ -184,19 +154,6 @@ def child_pids(needle: str) -> list[int]:
             if ppid == os.getpid() and needle.encode() in cmdline:
                 found.append(int(d))
     return found
-
-
-def tcp_table_rows() -> int | None:
-    """Sockets listed in /proc/net/tcp and tcp6 (None off Linux).
-
-    The broker looks a loopback peer up there once per new agent connection (broker/peers.py), so
-    its cost grows with this count (TIME_WAIT leftovers included); in mode "legacy" mcp.Client
-    opens a new connection per call.
-    """
-    try:
-        return sum(len(Path(t).read_text().splitlines()) - 1 for t in ("/proc/net/tcp", "/proc/net/tcp6"))
-    except OSError:
-        return None
 
 
 TCP_STATES = {"01": "established", "06": "time_wait", "08": "close_wait", "0A": "listen"}
@@ -232,81 +189,17 @@ def tcp_sockets(pid: int, broker_port: int, upstream_port: int) -> dict[str, int
     return dict(sorted(out.items()))
 
 
-def broker_log_problems(log: Path) -> list[dict[str, Any]]:
-    """Broker log lines at warning level or above (or not JSON), parsed."""
-    found = []
-    for line in log.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-            if not isinstance(doc, dict):
-                raise ValueError
-        except ValueError:
-            doc = {"level": "unparsed", "event": line}
-        if str(doc.get("level", "")).lower() not in ("debug", "info"):
-            found.append(doc)
-    return found
-
-
-def stats(samples_ms: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(samples_ms, n=100, method="inclusive")
-    return {
-        "n": len(samples_ms),
-        "p50": round(q[49], 3),
-        "p90": round(q[89], 3),
-        "p99": round(q[98], 3),
-        "mean": round(statistics.fmean(samples_ms), 3),
-        "min": round(min(samples_ms), 3),
-        "max": round(max(samples_ms), 3),
-    }
-
-
 # ---------------------------------------------------------------- the broker side
 
 
-def broker_env(tmp: Path) -> dict[str, str]:
-    home = tmp / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTCARD_")}
-    env.update(
-        HOME=str(home),
-        XDG_DATA_HOME=str(home / "data"),
-        XDG_STATE_HOME=str(home / "state"),
-        XDG_CONFIG_HOME=str(home / "config"),
-        PYTHON_KEYRING_BACKEND="keyrings.alt.file.PlaintextKeyring",
-    )
-    for sub in ("", "data", "state", "config"):
-        (home / sub).mkdir(mode=0o700, exist_ok=True)
-    return env
-
-
-def broker_config(tmp: Path, port: int, up: McpUpstream) -> Path:
-    doc = {
-        "listen": [f"{HOST}:{port}"],
-        "allow_insecure_upstream": True,
-        "secret_store": "keyring",
-        "timeouts": {"connect": 10, "first_byte": 60, "idle": 300, "drain": 2},
-        "log": {"level": "warning", "format": "json", "audit": False},
-        "routes": [
-            {
-                "name": "mcp",
-                "prefix": "/mcp",
-                "upstream": up.mcp_url,
-                "auth": {"type": "oauth", "scopes": ["cards"], "redirect_port": free_port()},
-            }
-        ],
+def mcp_broker_config(tmp: Path, port: int, up: McpUpstream) -> Path:
+    route = {
+        "name": "mcp",
+        "prefix": "/mcp",
+        "upstream": up.mcp_url,
+        "auth": {"type": "oauth", "scopes": ["cards"], "redirect_port": bl.free_port()},
     }
-    path = tmp / "broker.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    path.chmod(0o600)
-    return path
-
-
-def broker_cmd() -> str:
-    exe = shutil.which("agentcard-broker")
-    if exe is None:
-        raise RuntimeError("the `agentcard-broker` command is not on PATH (pip install -e . in the repo)")
-    return exe
+    return bl.broker_config(tmp, port, [route])
 
 
 async def login(cfg: Path, env: dict[str, str], timeout: float = 30) -> str:
@@ -315,7 +208,7 @@ async def login(cfg: Path, env: dict[str, str], timeout: float = 30) -> str:
     Asynchronous on purpose: the upstream's authorization server lives on this event loop.
     """
     proc = await asyncio.create_subprocess_exec(
-        broker_cmd(), "login", "mcp", "--config", str(cfg), "--no-browser", "--timeout", str(timeout),
+        bl.broker_cmd(), "login", "mcp", "--config", str(cfg), "--no-browser", "--timeout", str(timeout),
         env=env, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -337,7 +230,7 @@ async def login(cfg: Path, env: dict[str, str], timeout: float = 30) -> str:
                 if r.status != 302:
                     raise RuntimeError(f"authorize answered {r.status}: {(await r.text())[:300]}")
                 location = r.headers["Location"]
-            if urlsplit(location).hostname != HOST:
+            if urlsplit(location).hostname != bl.HOST:
                 raise RuntimeError(f"authorize redirected off 127.0.0.1: {location.split('?')[0]}")
             async with s.get(location) as r:
                 if r.status != 200:
@@ -356,31 +249,14 @@ async def login(cfg: Path, env: dict[str, str], timeout: float = 30) -> str:
 async def start_broker(cfg: Path, env: dict[str, str], port: int, log: Path) -> asyncio.subprocess.Process:
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            broker_cmd(), "run", "--config", str(cfg),
-            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err, preexec_fn=_pdeathsig,
+            bl.broker_cmd(), "run", "--config", str(cfg),
+            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err, preexec_fn=bl.pdeathsig,
         )  # fmt: skip
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                raise RuntimeError(f"broker exited with code {proc.returncode}; its log:\n{tail(log)}")
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with s.get(
-                    f"http://{HOST}:{port}/_broker/health", timeout=aiohttp.ClientTimeout(total=1)
-                ) as r:
-                    if r.status == 200:
-                        return proc
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"broker did not answer /_broker/health within 30s; its log:\n{tail(log)}")
-
-
-async def broker_status(port: int) -> dict[str, Any]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.get(f"http://{HOST}:{port}/_broker/status", timeout=aiohttp.ClientTimeout(total=5)) as r,
-    ):
-        doc: dict[str, Any] = await r.json()
-        return doc
+    # polled from a thread: the upstream's authorization server lives on this event loop
+    await asyncio.to_thread(
+        bl.wait_health, port, lambda: proc.returncode, log, started=time.perf_counter(), log_lines=LOG_LINES
+    )
+    return proc
 
 
 async def stop_broker(proc: asyncio.subprocess.Process | None) -> int | None:
@@ -672,7 +548,7 @@ async def run_mode(
     samples: dict[str, list[float]] = {t: [] for t in targets}
     blocks: list[dict[str, Any]] = []
     remote_proc: dict[str, Any] = {}
-    tcp_rows_before = tcp_table_rows()
+    tcp_rows_before = bl.tcp_table_size()
     t_open = time.perf_counter()
     t_close: float | None = None
     try:
@@ -691,7 +567,7 @@ async def run_mode(
                 await warm_up(c, k, args.call_timeout, base=seq * 1_000_000 + WARMUP_BASE[k])
             pids = child_pids("mcp-remote") if remote is not None else []
             if len(pids) == 1:
-                remote_proc = {"pid": pids[0], "usage_after_warmup": proc_usage(pids[0])}
+                remote_proc = {"pid": pids[0], "usage_after_warmup": bl.proc_usage(pids[0])}
             i = 0
             round_no = 0
             while i < args.calls:
@@ -708,8 +584,8 @@ async def run_mode(
                 i += size
                 round_no += 1
             if remote_proc:
-                remote_proc["usage_after_calls"] = proc_usage(remote_proc["pid"])
-            tcp_rows_after = tcp_table_rows()
+                remote_proc["usage_after_calls"] = bl.proc_usage(remote_proc["pid"])
+            tcp_rows_after = bl.tcp_table_size()
             t_close = time.perf_counter()
             closing.reschedule(asyncio.get_running_loop().time() + args.call_timeout)
     except TimeoutError:
@@ -722,7 +598,7 @@ async def run_mode(
     if remote_proc:
         await asyncio.sleep(0.2)
         remote_proc["exited_after_close"] = not Path(f"/proc/{remote_proc['pid']}").exists()
-    st = {t: stats(samples[t]) for t in targets}
+    st = {t: bl.summarize_ms(samples[t], interpolate=True, digits=3) for t in targets}
     direct = st["direct"]
     # per round: a target's block median minus direct's block median (pairs the runs that share noise)
     by_round: dict[int, dict[str, float]] = {}
@@ -796,12 +672,11 @@ def oauth_calls(up: McpUpstream) -> dict[str, int]:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p = bl.arg_parser(__doc__)
     p.add_argument("--calls", type=int, default=200, help="timed calls per target and mode (default 200)")
     p.add_argument("--block", type=int, default=50, help="calls per rotating block (default 50)")
     p.add_argument("--call-timeout", type=float, default=30.0, help="seconds before a call counts as hung")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    bl.add_output_args(p)
     p.add_argument(
         "--upstream-nagle",
         action="store_true",
@@ -839,19 +714,24 @@ def print_report(results: list[dict[str, Any]], extra: dict[str, Any], args: arg
         )
     print(f"upstream TCP_NODELAY: {extra['upstream_nodelay']}")
     print()
-    head = f"{'mode':<6} | {'target':<10} | {'p50 ms':>7} | {'p90 ms':>7} | {'p99 ms':>7} | {'mean ms':>7}"
-    head += f" | {'min ms':>7} | {'max ms':>7}"
-    print(head)
-    print("-" * len(head))
+    ms = ">7.2f"
+    table = bl.Table(
+        ("mode", "<6"),
+        ("target", "<10"),
+        ("p50 ms", ms),
+        ("p90 ms", ms),
+        ("p99 ms", ms),
+        ("mean ms", ms),
+        ("min ms", ms),
+        ("max ms", ms),
+    )
+    table.print_head()
     for res in results:
         for target in res["targets"]:
             s = res[target]
-            print(
-                f"{res['mode']:<6} | {target:<10} | {s['p50']:>7.2f} | {s['p90']:>7.2f} | {s['p99']:>7.2f} | "
-                f"{s['mean']:>7.2f} | {s['min']:>7.2f} | {s['max']:>7.2f}"
-            )
+            table.print_row(res["mode"], target, s["p50"], s["p90"], s["p99"], s["mean"], s["min"], s["max"])
         if res.get("mcp_remote_skipped"):
-            print(f"{res['mode']:<6} | {'mcp-remote':<10} | left out: {res['mcp_remote_skipped']}")
+            print(f"{table.cells(res['mode'], 'mcp-remote')} | left out: {res['mcp_remote_skipped']}")
     print()
     print("per-call overhead over direct (target - direct), ms")
     print(
@@ -902,9 +782,7 @@ def print_report(results: list[dict[str, Any]], extra: dict[str, Any], args: arg
     print(f"broker TCP sockets before: {b['tcp_before']}")
     print(f"broker TCP sockets after:  {b['tcp_after']}")
     print(f"broker route state after: {b['route_state_after']}; exit code on SIGTERM: {b['exit_code']}")
-    print(f"broker log lines at warning or above: {len(b['log_problems'])}")
-    for doc in b["log_problems"][:20]:
-        print(f"  {json.dumps(doc)[:400]}")
+    bl.print_log_problems(b["log_problems"], [json.dumps(doc)[:400] for doc in b["log_problems"][:20]])
     if r:
         print()
         print(f"upstream /.well-known requests (mcp-remote reads them at start): {u['well_known_requests']}")
@@ -931,9 +809,7 @@ def print_report(results: list[dict[str, Any]], extra: dict[str, Any], args: arg
 
 
 async def amain(args: argparse.Namespace) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="agentcard-bench-mcp-"))
     broker: asyncio.subprocess.Process | None = None
-    broker_log = tmp / "broker.log"
     remote: McpRemote | None = None
     extra: dict[str, Any] = {
         "versions": {
@@ -942,7 +818,16 @@ async def amain(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
         }
     }
-    try:
+
+    def remote_log_tails() -> None:
+        if remote is not None:
+            for name, ls in remote.log_lines().items():
+                print(f"mcp-remote {name} tail:\n" + "\n".join(ls[-20:]), file=sys.stderr)
+
+    async with bl.BenchRun("agentcard-bench-mcp-", args.keep, log_lines=LOG_LINES) as run:
+        run.callback(lambda: stop_broker(broker))
+        run.on_failure(remote_log_tails)
+        tmp, broker_log = run.tmp, run.broker_log
         if not args.no_mcp_remote:
             print(f"npm install mcp-remote@{MCP_REMOTE_VERSION} ...", file=sys.stderr)
             remote = await install_mcp_remote(tmp, silent=not args.mcp_remote_logs)
@@ -957,21 +842,21 @@ async def amain(args: argparse.Namespace) -> int:
                     extra["upstream_nodelay"] = "set by the bench" if n else "could not be set"
                     if not n:
                         print("note: could not set TCP_NODELAY on the upstream listener", file=sys.stderr)
-                port = free_port()
-                env = broker_env(tmp)
-                cfg = broker_config(tmp, port, up)
+                port = bl.free_port()
+                env = bl.broker_env(tmp)
+                cfg = mcp_broker_config(tmp, port, up)
                 print("login via `agentcard-broker login mcp --no-browser` ...", file=sys.stderr)
                 login_out = await login(cfg, env)
                 broker = await start_broker(cfg, env, port, broker_log)
-                status = await broker_status(port)
+                status = await asyncio.to_thread(bl.broker_status, port)
                 route = status["routes"][0]
                 if route.get("state") != "ready":
                     raise RuntimeError(f"broker route not ready after login: {route}")
                 token = await direct_token(up)
-                broker_url = f"http://{HOST}:{port}/mcp"
+                broker_url = f"http://{bl.HOST}:{port}/mcp"
                 await asyncio.sleep(0.3)
                 up_port = urlsplit(up.base).port or 0
-                usage_before = proc_usage(broker.pid)
+                usage_before = bl.proc_usage(broker.pid)
                 sockets_before = tcp_sockets(broker.pid, port, up_port)
                 oauth_before = oauth_calls(up)
 
@@ -997,11 +882,13 @@ async def amain(args: argparse.Namespace) -> int:
                     p50s = ", ".join(f"{t} p50 {res[t]['p50']:.2f} ms" for t in res["targets"])
                     print(f"  {p50s}", file=sys.stderr)
                     if broker.returncode is not None:
-                        raise RuntimeError(f"broker died during mode {mode}:\n{tail(broker_log)}")
+                        raise RuntimeError(
+                            f"broker died during mode {mode}:\n{bl.tail(broker_log, LOG_LINES)}"
+                        )
                 await asyncio.sleep(1.0)  # let closed sessions and connections settle
-                usage_after = proc_usage(broker.pid)
+                usage_after = bl.proc_usage(broker.pid)
                 sockets_after = tcp_sockets(broker.pid, port, up_port)
-                route_after = (await broker_status(port))["routes"][0].get("state")
+                route_after = (await asyncio.to_thread(bl.broker_status, port))["routes"][0].get("state")
                 extra["upstream"] = upstream_traffic(up, token)
                 oauth_after = oauth_calls(up)
             finally:
@@ -1014,7 +901,7 @@ async def amain(args: argparse.Namespace) -> int:
             "tcp_after": sockets_after,
             "route_state_after": route_after,
             "exit_code": exit_code,
-            "log_problems": broker_log_problems(broker_log),
+            "log_problems": bl.broker_log_problems(broker_log),
         }
         if remote is not None:
             extra["mcp_remote"] = {
@@ -1030,55 +917,28 @@ async def amain(args: argparse.Namespace) -> int:
             }
         extra["login_output_lines"] = len(login_out.splitlines())
         print_report(results, extra, args)
-        if args.json:
-            doc = {
-                "config": {
-                    "calls": args.calls,
-                    "block": args.block,
-                    "warmup_calls": WARMUP_CALLS,
-                    "access_ttl_s": ACCESS_TTL,
-                    "upstream_nodelay": extra["upstream_nodelay"],
-                    "cpus": os.cpu_count(),
-                    **extra["versions"],
-                },
-                "results": results,
-                "upstream": extra["upstream"],
-                "broker": extra["broker"],
-            }
-            if remote is not None:
-                doc["mcp_remote"] = extra["mcp_remote"]
-            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-            print(f"wrote {args.json}")
-        return 0
-    except (RuntimeError, CallFailed) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        if broker_log.exists():
-            print(f"broker log tail:\n{tail(broker_log)}", file=sys.stderr)
+        doc = {
+            "config": {
+                "calls": args.calls,
+                "block": args.block,
+                "warmup_calls": WARMUP_CALLS,
+                "access_ttl_s": ACCESS_TTL,
+                "upstream_nodelay": extra["upstream_nodelay"],
+                "cpus": os.cpu_count(),
+                **extra["versions"],
+            },
+            "results": results,
+            "upstream": extra["upstream"],
+            "broker": extra["broker"],
+        }
         if remote is not None:
-            for name, ls in remote.log_lines().items():
-                print(f"mcp-remote {name} tail:\n" + "\n".join(ls[-20:]), file=sys.stderr)
-        return 1
-    finally:
-        await stop_broker(broker)
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+            doc["mcp_remote"] = extra["mcp_remote"]
+        bl.write_json(args.json, doc)
+    return run.exit_code
 
 
 def main() -> int:
-    args = parse_args()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    try:
-        return asyncio.run(amain(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return bl.run_async(amain(parse_args()))
 
 
 if __name__ == "__main__":

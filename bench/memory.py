@@ -19,7 +19,7 @@ asked on a fresh connection that itself counts as one fd and one task in every s
    limit), sampled once every stream has had its first event (or failed, or `--stream-timeout`);
 3. all streams closed by the client, sampled `--settle` s later; tasks and fds must be back at idle
    (when not, they are polled up to 20 s more to tell slow from leaked);
-4. 200 MiB downloaded from nginx /big through the broker, read 1 MiB at a time (rest.stream_big;
+4. 200 MiB downloaded from nginx /big through the broker, read 1 MiB at a time (benchlib.stream_big;
    the body is never held), RSS sampled every 20 ms meanwhile;
 5. `--requests` small GETs with `--concurrency` keep-alive connections.
 
@@ -34,10 +34,7 @@ import asyncio
 import contextlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -48,34 +45,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import aiohttp  # noqa: E402
+import benchlib as bl  # noqa: E402
 from aiohttp import web  # noqa: E402
-from benchlib import (  # noqa: E402
-    broker_status,
-    check,
-    install_signal_handlers,
-    print_checks,
-    raise_nofile,
-    restore_signal_handlers,
-    write_json,
-)
-from rest import (  # noqa: E402
-    BENCH_PATH,
-    BIG_BYTES,
-    HOST,
-    broker_config,
-    broker_env,
-    broker_log_problems,
-    free_port,
-    mib,
-    rss_kib,
-    sanity,
-    start_broker,
-    start_nginx,
-    stop_process,
-    store_key,
-    stream_big,
-    tail,
-)
 
 SSE_RSS_TARGET_MIB = 60.0
 BIG_RSS_TARGET_MIB = 10.0
@@ -115,7 +86,7 @@ class SseUpstream:
         app.router.add_get("/sse/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self.runner.setup()
-        await web.TCPSite(self.runner, HOST, port, backlog=4096).start()
+        await web.TCPSite(self.runner, bl.HOST, port, backlog=4096).start()
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -126,9 +97,9 @@ class SseUpstream:
 
 
 def sample(pid: int, port: int, phase: str, **extra: Any) -> dict[str, Any]:
-    status = broker_status(port)
+    status = bl.broker_status(port)
     proc = status.get("process") or {}
-    rss = rss_kib(pid)
+    rss = bl.rss_kib(pid)
     return {
         "phase": phase,
         "rss_kib": rss["VmRSS"],
@@ -201,7 +172,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, st: Streams, t0: 
 async def sse_phase(
     args: argparse.Namespace, pid: int, port: int, up: SseUpstream, idle: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    url = f"http://{HOST}:{port}/sse/stream"
+    url = f"http://{bl.HOST}:{port}/sse/stream"
     st = Streams(args.streams)
     session = aiohttp.ClientSession(
         # no limit; force_close: a refused stream's connection is closed, not kept idle in the pool
@@ -274,7 +245,7 @@ def _back(s: dict[str, Any], idle: dict[str, Any]) -> bool:
 
 
 async def small_gets(port: int, n: int, concurrency: int) -> dict[str, Any]:
-    url = f"http://{HOST}:{port}{BENCH_PATH}"
+    url = f"http://{bl.HOST}:{port}{bl.BENCH_PATH}"
     statuses: Counter[str] = Counter()
     left = iter(range(n))
     async with aiohttp.ClientSession(
@@ -305,32 +276,25 @@ async def small_gets(port: int, n: int, concurrency: int) -> dict[str, Any]:
 
 
 async def amain(args: argparse.Namespace, nofile: tuple[int, int]) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="agentcard-bench-memory-"))
-    nginx: subprocess.Popen[bytes] | None = None
-    broker: subprocess.Popen[bytes] | None = None
-    broker_log = tmp / "broker.log"
     up = SseUpstream()
-    try:
-        ports = {"direct": free_port(), "nginx": free_port(), "broker": free_port(), "sse": free_port()}
-        if len(set(ports.values())) != 4:
-            raise RuntimeError(f"port picking collided: {ports}")
-        with (tmp / "big.bin").open("wb") as f:
-            f.truncate(BIG_BYTES)  # sparse zeros, as in rest.py
-        nginx = await asyncio.to_thread(start_nginx, tmp, ports["direct"], ports["nginx"], 1)
+    async with bl.BenchRun("agentcard-bench-memory-", args.keep) as run:
+        broker_log = run.broker_log
+        ports = bl.free_ports("direct", "nginx", "broker", "sse")
+        nginx = await asyncio.to_thread(
+            bl.start_nginx, run.tmp, ports["direct"], ports["nginx"], big_bytes=bl.BIG_BYTES
+        )
+        run.stop_on_exit(nginx, "nginx")
+        run.callback(up.stop)
         await up.start(ports["sse"])
 
-        env = broker_env(tmp)
-        sse_route = {
-            "name": "sse",
-            "prefix": "/sse",
-            "upstream": f"http://{HOST}:{ports['sse']}/sse",
-            "auth": {"type": "api_key", "key": "keyring"},
-        }
-        cfg = broker_config(tmp, ports["broker"], ports["direct"], extra_routes=[sse_route])
-        await asyncio.to_thread(store_key, cfg, env, "api")
-        await asyncio.to_thread(store_key, cfg, env, "sse")
-        broker = await asyncio.to_thread(start_broker, cfg, env, ports["broker"], broker_log)
-        pid = int(broker_status(ports["broker"]).get("pid") or broker.pid)
+        routes = [
+            bl.api_route(f"http://{bl.HOST}:{ports['direct']}"),
+            bl.api_route(f"http://{bl.HOST}:{ports['sse']}/sse", name="sse", prefix="/sse"),
+        ]
+        cfg, env = await asyncio.to_thread(bl.prepare_broker, run.tmp, ports["broker"], routes)
+        broker = await asyncio.to_thread(bl.start_broker, cfg, env, ports["broker"], broker_log)
+        run.stop_on_exit(broker, "broker")
+        pid = int(bl.broker_status(ports["broker"]).get("pid") or broker.pid)
         limits = Path(f"/proc/{pid}/limits").read_text()
         broker_nofile = next((ln.split()[3:5] for ln in limits.splitlines() if "open files" in ln), None)
 
@@ -347,17 +311,17 @@ async def amain(args: argparse.Namespace, nofile: tuple[int, int]) -> int:
             file=sys.stderr,
         )
         if broker.poll() is not None:
-            raise RuntimeError(f"broker died during the SSE phase:\n{tail(broker_log)}")
+            raise RuntimeError(f"broker died during the SSE phase:\n{bl.tail(broker_log)}")
 
         before_big = await asample(pid, ports["broker"], "before the 200 MiB stream")
         print("streaming 200 MiB through the broker ...", file=sys.stderr)
-        big = await asyncio.to_thread(stream_big, ports["broker"], pid)
+        big = await asyncio.to_thread(bl.stream_big, ports["broker"], pid)
         await asyncio.sleep(0.5)
         after_big = await asample(
             pid,
             ports["broker"],
             "after a 200 MiB stream",
-            note=f"peak during {mib(big['peak_rss_during_kib']):.1f} MiB, {big['mib_per_s']} MiB/s",
+            note=f"peak during {bl.mib(big['peak_rss_during_kib']):.1f} MiB, {big['mib_per_s']} MiB/s",
         )
         samples.append(after_big)
         big_growth_kib = max(big["peak_rss_during_kib"], after_big["rss_kib"]) - before_big["rss_kib"]
@@ -374,9 +338,9 @@ async def amain(args: argparse.Namespace, nofile: tuple[int, int]) -> int:
             )
         )
         if broker.poll() is not None:
-            raise RuntimeError(f"broker died:\n{tail(broker_log)}")
-        await asyncio.to_thread(sanity, {**ports})
-        problems = broker_log_problems(broker_log)
+            raise RuntimeError(f"broker died:\n{bl.tail(broker_log)}")
+        await asyncio.to_thread(bl.sanity, {**ports})
+        problems = bl.broker_log_problems(broker_log)
 
         # ------------------------------------------------------------ report
         print()
@@ -387,15 +351,24 @@ async def amain(args: argparse.Namespace, nofile: tuple[int, int]) -> int:
         )
         print()
         width = max(len(s["phase"]) for s in samples)
-        head = f"{'phase':<{width}} | {'RSS MiB':>7} | {'Δ idle':>7} | {'tasks':>5} | {'fds':>5} | note"
-        print(head)
-        print("-" * len(head))
-        for s in samples:
-            print(
-                f"{s['phase']:<{width}} | {mib(s['rss_kib']):>7.1f} | "
-                f"{mib(s['rss_kib'] - idle['rss_kib']):>+7.1f} | {s['tasks']!s:>5} | {s['open_fds']!s:>5} | "
-                f"{s.get('note', '')}"
+        bl.Table(
+            ("phase", f"<{width}"),
+            ("RSS MiB", ">7.1f"),
+            ("Δ idle", ">+7.1f"),
+            ("tasks", ">5"),
+            ("fds", ">5"),
+            ("note", ""),
+        ).print_all(
+            (
+                s["phase"],
+                bl.mib(s["rss_kib"]),
+                bl.mib(s["rss_kib"] - idle["rss_kib"]),
+                str(s["tasks"]),
+                str(s["open_fds"]),
+                s.get("note", ""),
             )
+            for s in samples
+        )
         print()
         print(
             f"SSE: {sse['first_event']}/{sse['streams']} had a first event (p50 "
@@ -418,15 +391,13 @@ async def amain(args: argparse.Namespace, nofile: tuple[int, int]) -> int:
         else:
             print(f"tasks and fds back to idle {sse['back_to_idle_after_s']} s after the client closed")
         print(
-            f"200 MiB stream: RSS before {mib(before_big['rss_kib']):.1f} MiB, peak during "
-            f"{mib(big['peak_rss_during_kib']):.1f} MiB, after {mib(after_big['rss_kib']):.1f} MiB: "
-            f"growth {mib(big_growth_kib):+.1f} MiB; {big['bytes']} bytes in {big['seconds']} s"
+            f"200 MiB stream: RSS before {bl.mib(before_big['rss_kib']):.1f} MiB, peak during "
+            f"{bl.mib(big['peak_rss_during_kib']):.1f} MiB, after {bl.mib(after_big['rss_kib']):.1f} MiB: "
+            f"growth {bl.mib(big_growth_kib):+.1f} MiB; {big['bytes']} bytes in {big['seconds']} s"
         )
-        print(f"high-water mark (VmHWM) at the end: {mib(samples[-1]['hwm_kib']):.1f} MiB")
+        print(f"high-water mark (VmHWM) at the end: {bl.mib(samples[-1]['hwm_kib']):.1f} MiB")
         print("(fds after the stream/GET phases include the broker's pooled keep-alive connections to nginx)")
-        print(f"broker log lines at warning or above: {len(problems)}")
-        for doc in problems[:10]:
-            print(f"  {str(doc)[:300]}")
+        bl.print_log_problems(problems)
 
         after_close = sse_samples[1]
         partial = (
@@ -435,24 +406,26 @@ async def amain(args: argparse.Namespace, nofile: tuple[int, int]) -> int:
             else None
         )
         checks = [
-            check("memory: SSE streams with a first event", sse["first_event"], "", ">=", args.streams),
-            check(
+            bl.check("memory: SSE streams with a first event", sse["first_event"], "", ">=", args.streams),
+            bl.check(
                 f"memory: RSS with {args.streams} SSE streams (Δ idle)",
-                mib(sse_samples[0]["rss_kib"] - idle["rss_kib"]),
+                bl.mib(sse_samples[0]["rss_kib"] - idle["rss_kib"]),
                 "MiB",
                 "<",
                 SSE_RSS_TARGET_MIB,
                 invalid=partial,
             ),
-            check("memory: 200 MiB stream RSS growth", mib(big_growth_kib), "MiB", "<", BIG_RSS_TARGET_MIB),
-            check(
+            bl.check(
+                "memory: 200 MiB stream RSS growth", bl.mib(big_growth_kib), "MiB", "<", BIG_RSS_TARGET_MIB
+            ),
+            bl.check(
                 f"memory: tasks over idle {args.settle:g}s after close",
                 after_close["tasks"] - idle["tasks"],
                 "",
                 "==",
                 0,
             ),
-            check(
+            bl.check(
                 f"memory: fds over idle {args.settle:g}s after close",
                 after_close["open_fds"] - idle["open_fds"],
                 "",
@@ -460,8 +433,8 @@ async def amain(args: argparse.Namespace, nofile: tuple[int, int]) -> int:
                 0,
             ),
         ]
-        print_checks(checks)
-        write_json(
+        bl.report_checks(
+            checks,
             args.json,
             {
                 "config": {
@@ -485,34 +458,19 @@ async def amain(args: argparse.Namespace, nofile: tuple[int, int]) -> int:
                 },
                 "small_gets": gets,
                 "broker_log_problems": problems,
-                "checks": checks,
             },
         )
-        return 0
-    except RuntimeError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        if broker_log.exists():
-            print(f"broker log tail:\n{tail(broker_log)}", file=sys.stderr)
-        return 1
-    finally:
-        stop_process(broker, "broker")
-        await up.stop()
-        stop_process(nginx, "nginx")
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return run.exit_code
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p = bl.arg_parser(__doc__)
     p.add_argument("--streams", type=int, default=1000, help="concurrent SSE streams (default 1000)")
     p.add_argument("--stream-timeout", type=float, default=60.0, help="seconds to wait for first events")
     p.add_argument("--settle", type=float, default=2.0, help="seconds after closing before sampling (2)")
     p.add_argument("--requests", type=int, default=10000, help="small GETs in the last phase (10000)")
     p.add_argument("--concurrency", type=int, default=16, help="connections for the small GETs (16)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    bl.add_output_args(p)
     a = p.parse_args()
     if a.streams < 1 or a.requests < 1 or a.concurrency < 1:
         p.error("--streams, --requests and --concurrency must be at least 1")
@@ -521,17 +479,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    nofile = raise_nofile()  # before the broker starts: it inherits the limit
+    nofile = bl.raise_nofile()  # before the broker starts: it inherits the limit
     if nofile[0] < 2 * args.streams + 256:
         print(f"note: RLIMIT_NOFILE is {nofile[0]}; {args.streams} streams need about {2 * args.streams}")
-    install_signal_handlers()
-    try:
-        return asyncio.run(amain(args, nofile))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        restore_signal_handlers()
+    return bl.run_async(amain(args, nofile))
 
 
 if __name__ == "__main__":

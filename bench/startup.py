@@ -17,7 +17,6 @@ are done first and not counted (page cache). Median and min of `--runs`. Targets
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import shutil
@@ -25,7 +24,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,24 +32,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from benchlib import (  # noqa: E402
-    check,
-    install_signal_handlers,
-    print_checks,
-    restore_signal_handlers,
-    write_json,
-)
-from rest import (  # noqa: E402
-    _pdeathsig,
-    broker_cmd,
-    broker_config,
-    broker_env,
-    free_port,
-    get,
-    stop_process,
-    store_key,
-    tail,
-)
+import benchlib as bl  # noqa: E402
 
 POLL_S = 0.005
 READY_TARGET_S = 0.6
@@ -61,7 +42,7 @@ HELP_TARGET_S = 0.25
 def real_exe() -> str:
     """The console script of this interpreter's installation; the PATH one when there is none."""
     exe = Path(sys.executable).parent / "agentcard-broker"
-    return str(exe) if exe.is_file() and os.access(exe, os.X_OK) else broker_cmd()
+    return str(exe) if exe.is_file() and os.access(exe, os.X_OK) else bl.broker_cmd()
 
 
 def time_ready(exe: str, cfg: Path, env: dict[str, str], port: int, log: Path) -> float:
@@ -70,26 +51,10 @@ def time_ready(exe: str, cfg: Path, env: dict[str, str], port: int, log: Path) -
     try:
         with log.open("ab") as err:
             started = time.perf_counter()
-            proc = subprocess.Popen(
-                [exe, "run", "--config", str(cfg)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                preexec_fn=_pdeathsig,
-            )
-        deadline = started + 30
-        while time.perf_counter() < deadline:
-            with contextlib.suppress(OSError):
-                status, _ = get(port, "/_broker/health", timeout=2)
-                if status == 200:
-                    return time.perf_counter() - started
-            if proc.poll() is not None:
-                raise RuntimeError(f"broker exited with code {proc.returncode}; its log:\n{tail(log)}")
-            time.sleep(POLL_S)
-        raise RuntimeError(f"broker did not answer /_broker/health within 30s; its log:\n{tail(log)}")
+            proc = bl.spawn_broker(exe, cfg, env, err)
+        return bl.wait_health(port, proc.poll, log, started=started, poll_s=POLL_S, get_timeout=2)
     finally:
-        stop_process(proc, "broker", signal.SIGTERM)
+        bl.stop_process(proc, "broker", signal.SIGTERM)
 
 
 def time_cmd(cmd: list[str], env: dict[str, str]) -> float:
@@ -112,11 +77,10 @@ def stats_s(values: list[float]) -> dict[str, Any]:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p = bl.arg_parser(__doc__)
     p.add_argument("--runs", type=int, default=10, help="timed runs of each (default 10)")
     p.add_argument("--warmup", type=int, default=1, help="uncounted runs of each first (default 1)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, config)")
+    bl.add_output_args(p, "logs, config")
     a = p.parse_args()
     if a.runs < 1 or a.warmup < 0:
         p.error("--runs must be at least 1 and --warmup at least 0")
@@ -125,16 +89,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    install_signal_handlers()
-    tmp = Path(tempfile.mkdtemp(prefix="agentcard-bench-startup-"))
-    log = tmp / "broker.log"
-    try:
+    with bl.BenchRun("agentcard-bench-startup-", args.keep, log_lines=0) as run:
         exe = real_exe()
         shim = shutil.which("agentcard-broker")
-        env = broker_env(tmp)
-        port = free_port()
-        cfg = broker_config(tmp, port, free_port())  # the upstream is never contacted
-        store_key(cfg, env)
+        ports = bl.free_ports("broker", "upstream")  # the upstream is never contacted
+        cfg, env = bl.prepare_broker(
+            run.tmp, ports["broker"], [bl.api_route(f"http://{bl.HOST}:{ports['upstream']}")]
+        )
+        port, log = ports["broker"], run.broker_log
 
         ready: list[float] = []
         for i in range(args.warmup + args.runs):
@@ -165,8 +127,6 @@ def main() -> int:
         )
         print(f"executable: {exe}")
         print()
-        print(f"{'measure':<44} | {'median s':>8} | {'min s':>8} | {'max s':>8}")
-        print(f"{'-' * 44}-+-{'-' * 8}-+-{'-' * 8}-+-{'-' * 8}")
         rows = [
             ("spawn `run` -> /_broker/health 200", r),
             ("`agentcard-broker --help`", h),
@@ -174,17 +134,18 @@ def main() -> int:
         ]
         if s:
             rows.append(("(`--help` via the PATH shim)", s))
-        for name, st in rows:
-            print(f"{name:<44} | {st['median_s']:>8.3f} | {st['min_s']:>8.3f} | {st['max_s']:>8.3f}")
+        bl.Table(
+            ("measure", "<44"), ("median s", ">8.3f"), ("min s", ">8.3f"), ("max s", ">8.3f"), ruled=True
+        ).print_all((name, st["median_s"], st["min_s"], st["max_s"]) for name, st in rows)
         print(f"ready runs (s): {' '.join(f'{v:.3f}' for v in r['runs_s'])}")
         print(f"--help runs (s): {' '.join(f'{v:.3f}' for v in h['runs_s'])}")
 
         checks = [
-            check("startup: ready median", r["median_s"], "s", "<", READY_TARGET_S),
-            check("startup: --help median", h["median_s"], "s", "<", HELP_TARGET_S),
+            bl.check("startup: ready median", r["median_s"], "s", "<", READY_TARGET_S),
+            bl.check("startup: --help median", h["median_s"], "s", "<", HELP_TARGET_S),
         ]
-        print_checks(checks)
-        write_json(
+        bl.report_checks(
+            checks,
             args.json,
             {
                 "config": {
@@ -200,22 +161,9 @@ def main() -> int:
                 "help": h,
                 "python_floor": f,
                 "help_via_shim": s,
-                "checks": checks,
             },
         )
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        restore_signal_handlers()
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return run.exit_code
 
 
 if __name__ == "__main__":

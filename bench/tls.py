@@ -21,14 +21,11 @@ Reported: requests/s, p50/p99 per request and the ratio broker/direct in request
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import platform
 import shutil
 import ssl
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,86 +34,33 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from benchlib import (  # noqa: E402
-    check,
-    install_signal_handlers,
-    print_checks,
-    restore_signal_handlers,
-    summarize_ms,
-    tcp_table_read_ms,
-    tcp_table_size,
-    write_json,
-)
-from rest import (  # noqa: E402
-    BENCH_PATH,
-    FAKE_KEY,
-    HOST,
-    broker_config,
-    broker_env,
-    broker_log_problems,
-    free_port,
-    get,
-    launch_nginx,
-    nginx_user_line,
-    start_broker,
-    stop_process,
-    store_key,
-    tail,
-)
+import benchlib as bl  # noqa: E402
 
 RATIO_TARGET = 2.0
 TARGETS = ("direct", "broker")
 
-TLS_NGINX_CONF = """\
-{user}daemon off;
-master_process on;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
+TLS_HTTP = """\
     log_format conns '$connection $ssl_protocol $ssl_session_reused $request_uri';
-    access_log {tmp}/nginx-access.log conns;
-    client_body_temp_path {tmp}/nginx-tmp/client_body;
-    proxy_temp_path {tmp}/nginx-tmp/proxy;
-    fastcgi_temp_path {tmp}/nginx-tmp/fastcgi;
-    uwsgi_temp_path {tmp}/nginx-tmp/uwsgi;
-    scgi_temp_path {tmp}/nginx-tmp/scgi;
-    default_type application/json;
-    keepalive_requests 10000000;
-    keepalive_timeout 120s;
+    access_log {tmp}/nginx-access.log conns;"""
 
+TLS_SERVER = """\
     server {{
         listen {host}:{port} ssl;
         ssl_certificate {cert};
         ssl_certificate_key {key_file};
         ssl_protocols TLSv1.2 TLSv1.3;
-        location / {{
-            return 200 '{{"ok":true}}';
-        }}
-        location = /_bench/auth {{
-            if ($http_authorization = "Bearer {key}") {{
-                return 200 '{{"auth":"ok"}}';
-            }}
-            return 401 '{{"auth":"missing or wrong"}}';
-        }}
-    }}
-}}
-"""
+{locations}
+    }}"""
 
 
 def make_cert(tmp: Path) -> tuple[Path, Path]:
     cert, key = tmp / "cert.pem", tmp / "key.pem"
-    done = subprocess.run(
+    done = bl.capture(
         [
             *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
             *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
             *("-keyout", str(key), "-out", str(cert)),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
+        ]
     )
     if done.returncode != 0:
         raise RuntimeError(f"openssl req failed ({done.returncode}): {done.stderr}")
@@ -125,13 +69,7 @@ def make_cert(tmp: Path) -> tuple[Path, Path]:
 
 def direct_get(port: int, path: str, ctx: ssl.SSLContext) -> tuple[int, bytes]:
     """One request on a brand-new TLS connection (full handshake: no session is offered), then close."""
-    conn = http.client.HTTPSConnection(HOST, port, timeout=10, context=ctx)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    return bl.get(port, path, context=ctx)
 
 
 def access_log(tmp: Path) -> list[tuple[str, str, str, str]]:
@@ -144,12 +82,11 @@ def access_log(tmp: Path) -> list[tuple[str, str, str, str]]:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p = bl.arg_parser(__doc__)
     p.add_argument("--requests", type=int, default=500, help="timed requests per target (default 500)")
     p.add_argument("--block", type=int, default=50, help="requests per alternating block (default 50)")
     p.add_argument("--warmup", type=int, default=20, help="unrecorded requests per target (default 20)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, certs)")
+    bl.add_output_args(p, "logs, certs")
     a = p.parse_args()
     if a.requests < 2 or a.block < 1 or a.warmup < 0:
         p.error("--requests must be at least 2, --block at least 1, --warmup not negative")
@@ -158,62 +95,44 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    install_signal_handlers()
-    tmp = Path(tempfile.mkdtemp(prefix="agentcard-bench-tls-"))
-    nginx: subprocess.Popen[bytes] | None = None
-    broker: subprocess.Popen[bytes] | None = None
-    broker_log = tmp / "broker.log"
-    try:
+    with bl.BenchRun("agentcard-bench-tls-", args.keep, errors=(RuntimeError, OSError)) as run:
+        tmp, broker_log = run.tmp, run.broker_log
         if shutil.which("openssl") is None:
             raise RuntimeError("openssl is not installed")
-        ports = {"direct": free_port(), "broker": free_port()}
-        if len(set(ports.values())) != 2:
-            raise RuntimeError(f"port picking collided: {ports}")
+        ports = bl.free_ports("direct", "broker")
         cert, key_file = make_cert(tmp)
-        conf = TLS_NGINX_CONF.format(
-            user=nginx_user_line(),
-            tmp=tmp,
-            host=HOST,
-            port=ports["direct"],
-            cert=cert,
-            key_file=key_file,
-            key=FAKE_KEY,
+        server = TLS_SERVER.format(
+            host=bl.HOST, port=ports["direct"], cert=cert, key_file=key_file, locations=bl.UPSTREAM_LOCATIONS
         )
-        nginx = launch_nginx(tmp, conf, (ports["direct"],))
+        conf = bl.nginx_conf(tmp, TLS_HTTP.format(tmp=tmp), server)
+        run.stop_on_exit(bl.launch_nginx(tmp, conf, (ports["direct"],)), "nginx")
 
         ctx = ssl.create_default_context(cafile=str(cert))
-        env = broker_env(tmp)
+        upstream_route = bl.api_route(f"https://{bl.HOST}:{ports['direct']}")
+        cfg, env = bl.prepare_broker(tmp, ports["broker"], [upstream_route], insecure=False)
         env["SSL_CERT_FILE"] = str(cert)
         env.pop("SSL_CERT_DIR", None)  # trust exactly this certificate
-        cfg = broker_config(
-            tmp,
-            ports["broker"],
-            ports["direct"],
-            upstream=f"https://{HOST}:{ports['direct']}",
-            insecure=False,
-        )
-        store_key(cfg, env)
-        broker = start_broker(cfg, env, ports["broker"], broker_log)
+        broker = run.stop_on_exit(bl.start_broker(cfg, env, ports["broker"], broker_log), "broker")
 
         # sanity: TLS verification works both ways and the broker injects the key
-        status, body = direct_get(ports["direct"], BENCH_PATH, ctx)
+        status, body = direct_get(ports["direct"], bl.BENCH_PATH, ctx)
         if status != 200:
-            raise RuntimeError(f"sanity: direct GET {BENCH_PATH} answered {status}: {body[:200]!r}")
+            raise RuntimeError(f"sanity: direct GET {bl.BENCH_PATH} answered {status}: {body[:200]!r}")
         if direct_get(ports["direct"], "/_bench/auth", ctx)[0] != 401:
             raise RuntimeError("sanity: the upstream's auth check is broken (direct was not refused)")
-        status, body = get(ports["broker"], "/_bench/auth")
+        status, body = bl.get(ports["broker"], "/_bench/auth")
         if status != 200:
             raise RuntimeError(
                 f"sanity: broker /_bench/auth answered {status} (TLS trust or key?): {body[:300]!r}"
             )
 
         def one(target: str, tag: str) -> float:
-            path = f"{BENCH_PATH}?via={target}&{tag}"
+            path = f"{bl.BENCH_PATH}?via={target}&{tag}"
             started = time.perf_counter()
             if target == "direct":
                 status, _ = direct_get(ports["direct"], path, ctx)
             else:
-                status, _ = get(ports["broker"], path)
+                status, _ = bl.get(ports["broker"], path)
             elapsed = time.perf_counter() - started
             if status != 200:
                 raise RuntimeError(f"{target} GET {path} answered {status}")
@@ -241,7 +160,9 @@ def main() -> int:
             done += n
             rnd += 1
         if broker.poll() is not None:
-            raise RuntimeError(f"broker died during the run (code {broker.returncode}):\n{tail(broker_log)}")
+            raise RuntimeError(
+                f"broker died during the run (code {broker.returncode}):\n{bl.tail(broker_log)}"
+            )
 
         rows = access_log(tmp)
         upstream: dict[str, Any] = {}
@@ -253,57 +174,58 @@ def main() -> int:
                 "protocols": sorted({r[1] for r in mine}),
                 "session_reused": sum(1 for r in mine if r[2] == "r"),
             }
-        problems = broker_log_problems(broker_log)
+        problems = bl.broker_log_problems(broker_log)
 
         res: dict[str, Any] = {}
         for target in TARGETS:
-            s = summarize_ms([v * 1000 for v in samples[target]])
+            s = bl.summarize_ms([v * 1000 for v in samples[target]])
             s["rps"] = round(len(samples[target]) / busy[target], 1)
             res[target] = s
         ratio = round(res["broker"]["rps"] / res["direct"]["rps"], 3)
 
         print()
         print(
-            f"agentcard-broker TLS bench: {args.requests} sequential GET {BENCH_PATH} per target, a new "
+            f"agentcard-broker TLS bench: {args.requests} sequential GET {bl.BENCH_PATH} per target, a new "
             f"connection each, blocks of {args.block} alternating ({os.cpu_count()} CPUs, python "
             f"{platform.python_version()}, {ssl.OPENSSL_VERSION})"
         )
         print()
-        head = (
-            f"{'target':<7} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'mean ms':>7} | {'max ms':>7}"
+        ms = ">7.3f"
+        tab = bl.Table(
+            ("target", "<7"),
+            ("req/s", ">8.1f"),
+            ("p50 ms", ms),
+            ("p99 ms", ms),
+            ("mean ms", ms),
+            ("max ms", ms),
+            ("upstream: requests / TLS connections / protocols", ""),
         )
-        head += " | upstream: requests / TLS connections / protocols"
-        print(head)
-        print("-" * len(head))
+        tab.print_head()
         for t in TARGETS:
             s, u = res[t], upstream[t]
-            print(
-                f"{t:<7} | {s['rps']:>8.1f} | {s['p50']:>7.3f} | {s['p99']:>7.3f} | {s['mean']:>7.3f} | "
-                f"{s['max']:>7.3f} | {u['requests']} / {u['connections']} / {','.join(u['protocols'])}"
-            )
+            seen = f"{u['requests']} / {u['connections']} / {','.join(u['protocols'])}"
+            tab.print_row(t, s["rps"], s["p50"], s["p99"], s["mean"], s["max"], seen)
         print()
         print("direct = a new TLS connection to nginx per request (full handshake)")
         print("broker = a new plain-HTTP connection to the broker per request; its TLS to nginx is pooled")
         print(f"req/s broker/direct {ratio:.3f}")
-        table = {"entries": tcp_table_size(), "read_ms": tcp_table_read_ms()}
+        table = bl.tcp_table()
         print(
             f"TCP sockets on this machine after the run: {table['entries']} (/proc/net/tcp + tcp6 entries, "
             f"TIME_WAIT included); reading /proc/net/tcp once takes {table['read_ms']} ms here"
         )
-        print(f"broker log lines at warning or above: {len(problems)}")
-        for doc in problems[:10]:
-            print(f"  {str(doc)[:300]}")
+        bl.print_log_problems(problems)
 
-        checks = [check("tls: req/s broker/direct", ratio, "x", ">=", RATIO_TARGET)]
-        print_checks(checks)
-        write_json(
+        checks = [bl.check("tls: req/s broker/direct", ratio, "x", ">=", RATIO_TARGET)]
+        bl.report_checks(
+            checks,
             args.json,
             {
                 "config": {
                     "requests": args.requests,
                     "block": args.block,
                     "warmup": args.warmup,
-                    "path": BENCH_PATH,
+                    "path": bl.BENCH_PATH,
                     "cpus": os.cpu_count(),
                     "python": platform.python_version(),
                     "openssl": ssl.OPENSSL_VERSION,
@@ -314,26 +236,9 @@ def main() -> int:
                 "ratio_rps_broker_direct": ratio,
                 "tcp_table_after": table,
                 "broker_log_problems": problems,
-                "checks": checks,
             },
         )
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (RuntimeError, OSError) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        if broker_log.exists():
-            print(f"broker log tail:\n{tail(broker_log)}", file=sys.stderr)
-        return 1
-    finally:
-        restore_signal_handlers()
-        stop_process(broker, "broker")
-        stop_process(nginx, "nginx")
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return run.exit_code
 
 
 if __name__ == "__main__":
