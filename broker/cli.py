@@ -609,9 +609,8 @@ def cmd_stdio(args: argparse.Namespace) -> int:
     host = cfg.allowed_hosts[0] if cfg.allowed_hosts else "127.0.0.1"
     if listen.kind == "unix":
         url, host_header, unix_path = f"http://localhost{prefix}", host, listen.path
-    else:
-        h = f"[{listen.host}]" if ":" in listen.host else listen.host
-        url, host_header, unix_path = f"http://{h}:{listen.port}{prefix}", f"{host}:{listen.port}", None
+    else:  # str(Listen) is HOST:PORT, IPv6 in brackets
+        url, host_header, unix_path = f"http://{listen}{prefix}", f"{host}:{listen.port}", None
     try:
         return asyncio.run(stdio.run(url, host_header, unix_path))
     except KeyboardInterrupt:
@@ -632,7 +631,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         return 1
     route = cfg.route(args.route)
     tcp = next((x for x in cfg.listen if x.kind == "tcp" and x.port), None)
-    base = f"http://{'[' + tcp.host + ']' if ':' in tcp.host else tcp.host}:{tcp.port}" if tcp else ""
+    base = f"http://{tcp}" if tcp else ""
     prefix = route.prefix if route and route.prefix != "/" else ""
     stdio_cmd = [*broker_command(), "stdio", args.route, "--config", str(Path(cfg.path).resolve())]
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,26 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     monkeypatch.delenv("AGENTCARD_API_KEY", raising=False)
     keyring.set_keyring(PlaintextKeyring())
     yield home
+
+
+class Blocked(Exception):
+    """Raised by the alarm fixture; not an OSError, so no `except OSError` swallows it."""
+
+
+@pytest.fixture
+def alarm() -> Iterator[None]:
+    """Turn a hang (a loop that never ends, an open() that blocks) into a failure after 0.5 s."""
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise Blocked("blocked for 0.5 s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def store_key(value: str, route: str = "api") -> None:

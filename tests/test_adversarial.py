@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-from typing import Any
 
 import keyring
 from aiohttp import web
@@ -19,16 +18,11 @@ from tests.conftest import (
     raw_http,
     store_key,
 )
+from tests.test_policy import with_policy
 
 TOOLS = [
     {"name": n, "inputSchema": {"type": "object"}} for n in ("list_cards", "withdraw_wallet", "create_card")
 ]
-
-
-def with_policy(upstream: Upstream, policy: dict[str, Any], **top: Any) -> dict[str, Any]:
-    auth = top.pop("auth", {"type": "api_key"})
-    route = {"name": "api", "prefix": "/", "upstream": upstream.url, "auth": auth, "policy": policy}
-    return api_config(upstream.url, routes=[route], **top)
 
 
 async def test_reason_phrase_and_unknown_encodings_never_carry_the_key(

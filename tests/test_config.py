@@ -5,9 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -717,26 +715,6 @@ def test_not_utf8_config(cfg_path: Path) -> None:
     cfg_path.write_bytes(b"listen: ['\xff\xfe']\n")
     cfg_path.chmod(0o600)
     assert "cannot read" in load_error(cfg_path).issues[0].message
-
-
-class Blocked(Exception):
-    """Raised by the alarm fixture; not an OSError, so no `except OSError` swallows it."""
-
-
-@pytest.fixture
-def alarm() -> Iterator[None]:
-    """Turn a hang into a failure (the signal interrupts pure-Python loops in the main thread)."""
-
-    def on_alarm(signum: int, frame: object) -> None:
-        raise Blocked("load() did not return within 0.5 s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 0.5)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import keyring
@@ -193,26 +191,6 @@ def test_resolve_file_that_is_a_directory(tmp_path: Path) -> None:
     got = resolve(SecretRef("file", str(d)), "api", KeyringStore())
     assert got.value is None
     assert str(d) in got.reason
-
-
-class Blocked(Exception):
-    """Raised by the alarm fixture; not an OSError, so no `except OSError` swallows it."""
-
-
-@pytest.fixture
-def alarm() -> Iterator[None]:
-    """Turn a blocking open() into a failure instead of a hung test run."""
-
-    def on_alarm(signum: int, frame: object) -> None:
-        raise Blocked("resolve() blocked for 0.5 s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 0.5)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def test_resolve_file_that_is_a_fifo(tmp_path: Path, alarm: None) -> None:
