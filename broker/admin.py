@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from broker import __version__
+from broker import __version__, heap
 from broker.auth.base import AuthState
 from broker.errors import BrokerError
 
@@ -90,6 +90,8 @@ async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
         for r in routes:
             rt.metrics.refreshes[r.name] = int(rt.credentials[r.name].details().get("refreshes", 0))
         text = rt.metrics.render(states, [str(s) for s in AuthState])
+        if heap.meter is not None:
+            text += "\n".join(heap.meter.render()) + "\n"
         return web.Response(
             text=text, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
         )

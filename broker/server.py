@@ -26,7 +26,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from broker import admin, guard, proxy
+from broker import admin, guard, heap, proxy
 from broker import config as config_mod
 from broker.auth import Credential, make_credential
 from broker.config import Config, ConfigError, Listen
@@ -120,6 +120,9 @@ class Runtime:
         for cred in list(self.credentials.values()):
             with contextlib.suppress(Exception):
                 await cred.prepare()
+        if heap.meter is not None and self.in_flight == 0:
+            # what reading them imported (keyring backends, D-Bus) lives as long as the process
+            heap.settle()
 
     async def close(self) -> None:
         if self._warmup is not None:
@@ -501,6 +504,7 @@ async def serve(config: Config, secrets: SecretSet, hardening: dict[str, bool] |
     key the daemon loads is masked in its logs from the moment it is read.
     """
     notifier = Notifier()
+    heap.install()
     try:
         daemon = await Daemon.start(config, secrets)
     except ListenError as exc:
@@ -539,6 +543,7 @@ async def serve(config: Config, secrets: SecretSet, hardening: dict[str, bool] |
         hardening=hardening or {},
         systemd_notify=notifier.enabled,
     )
+    heap.settle()  # before READY: no agent connection exists yet to be frozen with the rest
     notifier.send(READY=1, STATUS=f"serving on {', '.join(rt.listen_addresses)}", MAINPID=os.getpid())
     await stop.wait()
     drain = rt.snapshot.config.timeouts.drain

@@ -124,6 +124,15 @@ async def test_run_forward_status_and_live_key_pickup(upstream: Upstream, daemon
     assert rc == 0
     assert "api" in out and "ready" in out and "test" in out
 
+    # start-up's objects are frozen out of the collector's walks; pauses are timed
+    status, _, body = await get(d.url + "/_broker/metrics")
+    metrics = dict(
+        line.rsplit(" ", 1) for line in body.decode().splitlines() if line.startswith("agentcard_broker_gc_")
+    )
+    assert int(metrics["agentcard_broker_gc_frozen_objects"]) > 10_000
+    assert float(metrics['agentcard_broker_gc_pause_seconds_max{generation="0"}']) > 0
+    assert 'agentcard_broker_gc_collections_total{generation="2"}' in metrics
+
     await d.stop()
     assert d.proc and d.proc.returncode == 0
     assert_no_secret(d.stderr)
