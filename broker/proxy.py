@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
+from broker import upstream
 from broker.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -40,13 +41,14 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 REQUEST_DROP = HOP_BY_HOP | {
     istr("Authorization"), istr("Cookie"), istr("Host"), istr("Expect"), istr("Accept-Encoding"),
+    istr("Content-Length"),  # the upstream client frames the body it sends itself
 }  # fmt: skip
 RESPONSE_DROP = HOP_BY_HOP | {
     istr("Set-Cookie"), istr("Set-Cookie2"), istr("WWW-Authenticate"),
 }  # fmt: skip
 # The broker decodes gzip/deflate itself so it can scrub bodies; the agent gets identity.
 UPSTREAM_ACCEPT_ENCODING = "gzip, deflate"
-DECODED = ("gzip", "deflate")  # exactly the encodings asked for above, which aiohttp decodes
+DECODED = ("gzip", "deflate")  # exactly the encodings asked for above, which the client decodes
 SAFE_TO_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_FILTERED = 16 * 1024 * 1024  # an answer a policy rewrites is read whole, up to this
 REPLAY_LIMIT = 1024 * 1024  # bodies up to this are held so a 401 can be retried after a refresh
@@ -89,9 +91,7 @@ def upstream_headers(agent: CIMultiDictProxy[str], credential: dict[str, str]) -
     return out
 
 
-def response_headers(
-    up: aiohttp.ClientResponse, secrets: SecretSet, location: str | None
-) -> CIMultiDict[str]:
+def response_headers(up: upstream.Response, secrets: SecretSet, location: str | None) -> CIMultiDict[str]:
     drop = set(RESPONSE_DROP)
     if "Connection" in up.headers:
         drop |= _connection_tokens(up.headers)
@@ -131,7 +131,7 @@ def _too_large(limit: int, route: str) -> BrokerError:
     return BrokerError("request_too_large", f"request body is over limits.max_body_bytes ({limit})", route)
 
 
-def _rewrite_location(up: aiohttp.ClientResponse, target: Target, table: RouteTable, host: str) -> str | None:
+def _rewrite_location(up: upstream.Response, target: Target, table: RouteTable, host: str) -> str | None:
     loc = up.headers.get("Location")
     if not loc:
         return None
@@ -155,15 +155,14 @@ async def _send(
     headers: CIMultiDict[str],
     body: bytes | None,
     *,
-    session: aiohttp.ClientSession,
+    pool: upstream.Pool,
     config: Config,
     ex: Exchange,
-) -> aiohttp.ClientResponse:
+) -> upstream.Response:
     """One upstream request. `body` is the buffered body, or None to stream the agent's."""
     route = target.route.name
     limit = config.limits.max_body_bytes
     timeouts = config.timeouts
-    client_timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
     streamed = body is None and request.body_exists
     # a pooled keep-alive connection the upstream had closed: requests that cannot spend try twice
     attempts = 2 if request.method in SAFE_TO_RETRY and not request.body_exists else 1
@@ -171,13 +170,13 @@ async def _send(
         ex.maybe_sent = True
         try:
             async with asyncio.timeout(timeouts.first_byte):
-                return await session.request(
+                return await pool.request(
                     request.method,
                     target.url,
-                    headers=headers,
-                    data=_limited_body(request.content, limit, ex) if streamed else body,
-                    allow_redirects=False,
-                    timeout=client_timeout,
+                    headers.items(),
+                    _limited_body(request.content, limit, ex) if streamed else body,
+                    length=request.content_length if streamed else None,
+                    connect_timeout=timeouts.connect,
                 )
         except _BodyTooLarge:
             raise _too_large(limit, route) from None
@@ -186,13 +185,13 @@ async def _send(
             raise BrokerError(
                 "upstream_timeout", f"the upstream did not answer within {timeouts.first_byte:g}s", route
             ) from None
-        except aiohttp.ClientError as exc:
+        except upstream.UpstreamError as exc:
             if ex.body_too_large:
                 raise _too_large(limit, route) from None
-            if isinstance(exc, aiohttp.ClientConnectorError):
+            if not exc.sent:
                 ex.maybe_sent = False  # no connection: nothing reached the upstream
-            stale = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
-            if stale and attempt + 1 < attempts:
+            # most often a pooled keep-alive connection the upstream had just closed
+            if isinstance(exc, upstream.Disconnected) and attempt + 1 < attempts:
                 continue
             ex.error = "upstream_unreachable"
             raise BrokerError(
@@ -211,7 +210,7 @@ async def forward(
     target: Target,
     credential: Credential,
     *,
-    session: aiohttp.ClientSession,
+    pool: upstream.Pool,
     config: Config,
     table: RouteTable,
     secrets: SecretSet,
@@ -248,12 +247,12 @@ async def forward(
             body = ex.body = await _read_body(request, limit, ex)
         except _BodyTooLarge:
             raise _too_large(limit, route) from None
-    up = await _send(request, target, headers, body, session=session, config=config, ex=ex)
+    up = await _send(request, target, headers, body, pool=pool, config=config, ex=ex)
     if up.status == 401 and replayable:
         up.release()
         if await credential.retry_after_rejection(auth):
             headers = upstream_headers(request.headers, await credential.authorization())
-            up = await _send(request, target, headers, body, session=session, config=config, ex=ex)
+            up = await _send(request, target, headers, body, pool=pool, config=config, ex=ex)
 
     try:
         ex.upstream_status = up.status
@@ -292,7 +291,7 @@ async def forward(
 
 async def _filtered(
     request: web.BaseRequest,
-    up: aiohttp.ClientResponse,
+    up: upstream.Response,
     resp_headers: CIMultiDict[str],
     response_filter: Callable[[bytes, str], bytes],
     secrets: SecretSet,
@@ -302,7 +301,7 @@ async def _filtered(
     parts: list[bytes] = []
     size = 0
     async with asyncio.timeout(idle) as deadline:  # the whole answer is needed to filter it
-        async for chunk in up.content.iter_any():
+        async for chunk in up.iter_any():
             size += len(chunk)
             if size > MAX_FILTERED:
                 raise BrokerError(
@@ -321,7 +320,7 @@ async def _filtered(
 
 async def _stream(
     request: web.BaseRequest,
-    up: aiohttp.ClientResponse,
+    up: upstream.Response,
     resp: web.StreamResponse,
     secrets: SecretSet,
     idle: float,
@@ -331,7 +330,7 @@ async def _stream(
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(idle) as deadline:
-            async for chunk in up.content.iter_any():
+            async for chunk in up.iter_any():
                 out = scrubber.feed(chunk)
                 if out:
                     await resp.write(out)
@@ -346,7 +345,7 @@ async def _stream(
         ex.error = "stream_idle_timeout"
         up.close()
         _abort(request)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+    except upstream.UpstreamError:
         ex.error = "upstream_stream_broken"
         up.close()
         _abort(request)

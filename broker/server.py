@@ -22,11 +22,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import structlog
 from aiohttp import web
 
-from broker import admin, guard, heap, proxy
+from broker import admin, guard, heap, proxy, upstream
 from broker import config as config_mod
 from broker.auth import Credential, make_credential
 from broker.config import Config, ConfigError, Listen
@@ -79,7 +78,7 @@ class Runtime:
         }
         self.policies = PolicySet(BudgetLedger(config.state_path() / "budgets.json"))
         self.policies.update(config.routes)
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: upstream.Pool | None = None
         self._warmup: asyncio.Task[None] | None = None
         self.listen_addresses: list[str] = []
         self.in_flight = 0
@@ -95,16 +94,9 @@ class Runtime:
     async def start(self) -> None:
         # No cap on upstream connections: each one serves an agent connection, so agents and the
         # fd limit (raised at start) bound them. A cap here would park long-lived MCP streams
-        # behind each other and time out everything else to that upstream.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent", "Accept", "Content-Type"),
-            trust_env=False,  # never send credentials through an environment-configured proxy
-            max_field_size=65536,
-        )
+        # behind each other and time out everything else to that upstream. No environment proxy
+        # either: credentials go straight to the upstream.
+        self.pool = upstream.Pool(keepalive=30.0)
         if self.snapshot.config.secret_store == "file":
             log.warning(
                 "secret_store.plaintext_file",
@@ -127,8 +119,8 @@ class Runtime:
     async def close(self) -> None:
         if self._warmup is not None:
             self._warmup.cancel()
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            self.pool.close()
         for cred in self.credentials.values():
             await cred.close()
 
@@ -232,7 +224,7 @@ class Runtime:
                             request,
                             target,
                             credential,
-                            session=self._session(),
+                            pool=self._pool(),
                             config=cfg,
                             table=snap.table,
                             secrets=self.secrets,
@@ -280,10 +272,10 @@ class Runtime:
                         duration_ms=round(elapsed * 1000, 2),
                     )
 
-    def _session(self) -> aiohttp.ClientSession:
-        if self.session is None:
+    def _pool(self) -> upstream.Pool:
+        if self.pool is None:
             raise RuntimeError("Runtime.start() was not awaited")
-        return self.session
+        return self.pool
 
     async def _error(self, request: web.BaseRequest, err: BrokerError, ex: proxy.Exchange) -> web.Response:
         """The error response; a JSON-RPC error object when the request was JSON-RPC."""

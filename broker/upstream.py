@@ -1,0 +1,617 @@
+"""The forwarding client: HTTP/1.1 to upstreams over a pool of keep-alive connections.
+
+Owns: one pool of idle connections per origin (scheme, host, port), writing a request (its
+body buffered or streamed with flow control), reading the answer's head and body framing
+(Content-Length, chunked, or until close; RFC 9112 §6.3), gzip/deflate decoding with bounded
+output, and putting a connection back only when its answer was read to the end. Why not
+aiohttp's client: on the forwarding path it cost about 150 µs of CPU per request on the 2-core
+bench VM, three quarters of the broker's whole cost; this does the same job in a fraction.
+Must never: reuse a connection whose framing is in doubt, follow a redirect, read an answer
+into memory whole, or let bytes after a finished answer pass as the next one's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import ssl
+import zlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, cast
+
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+MAX_HEAD = 128 * 1024  # status line and headers of one answer
+MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
+READ_HIGH = 256 * 1024  # body bytes held for a slow agent before the upstream is paused
+DECODE_STEP = 64 * 1024  # decoded bytes produced per step: a small gzip cannot balloon in memory
+WRITE_STEP = 64 * 1024
+NO_BODY_STATUS = frozenset({204, 304})
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class UpstreamError(Exception):
+    """The exchange with the upstream failed. `sent`: the request may have reached it."""
+
+    sent = True
+
+
+class ConnectFailed(UpstreamError):
+    """No connection: nothing reached the upstream."""
+
+    sent = False
+
+
+class Disconnected(UpstreamError):
+    """The connection ended before an answer began. `reused`: it was an idle pooled one."""
+
+    def __init__(self, message: str, reused: bool) -> None:
+        super().__init__(message)
+        self.reused = reused
+
+
+class BadAnswer(UpstreamError):
+    """The upstream's bytes are not HTTP/1.1 this client accepts."""
+
+
+class BodyBroken(UpstreamError):
+    """The answer's body ended early or was malformed after its head went out."""
+
+
+def _bad(msg: str) -> BadAnswer:
+    return BadAnswer(msg)
+
+
+class Response:
+    """One upstream answer: status and headers at once, the body as it arrives."""
+
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_decoder",
+        "_eof",
+        "_exc",
+        "_held",
+        "_tail",
+        "_waiter",
+        "headers",
+        "keep_alive",
+        "status",
+    )  # fmt: skip
+
+    def __init__(self, status: int, headers: CIMultiDictProxy[str], keep_alive: bool, conn: _Conn) -> None:
+        self.status = status
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self._conn: _Conn | None = conn
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._held = 0
+        self._eof = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._decoder: Any = None  # zlib decompressobj, made on the first body bytes
+        self._tail = b""  # compressed bytes the decoder has not taken yet
+        encoding = headers.get("Content-Encoding", "").strip().lower()
+        self._decoder = encoding if encoding in ("gzip", "deflate") else None
+
+    # -- fed by the connection
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._held += len(data)
+        if self._held > READ_HIGH and self._conn is not None:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self, exc: BaseException | None = None) -> None:
+        if self._eof:
+            return
+        self._eof = True
+        self._exc = exc
+        self._conn = None  # done with it: back in the pool, or closed
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- read by the proxy
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        """The body's bytes, decoded, as they come; BodyBroken if it ends early or is malformed."""
+        while True:
+            raw = await self._next_raw()
+            if raw is None:
+                break
+            out = self._decode(raw) if self._decoder is not None else raw
+            if out:
+                yield out
+            while self._tail:  # what a step left: at most DECODE_STEP more each time
+                out = self._decode(b"")
+                if out:
+                    yield out
+        if self._decoder is not None and not isinstance(self._decoder, str):
+            tail = self._decoder.flush()
+            if not self._decoder.eof:
+                raise BodyBroken(f"the {self.headers.get('Content-Encoding')} body ended early")
+            if tail:
+                yield tail
+
+    async def _next_raw(self) -> bytes | None:
+        while not self._chunks:
+            if self._eof:
+                if self._exc is not None:
+                    raise self._exc
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._chunks.popleft()
+        self._held -= len(data)
+        if self._held <= READ_HIGH // 4 and self._conn is not None:
+            self._conn.resume()
+        return data
+
+    def _decode(self, data: bytes) -> bytes:
+        d = self._decoder
+        if isinstance(d, str):
+            if not data:
+                return b""
+            if d == "gzip":
+                wbits = 16 + zlib.MAX_WBITS
+            else:  # "deflate" is zlib-wrapped by the RFC, raw in the wild: the first byte tells
+                wbits = zlib.MAX_WBITS if (data[0] & 0x0F) == 8 else -zlib.MAX_WBITS
+            d = self._decoder = zlib.decompressobj(wbits)
+        try:
+            out: bytes = d.decompress(self._tail + data, DECODE_STEP)
+        except zlib.error:
+            self.close()
+            raise BodyBroken(f"the {self.headers.get('Content-Encoding')} body does not decode") from None
+        self._tail = d.unconsumed_tail
+        return out
+
+    def release(self) -> None:
+        """Done with the answer: a connection whose body was not read to the end is closed."""
+        if not self._eof:
+            self.close()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+        if not self._eof:
+            self._finish(BodyBroken("the answer was closed"))
+
+
+class _Conn(asyncio.Protocol):
+    """One connection to an upstream: a request at a time, its answer parsed as bytes arrive."""
+
+    def __init__(self, pool: Pool, key: tuple[str, str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reused = False
+        self.writing = False  # a streamed upload is under way: an answer now spoils the framing
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self._buf = bytearray()
+        self._head: asyncio.Future[Response] | None = None
+        self._head_request = False  # the request was HEAD: no body follows any answer
+        self._resp: Response | None = None
+        self._mode = ""  # "length", "chunked", "close" while a body is being read
+        self._left = 0  # bytes left of the body (length) or of the chunk (chunked)
+        self._chunk_state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
+        self._paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request is one write
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(Disconnected("the upstream closed the connection", self.reused))
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(
+                Disconnected("the upstream closed the connection before answering", self.reused)
+            )
+        resp, self._resp = self._resp, None
+        if resp is not None:
+            if self._mode == "close":
+                resp._finish()  # the close is the end of this body
+            else:
+                resp._finish(BodyBroken("the upstream closed the connection mid-answer"))
+
+    def pause_writing(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._resp is not None and not self._buf:
+            self._body(data)
+            return
+        self._buf += data
+        try:
+            self._parse()
+        except UpstreamError as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool | None:
+        return None  # a half-close ends the connection
+
+    # -- used by the pool and the response
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+            self.pool.forget(self)
+
+    async def drain(self) -> None:
+        if self._drain is not None:
+            await self._drain
+
+    def begin(self, head_request: bool) -> asyncio.Future[Response]:
+        """Expect an answer to a request about to be written."""
+        self._head = asyncio.get_running_loop().create_future()
+        self._head_request = head_request
+        return self._head
+
+    # -- parsing
+    def _fail(self, exc: UpstreamError) -> None:
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(exc)
+        resp, self._resp = self._resp, None
+        if resp is not None:
+            resp._finish(BodyBroken(str(exc)) if not isinstance(exc, BodyBroken) else exc)
+        self.abort()
+
+    def _parse(self) -> None:
+        while True:
+            if self._resp is None:
+                if self._head is None or self._head.done():
+                    if self._buf:
+                        raise _bad("the upstream sent bytes nobody asked for")
+                    return
+                end = self._buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._buf) > MAX_HEAD:
+                        raise _bad("the upstream's answer head is too large")
+                    return
+                head = bytes(self._buf[:end])
+                del self._buf[: end + 4]
+                if not self._start(head):
+                    continue  # an informational (1xx) answer: the real one follows
+                if self._resp is None or not self._buf:
+                    return
+            data = bytes(self._buf)
+            self._buf.clear()
+            self._body(data)
+            return
+
+    def _start(self, head: bytes) -> bool:
+        """Parse an answer head. False for a 1xx to skip; True once the answer is handed over."""
+        lines = head.split(b"\r\n")
+        status_line = lines[0]
+        if (
+            len(status_line) < 12
+            or not status_line.startswith(b"HTTP/1.")
+            or status_line[8:9] != b" "
+            or not status_line[9:12].isdigit()
+            or (len(status_line) > 12 and status_line[12:13] != b" ")
+        ):
+            raise _bad("the upstream's status line is not HTTP/1.x")
+        status = int(status_line[9:12])
+        if status < 100:
+            raise _bad("the upstream's status code is out of range")
+        pairs = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or not _TOKEN.issuperset(name):
+                raise _bad("the upstream sent a malformed header line")
+            value = value.strip(b" \t")
+            if b"\r" in value or b"\n" in value or b"\x00" in value:
+                raise _bad("the upstream sent a control character in a header")
+            pairs.append((name.decode("ascii"), value.decode("latin-1")))
+        if 100 <= status < 200:
+            if status == 101:
+                raise _bad("the upstream switched protocols, which the broker never asked for")
+            return False
+        headers = CIMultiDictProxy(CIMultiDict(pairs))
+        keep_alive = status_line[7:8] == b"1" and not _has_token(headers.getall("Connection", ()), "close")
+        mode, left = "", 0
+        if not (self._head_request or status in NO_BODY_STATUS):
+            te = headers.getall("Transfer-Encoding", ())
+            if te:
+                codings = [c.strip().lower() for v in te for c in v.split(",") if c.strip()]
+                if codings and codings[-1] == "chunked":
+                    mode = "chunked"
+                    if len(codings) > 1 or "Content-Length" in headers:
+                        keep_alive = False  # framing others may read differently: not reused
+                else:
+                    mode, keep_alive = "close", False
+            elif "Content-Length" in headers:
+                values = {v.strip() for v in ",".join(headers.getall("Content-Length")).split(",")}
+                if len(values) != 1 or not (length := values.pop()).isdigit() or len(length) > 18:
+                    raise _bad("the upstream's Content-Length is invalid")
+                mode, left = "length", int(length)
+            else:
+                mode, keep_alive = "close", False
+        resp = Response(status, headers, keep_alive, self)
+        head_future, self._head = self._head, None
+        if mode == "length" and left == 0:
+            mode = ""
+        self._mode, self._left, self._chunk_state = mode, left, 0
+        if mode:
+            self._resp = resp
+        else:
+            self._complete(resp)
+        assert head_future is not None
+        if not head_future.done():
+            head_future.set_result(resp)
+        return True
+
+    def _body(self, data: bytes) -> None:
+        resp = self._resp
+        assert resp is not None
+        mode = self._mode
+        if mode == "length":
+            n = self._left
+            if len(data) < n:
+                self._left = n - len(data)
+                resp._feed(data)
+                return
+            if len(data) > n:
+                self._fail(_bad("the upstream sent more than its Content-Length"))
+                return
+            resp._feed(data)
+            self._complete(resp)
+        elif mode == "close":
+            resp._feed(data)
+        else:
+            try:
+                self._chunked(resp, data)
+            except UpstreamError as exc:
+                self._fail(exc)
+
+    def _chunked(self, resp: Response, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        while True:
+            state = self._chunk_state
+            if state == 1:
+                if not buf:
+                    return
+                take = min(self._left, len(buf))
+                resp._feed(bytes(buf[:take]))
+                del buf[:take]
+                self._left -= take
+                if self._left:
+                    return
+                self._chunk_state = 2
+                continue
+            end = buf.find(b"\r\n")
+            if end < 0:
+                if len(buf) > MAX_CHUNK_LINE:
+                    raise BodyBroken("the upstream's chunked framing is malformed")
+                return
+            line = bytes(buf[:end])
+            del buf[: end + 2]
+            if state == 2:
+                if line:
+                    raise BodyBroken("the upstream's chunked framing is malformed")
+                self._chunk_state = 0
+            elif state == 0:
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if not size or len(size) > 15 or not _HEX.issuperset(size):
+                    raise BodyBroken("the upstream's chunk size is malformed")
+                self._left = int(size, 16)
+                self._chunk_state = 1 if self._left else 3
+            elif line:  # state 3: a trailer field, dropped (it is not forwarded)
+                continue
+            else:
+                if buf:
+                    raise BodyBroken("the upstream sent bytes after its answer")
+                self._complete(resp)
+                return
+
+    def _complete(self, resp: Response) -> None:
+        """The answer was read to its end: hand the connection back (or close it)."""
+        self._resp = None
+        self._mode = ""
+        resp._finish()
+        # bytes past the answer, or an answer before the whole request went out: not reusable
+        if resp.keep_alive and not self.closed and not self._buf and not self.writing:
+            self.resume()
+            self.pool.put(self)
+        else:
+            self.abort()
+
+
+def _has_token(values: Iterable[str], token: str) -> bool:
+    return any(t.strip().lower() == token for v in values for t in v.split(","))
+
+
+class Pool:
+    """Keep-alive connections by origin; none is shared by two requests at once."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, keepalive: float = 30.0) -> None:
+        self.keepalive = keepalive
+        self._ssl = ssl_context
+        self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+        self._all: set[_Conn] = set()
+        self.opened = 0  # connections made, for tests and the benchmarks
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            # the system's trust store (SSL_CERT_FILE/SSL_CERT_DIR honoured), hostname checked
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def put(self, conn: _Conn) -> None:
+        conn.reused = True
+        loop = asyncio.get_running_loop()
+        conn.idle_timer = loop.call_later(self.keepalive, conn.abort)
+        self._idle.setdefault(conn.key, []).append(conn)
+
+    def forget(self, conn: _Conn) -> None:
+        self._all.discard(conn)
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    async def _connect(self, key: tuple[str, str, int], connect_timeout: float) -> _Conn:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
+            if not conn.closed:
+                return conn
+        scheme, host, port = key
+        loop = asyncio.get_running_loop()
+        tls = self._ssl_context() if scheme == "https" else None
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(self, key),
+                    host,
+                    port,
+                    ssl=tls,
+                    server_hostname=host if tls else None,
+                )
+        except TimeoutError:
+            raise ConnectFailed(f"connecting took over {connect_timeout:g}s") from None
+        except ssl.SSLError as exc:
+            raise ConnectFailed(f"TLS failed: {exc.reason or type(exc).__name__}") from None
+        except OSError as exc:
+            raise ConnectFailed(f"cannot connect: {exc.strerror or type(exc).__name__}") from None
+        self.opened += 1
+        self._all.add(conn)
+        return conn
+
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None,
+        *,
+        length: int | None = None,
+        connect_timeout: float = 10.0,
+    ) -> Response:
+        """Send one request and return once the answer's head arrived.
+
+        `body`: bytes, or an iterator streamed with `length` as its Content-Length (chunked
+        when None), or None for no body. `headers` must carry no framing or Host field.
+        """
+        scheme = url.scheme
+        host = url.raw_host or ""
+        port = url.port or (443 if scheme == "https" else 80)
+        default = port == (443 if scheme == "https" else 80)
+        host_field = (f"[{host}]" if ":" in host else host) + ("" if default else f":{port}")
+        parts = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {host_field}\r\n"]
+        for name, value in headers:
+            if "\n" in value or "\r" in value:
+                raise UpstreamError(f"the {name} header carried a line break")
+            parts.append(f"{name}: {value}\r\n")
+        streamed = body is not None and not isinstance(body, bytes)
+        if isinstance(body, bytes):
+            if body or method not in ("GET", "HEAD", "OPTIONS", "DELETE", "TRACE"):
+                parts.append(f"Content-Length: {len(body)}\r\n")
+        elif streamed:
+            parts.append(
+                "Transfer-Encoding: chunked\r\n" if length is None else f"Content-Length: {length}\r\n"
+            )
+        elif method in ("POST", "PUT", "PATCH"):
+            parts.append("Content-Length: 0\r\n")
+        parts.append("\r\n")
+        raw = "".join(parts).encode("latin-1")
+
+        conn = await self._connect((scheme, host, port), connect_timeout)
+        waiter = conn.begin(method == "HEAD")
+        assert conn.transport is not None
+        try:
+            if isinstance(body, bytes) and body:
+                conn.transport.write(raw + body if len(body) <= WRITE_STEP else raw)
+                if len(body) > WRITE_STEP:
+                    conn.transport.write(body)
+            else:
+                conn.transport.write(raw)
+            if streamed:
+                assert body is not None and not isinstance(body, bytes)
+                conn.writing = True
+                await self._stream_body(conn, body, chunked=length is None, length=length, waiter=waiter)
+                if not waiter.done():
+                    conn.writing = False  # all of it went out before any answer: reusable
+            return await waiter
+        except BaseException:
+            conn.abort()
+            if not waiter.done():
+                waiter.cancel()
+            elif not waiter.cancelled():
+                waiter.exception()  # retrieved: the caller sees the error it is given here
+            raise
+
+    async def _stream_body(
+        self,
+        conn: _Conn,
+        body: AsyncIterator[bytes],
+        *,
+        chunked: bool,
+        length: int | None,
+        waiter: asyncio.Future[Response],
+    ) -> None:
+        assert conn.transport is not None
+        sent = 0
+        async for chunk in body:
+            if waiter.done():
+                return  # the upstream answered before taking it all (e.g. 413): stop sending
+            if not chunk:
+                continue
+            sent += len(chunk)
+            if length is not None and sent > length:
+                raise UpstreamError("the agent sent more than its Content-Length")
+            conn.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            await conn.drain()
+            if conn.closed and not waiter.done():
+                raise Disconnected("the upstream closed the connection during the upload", False)
+        if length is not None and sent != length:
+            raise UpstreamError("the agent's body ended before its Content-Length")
+        if chunked:
+            conn.transport.write(b"0\r\n\r\n")
+
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    def close(self) -> None:
+        for conn in list(self._all):
+            conn.abort()
+        self._idle.clear()
