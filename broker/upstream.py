@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import socket
 import ssl
 import zlib
@@ -29,7 +30,9 @@ READ_HIGH = 256 * 1024  # body bytes held for a slow agent before the upstream i
 DECODE_STEP = 64 * 1024  # decoded bytes produced per step: a small gzip cannot balloon in memory
 WRITE_STEP = 64 * 1024
 NO_BODY_STATUS = frozenset({204, 304})
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_STATUS = re.compile(r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [^\r\n]*)?(?=\r\n|$)")
+# one whole field line: a token, a colon, the value after its leading blanks (RFC 9112 §5)
+_FIELD = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
@@ -61,8 +64,25 @@ class BodyBroken(UpstreamError):
     """The answer's body ended early or was malformed after its head went out."""
 
 
+class TimedOut(UpstreamError):
+    """No answer head within the request's timeout."""
+
+
+def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
+
+
 def _bad(msg: str) -> BadAnswer:
     return BadAnswer(msg)
+
+
+def _decoder(encoding: str, first: bytes) -> Any:
+    """A zlib decompressobj for a gzip or deflate body beginning with `first`."""
+    if encoding == "gzip":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    # "deflate" is zlib-wrapped by the RFC, raw in the wild: the first byte tells
+    return zlib.decompressobj(zlib.MAX_WBITS if (first[0] & 0x0F) == 8 else -zlib.MAX_WBITS)
 
 
 class Response:
@@ -156,16 +176,37 @@ class Response:
             self._conn.resume()
         return data
 
+    def whole(self, limit: int) -> bytes | None:
+        """The whole decoded body, if all of it has arrived and decodes to at most `limit` bytes.
+
+        None otherwise, with nothing consumed: the body is then read with iter_any().
+        """
+        if not self._eof or self._exc is not None or self._tail or not isinstance(self._decoder, str | None):
+            return None
+        chunks = self._chunks
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self._decoder is None or not raw:
+            if len(raw) > limit:
+                return None
+            out = raw
+        else:
+            d = _decoder(self._decoder, raw)
+            try:
+                out = d.decompress(raw, limit + 1)
+            except zlib.error:
+                return None  # iter_any() says so
+            if len(out) > limit or d.unconsumed_tail or not d.eof:
+                return None
+        chunks.clear()
+        self._held = 0
+        return out
+
     def _decode(self, data: bytes) -> bytes:
         d = self._decoder
         if isinstance(d, str):
             if not data:
                 return b""
-            if d == "gzip":
-                wbits = 16 + zlib.MAX_WBITS
-            else:  # "deflate" is zlib-wrapped by the RFC, raw in the wild: the first byte tells
-                wbits = zlib.MAX_WBITS if (data[0] & 0x0F) == 8 else -zlib.MAX_WBITS
-            d = self._decoder = zlib.decompressobj(wbits)
+            d = self._decoder = _decoder(d, data)
         try:
             out: bytes = d.decompress(self._tail + data, DECODE_STEP)
         except zlib.error:
@@ -197,7 +238,7 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.writing = False  # a streamed upload is under way: an answer now spoils the framing
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # loop time it went back into the pool
         self._buf = bytearray()
         self._head: asyncio.Future[Response] | None = None
         self._head_request = False  # the request was HEAD: no body follows any answer
@@ -296,9 +337,9 @@ class _Conn(asyncio.Protocol):
                     if self._buf:
                         raise _bad("the upstream sent bytes nobody asked for")
                     return
-                end = self._buf.find(b"\r\n\r\n")
+                end = self._buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
                 if end < 0:
-                    if len(self._buf) > MAX_HEAD:
+                    if len(self._buf) > MAX_HEAD:  # however it arrived, in one read or many
                         raise _bad("the upstream's answer head is too large")
                     return
                 head = bytes(self._buf[:end])
@@ -314,48 +355,52 @@ class _Conn(asyncio.Protocol):
 
     def _start(self, head: bytes) -> bool:
         """Parse an answer head. False for a 1xx to skip; True once the answer is handed over."""
-        lines = head.split(b"\r\n")
-        status_line = lines[0]
-        if (
-            len(status_line) < 12
-            or not status_line.startswith(b"HTTP/1.")
-            or status_line[8:9] != b" "
-            or not status_line[9:12].isdigit()
-            or (len(status_line) > 12 and status_line[12:13] != b" ")
-        ):
+        text = head.decode("latin-1")
+        m = _STATUS.match(text)
+        if m is None:
             raise _bad("the upstream's status line is not HTTP/1.x")
-        status = int(status_line[9:12])
-        if status < 100:
-            raise _bad("the upstream's status code is out of range")
-        pairs = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or not _TOKEN.issuperset(name):
-                raise _bad("the upstream sent a malformed header line")
-            value = value.strip(b" \t")
-            if b"\r" in value or b"\n" in value or b"\x00" in value:
-                raise _bad("the upstream sent a control character in a header")
-            pairs.append((name.decode("ascii"), value.decode("latin-1")))
-        if 100 <= status < 200:
+        status = int(m.group(2))
+        fields = text[m.end() :]
+        pairs = _FIELD.findall(fields)
+        lines = fields.count("\r\n")
+        if (
+            len(pairs) != lines
+            or fields.count("\r") != lines
+            or fields.count("\n") != lines
+            or "\x00" in fields
+        ):
+            # a line the pattern skipped: obs-fold, a space before the colon, a bare CR or LF
+            raise _bad("the upstream sent a malformed header line")
+        if " \r\n" in fields or "\t\r\n" in fields or fields.endswith((" ", "\t")):
+            pairs = [(name, value.rstrip(" \t")) for name, value in pairs]  # rare: trailing blanks
+        if status < 200:
             if status == 101:
                 raise _bad("the upstream switched protocols, which the broker never asked for")
             return False
         headers = CIMultiDictProxy(CIMultiDict(pairs))
-        keep_alive = status_line[7:8] == b"1" and not _has_token(headers.getall("Connection", ()), "close")
+        keep_alive = m.group(1) == "1"
+        connection = headers.get("Connection")
+        if connection is not None and "close" in connection.lower():
+            keep_alive = keep_alive and not _has_token(headers.getall("Connection"), "close")
         mode, left = "", 0
         if not (self._head_request or status in NO_BODY_STATUS):
-            te = headers.getall("Transfer-Encoding", ())
+            te = headers.getall("Transfer-Encoding", None)
+            lengths = headers.getall("Content-Length", None)
             if te:
                 codings = [c.strip().lower() for v in te for c in v.split(",") if c.strip()]
                 if codings and codings[-1] == "chunked":
                     mode = "chunked"
-                    if len(codings) > 1 or "Content-Length" in headers:
+                    if len(codings) > 1 or lengths:
                         keep_alive = False  # framing others may read differently: not reused
                 else:
                     mode, keep_alive = "close", False
-            elif "Content-Length" in headers:
-                values = {v.strip() for v in ",".join(headers.getall("Content-Length")).split(",")}
-                if len(values) != 1 or not (length := values.pop()).isdigit() or len(length) > 18:
+            elif lengths:
+                if len(lengths) == 1 and "," not in lengths[0]:
+                    length = lengths[0]
+                else:  # repeated: acceptable only when every copy says the same
+                    values = {v.strip() for v in ",".join(lengths).split(",")}
+                    length = values.pop() if len(values) == 1 else ""
+                if not (length.isascii() and length.isdigit()) or len(length) > 18:
                     raise _bad("the upstream's Content-Length is invalid")
                 mode, left = "length", int(length)
             else:
@@ -372,6 +417,8 @@ class _Conn(asyncio.Protocol):
         assert head_future is not None
         if not head_future.done():
             head_future.set_result(resp)
+        if self.writing and self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)  # an upload waiting on a full socket: the answer came first
         return True
 
     def _body(self, data: bytes) -> None:
@@ -463,6 +510,7 @@ class Pool:
         self._ssl = ssl_context
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._all: set[_Conn] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.opened = 0  # connections made, for tests and the benchmarks
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -474,27 +522,31 @@ class Pool:
     def put(self, conn: _Conn) -> None:
         conn.reused = True
         loop = asyncio.get_running_loop()
-        conn.idle_timer = loop.call_later(self.keepalive, conn.abort)
-        self._idle.setdefault(conn.key, []).append(conn)
+        conn.idle_since = loop.time()
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = []
+        idle.append(conn)
+        if self._sweeper is None:  # one timer for the pool, not one per request
+            self._sweeper = loop.call_later(self.keepalive / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for longer than `keepalive`; come back while any are left."""
+        self._sweeper = None
+        too_old = asyncio.get_running_loop().time() - self.keepalive
+        for idle in list(self._idle.values()):
+            for conn in [c for c in idle if c.idle_since <= too_old]:
+                conn.abort()  # forget() takes it off the list
+        if any(self._idle.values()):
+            self._sweeper = asyncio.get_running_loop().call_later(self.keepalive / 2, self._sweep)
 
     def forget(self, conn: _Conn) -> None:
         self._all.discard(conn)
-        if conn.idle_timer is not None:
-            conn.idle_timer.cancel()
-            conn.idle_timer = None
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
 
     async def _connect(self, key: tuple[str, str, int], connect_timeout: float) -> _Conn:
-        idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
-            if not conn.closed:
-                return conn
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         tls = self._ssl_context() if scheme == "https" else None
@@ -526,11 +578,14 @@ class Pool:
         *,
         length: int | None = None,
         connect_timeout: float = 10.0,
+        head_timeout: float | None = None,
     ) -> Response:
         """Send one request and return once the answer's head arrived.
 
         `body`: bytes, or an iterator streamed with `length` as its Content-Length (chunked
         when None), or None for no body. `headers` must carry no framing or Host field.
+        `head_timeout`: seconds from now until the head must have arrived (connecting and sending
+        included); past it, TimedOut and the connection is closed.
         """
         scheme = url.scheme
         host = url.raw_host or ""
@@ -539,8 +594,8 @@ class Pool:
         host_field = (f"[{host}]" if ":" in host else host) + ("" if default else f":{port}")
         parts = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {host_field}\r\n"]
         for name, value in headers:
-            if "\n" in value or "\r" in value:
-                raise UpstreamError(f"the {name} header carried a line break")
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
+                raise UpstreamError("a header carried a line break")
             parts.append(f"{name}: {value}\r\n")
         streamed = body is not None and not isinstance(body, bytes)
         if isinstance(body, bytes):
@@ -555,7 +610,44 @@ class Pool:
         parts.append("\r\n")
         raw = "".join(parts).encode("latin-1")
 
-        conn = await self._connect((scheme, host, port), connect_timeout)
+        # One timer that cancels this task, cheaper than asyncio.timeout on every request.
+        task = asyncio.current_task()
+        assert task is not None
+        expired: list[bool] = []
+        timer = None
+        if head_timeout is not None:
+            timer = asyncio.get_running_loop().call_later(head_timeout, _expire, task, expired)
+        try:
+            return await self._exchange((scheme, host, port), method, raw, body, length, connect_timeout)
+        except asyncio.CancelledError:
+            if expired and task.uncancel() == 0:  # the cancel was this timer's, and only its
+                raise TimedOut(f"no answer within {head_timeout:g}s") from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _exchange(
+        self,
+        key: tuple[str, str, int],
+        method: str,
+        raw: bytes,
+        body: bytes | AsyncIterator[bytes] | None,
+        length: int | None,
+        connect_timeout: float,
+    ) -> Response:
+        idle = self._idle.get(key)
+        conn = None
+        while idle:  # the most recently used connection first: the least likely to be stale
+            conn = idle.pop()
+            if not conn.closed:
+                if asyncio.get_running_loop().time() - conn.idle_since < self.keepalive:
+                    break
+                conn.abort()  # idle too long: the upstream may be closing it right now
+            conn = None
+        if conn is None:
+            conn = await self._connect(key, connect_timeout)
+        streamed = body is not None and not isinstance(body, bytes)
         waiter = conn.begin(method == "HEAD")
         assert conn.transport is not None
         try:
@@ -600,8 +692,15 @@ class Pool:
             if length is not None and sent > length:
                 raise UpstreamError("the agent sent more than its Content-Length")
             conn.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            await conn.drain()
-            if conn.closed and not waiter.done():
+            try:
+                await conn.drain()
+            except Disconnected:
+                if waiter.done():
+                    return  # it answered, then closed: the answer is what counts
+                raise
+            if waiter.done():
+                return
+            if conn.closed:
                 raise Disconnected("the upstream closed the connection during the upload", False)
         if length is not None and sent != length:
             raise UpstreamError("the agent's body ended before its Content-Length")
@@ -612,6 +711,9 @@ class Pool:
         return sum(len(v) for v in self._idle.values())
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._all):
             conn.abort()
         self._idle.clear()
