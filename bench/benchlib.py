@@ -637,6 +637,24 @@ def broker_status(port: int) -> dict[str, Any]:
     return doc
 
 
+GC_LINE = re.compile(r'agentcard_broker_gc_(collections_total|pause_seconds_max)\{generation="(\d)"\} (\S+)')
+
+
+def gc_pauses(port: int) -> dict[str, dict[str, float]]:
+    """The broker's garbage collections by generation from /_broker/metrics: count, longest pause ms."""
+    status, body = get(port, "/_broker/metrics")
+    if status != 200:
+        raise RuntimeError(f"/_broker/metrics answered {status}")
+    out: dict[str, dict[str, float]] = {}
+    for line in body.decode().splitlines():
+        m = GC_LINE.match(line)
+        if m:
+            key = "count" if m.group(1) == "collections_total" else "max_ms"
+            value = float(m.group(3)) * (1000 if key == "max_ms" else 1)
+            out.setdefault(m.group(2), {})[key] = round(value, 3)
+    return out
+
+
 def broker_log_problems(log: Path) -> list[dict[str, Any]]:
     """Broker log lines at warning level or above (or not JSON), parsed."""
     found = []

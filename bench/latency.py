@@ -189,6 +189,7 @@ def main() -> int:
             )
         bl.sanity(ports)
         problems = bl.broker_log_problems(broker_log)
+        gc_pauses = bl.gc_pauses(ports["broker"])
 
         res: dict[str, Any] = {t: bl.summarize_ms(runs[t].latency_ms) for t in TARGETS}
         lag = {t: bl.summarize_ms(runs[t].lag_ms) for t in TARGETS}
@@ -248,6 +249,10 @@ def main() -> int:
             + f"; TCP sockets on this machine: {table['entries']}, reading /proc/net/tcp takes "
             f"{table['read_ms']} ms"
         )
+        print(
+            "broker garbage collections since start (count, longest pause): "
+            + ", ".join(f"gen{g} {v['count']:g}, {v['max_ms']:.2f} ms" for g, v in sorted(gc_pauses.items()))
+        )
         bl.print_log_problems(problems)
 
         checks = [
@@ -277,6 +282,7 @@ def main() -> int:
                 "new_connections": {t: runs[t].new_connections for t in TARGETS},
                 "tcp_table_after": table,
                 "broker_log_problems": problems,
+                "broker_gc": gc_pauses,
             },
         )
     return run.exit_code

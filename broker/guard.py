@@ -7,6 +7,9 @@ read the body, touch a credential, or reach the upstream.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+
 from aiohttp import web
 
 from broker import peers
@@ -14,6 +17,8 @@ from broker.config import Config
 from broker.errors import BrokerError
 
 _CROSS_SITE = frozenset({"cross-site", "same-site"})
+_UNSEEN = object()
+_ports: weakref.WeakKeyDictionary[asyncio.BaseTransport, int | None] = weakref.WeakKeyDictionary()
 
 
 def listener_port(request: web.BaseRequest) -> int | None:
@@ -21,10 +26,12 @@ def listener_port(request: web.BaseRequest) -> int | None:
     transport = request.transport
     if transport is None:
         return None
-    sockname = transport.get_extra_info("sockname")
-    if isinstance(sockname, tuple) and len(sockname) >= 2:
-        return int(sockname[1])
-    return None
+    port = _ports.get(transport, _UNSEEN)
+    if port is _UNSEEN:  # once per connection: asking costs a system call
+        sockname = transport.get_extra_info("sockname")
+        port = int(sockname[1]) if isinstance(sockname, tuple) and len(sockname) >= 2 else None
+        _ports[transport] = port
+    return port  # type: ignore[return-value]
 
 
 def allowed_host_values(cfg: Config, port: int | None) -> frozenset[str]:

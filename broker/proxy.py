@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from broker import upstream
@@ -32,26 +32,25 @@ if TYPE_CHECKING:
     from broker.scrub import SecretSet
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones still seen in the wild.
-HOP_BY_HOP = frozenset(
-    istr(h)
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
-        "Upgrade", "Proxy-Authenticate", "Proxy-Authorization",
-    )
-)  # fmt: skip
+# All lower case: a name is compared as name.lower(), whatever case the sender wrote it in.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authenticate", "proxy-authorization",
+})  # fmt: skip
 REQUEST_DROP = HOP_BY_HOP | {
-    istr("Authorization"), istr("Cookie"), istr("Host"), istr("Expect"), istr("Accept-Encoding"),
-    istr("Content-Length"),  # the upstream client frames the body it sends itself
+    "authorization", "cookie", "host", "expect", "accept-encoding",
+    "content-length",  # the upstream client frames the body it sends itself
 }  # fmt: skip
-RESPONSE_DROP = HOP_BY_HOP | {
-    istr("Set-Cookie"), istr("Set-Cookie2"), istr("WWW-Authenticate"),
-}  # fmt: skip
+RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "www-authenticate"}
+DECODED_DROP = RESPONSE_DROP | {"content-encoding", "content-length"}  # the body was decoded
 # The broker decodes gzip/deflate itself so it can scrub bodies; the agent gets identity.
 UPSTREAM_ACCEPT_ENCODING = "gzip, deflate"
 DECODED = ("gzip", "deflate")  # exactly the encodings asked for above, which the client decodes
 SAFE_TO_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_FILTERED = 16 * 1024 * 1024  # an answer a policy rewrites is read whole, up to this
 REPLAY_LIMIT = 1024 * 1024  # bodies up to this are held so a 401 can be retried after a refresh
+WHOLE_LIMIT = 256 * 1024  # an answer already received whole, up to this decoded, goes out in one write
+NO_BODY_STATUS = frozenset({204, 304})
 
 
 @dataclass(slots=True)
@@ -72,10 +71,11 @@ class Exchange:
         self.body, self.bytes_in = body, len(body)
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[istr]:
-    tokens: set[istr] = set()
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    """The field names a Connection header lists, lower case (RFC 9110 §7.6.1)."""
+    tokens: set[str] = set()
     for value in headers.getall("Connection", []):
-        tokens.update(istr(t.strip()) for t in value.split(",") if t.strip())
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
 
 
@@ -84,7 +84,7 @@ def upstream_headers(agent: CIMultiDictProxy[str], credential: dict[str, str]) -
     drop = REQUEST_DROP | _connection_tokens(agent) if "Connection" in agent else REQUEST_DROP
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in agent.items():
-        if name not in drop:
+        if name.lower() not in drop:
             out.add(name, value)
     out["Accept-Encoding"] = UPSTREAM_ACCEPT_ENCODING
     out.update(credential)  # after filtering: `Connection: Authorization` cannot remove it
@@ -92,21 +92,20 @@ def upstream_headers(agent: CIMultiDictProxy[str], credential: dict[str, str]) -
 
 
 def response_headers(up: upstream.Response, secrets: SecretSet, location: str | None) -> CIMultiDict[str]:
-    drop = set(RESPONSE_DROP)
-    if "Connection" in up.headers:
-        drop |= _connection_tokens(up.headers)
     encoding = up.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity", *DECODED):
         # bytes the broker cannot decode cannot be scrubbed: they never reach the agent
         raise BrokerError(
             "upstream_unreachable", f"the upstream used an unsupported Content-Encoding {encoding!r}"
         )
-    if encoding not in ("", "identity"):
-        # the client decoded the body: its length and encoding no longer describe it
-        drop |= {istr("Content-Encoding"), istr("Content-Length")}
+    # the client decoded the body: its length and encoding no longer describe it
+    drop = RESPONSE_DROP if encoding in ("", "identity") else DECODED_DROP
+    if "Connection" in up.headers:
+        drop = drop | _connection_tokens(up.headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in up.headers.items():
-        if name in drop or name.lower().startswith("access-control-"):
+        lower = name.lower()
+        if lower in drop or lower.startswith("access-control-"):
             continue
         if name == "Location" and location is not None:
             value = location
@@ -169,18 +168,18 @@ async def _send(
     for attempt in range(attempts):
         ex.maybe_sent = True
         try:
-            async with asyncio.timeout(timeouts.first_byte):
-                return await pool.request(
-                    request.method,
-                    target.url,
-                    headers.items(),
-                    _limited_body(request.content, limit, ex) if streamed else body,
-                    length=request.content_length if streamed else None,
-                    connect_timeout=timeouts.connect,
-                )
+            return await pool.request(
+                request.method,
+                target.url,
+                headers.items(),
+                _limited_body(request.content, limit, ex) if streamed else body,
+                length=request.content_length if streamed else None,
+                connect_timeout=timeouts.connect,
+                head_timeout=timeouts.first_byte,
+            )
         except _BodyTooLarge:
             raise _too_large(limit, route) from None
-        except TimeoutError:
+        except upstream.TimedOut:
             ex.error = "upstream_timeout"
             raise BrokerError(
                 "upstream_timeout", f"the upstream did not answer within {timeouts.first_byte:g}s", route
@@ -269,6 +268,10 @@ async def forward(
             return await _filtered(
                 request, up, headers_out, response_filter, secrets, ex, config.timeouts.idle
             )
+        if request.method != "HEAD" and up.status not in NO_BODY_STATUS:
+            whole = up.whole(WHOLE_LIMIT)
+            if whole is not None:  # the usual small JSON answer, already here: one write, no timer
+                return await _send_whole(request, up.status, headers_out, whole, secrets, ex)
         # A body of known length goes out with the headers in one write; an open-ended stream
         # (SSE) gets its headers at once so the agent sees the answer start.
         cls = _HeadersWithBody if "Content-Length" in headers_out else web.StreamResponse
@@ -287,6 +290,29 @@ async def forward(
         return resp
     finally:
         up.release()
+
+
+async def _send_whole(
+    request: web.BaseRequest,
+    status: int,
+    headers: CIMultiDict[str],
+    body: bytes,
+    secrets: SecretSet,
+    ex: Exchange,
+) -> web.StreamResponse:
+    scrubber = secrets.scrubber()
+    out = scrubber.feed(body) + scrubber.flush()
+    headers["Content-Length"] = str(len(out))  # a decoded body's length, or the same one
+    resp = _HeadersWithBody(status=status)
+    resp.headers.extend(headers)
+    try:
+        await resp.prepare(request)
+        await resp.write_eof(out)
+    except ConnectionError:
+        ex.error = "agent_disconnected"
+        return resp
+    ex.bytes_out = len(out)
+    return resp
 
 
 async def _filtered(

@@ -7,6 +7,7 @@ never: let a request choose its destination; only the config does.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -17,6 +18,7 @@ from broker.config import Route
 from broker.errors import BrokerError
 
 MAX_DECODES = 8
+TARGET_CACHE = 1024
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
@@ -26,6 +28,7 @@ def _normalize_pct(m: re.Match[str]) -> str:
     return chr(byte) if byte in _UNRESERVED else "%" + m.group(1).upper()
 
 
+@functools.lru_cache(maxsize=4096)  # agents ask for the same few paths over and over
 def normalize_path(raw: str) -> str:
     """RFC 3986 §6.2.2: decode percent-encoded unreserved characters, uppercase the rest.
 
@@ -62,6 +65,7 @@ class RouteTable:
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
         self._bases = {r.name: URL(r.upstream) for r in routes}
+        self._targets: dict[str, Target] = {}  # by raw path and query: the same few, mostly
 
     def match(self, path: str) -> Route | None:
         for r in self._routes:
@@ -71,6 +75,15 @@ class RouteTable:
         return None
 
     def target(self, raw_path_and_query: str) -> Target:
+        found = self._targets.get(raw_path_and_query)
+        if found is None:
+            found = self._target(raw_path_and_query)  # raises for a path no route takes
+            if len(self._targets) >= TARGET_CACHE:
+                self._targets.clear()
+            self._targets[raw_path_and_query] = found
+        return found
+
+    def _target(self, raw_path_and_query: str) -> Target:
         raw_path, sep, query = raw_path_and_query.partition("?")
         path = normalize_path(raw_path)
         route = self.match(path)

@@ -92,6 +92,49 @@ async def test_hop_by_hop_and_cors_and_cookies_dropped_from_response(
     assert "x-kept" in names
 
 
+async def test_header_names_are_matched_whatever_their_case(broker: Broker, upstream: Upstream) -> None:
+    """Node's fetch and HTTP/2-minded servers write names in lower case: the same rules apply."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            text="hi",
+            headers={
+                "set-cookie": "sid=1",
+                "www-authenticate": 'Bearer realm="x"',
+                "access-control-allow-origin": "*",
+                "keep-alive": "timeout=5",
+                "connection": "x-upstream-private",
+                "X-UPSTREAM-PRIVATE": "1",
+                "x-kept": "yes",
+            },
+        )
+
+    upstream.handlers["/lower"] = handler
+    async with broker.request(
+        "GET",
+        "/lower",
+        headers={
+            "authorization": "Bearer agent-made-this-up",
+            "proxy-authorization": "Basic eDp5",
+            "cookie": "session=agent",
+            "connection": "keep-alive, x-drop-me",
+            "X-DROP-ME": "1",
+            "x-custom": "kept",
+        },
+    ) as r:
+        assert r.status == 200
+        names = {k.lower() for k in r.headers}
+    seen = upstream.seen[-1]
+    assert seen.headers.getall("Authorization") == [BEARER]
+    assert "Proxy-Authorization" not in seen.headers
+    assert "Cookie" not in seen.headers
+    assert "X-Drop-Me" not in seen.headers
+    assert seen.headers["X-Custom"] == "kept"
+    assert {"set-cookie", "www-authenticate", "access-control-allow-origin", "keep-alive"}.isdisjoint(names)
+    assert "x-upstream-private" not in names
+    assert "x-kept" in names
+
+
 @pytest.mark.parametrize(
     ("prefix_routes", "path", "expected_route", "expected_path"),
     [
