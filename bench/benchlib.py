@@ -533,8 +533,12 @@ def api_route(upstream: str, name: str = "api", prefix: str = "/") -> dict[str, 
 
 
 def broker_config(tmp: Path, port: int, routes: list[dict[str, Any]], *, insecure: bool = True) -> Path:
-    """tmp/broker.yaml: listen on HOST:port, these routes, keyring secrets, warning-level JSON log with
-    the audit line off. `insecure` is allow_insecure_upstream."""
+    """tmp/config/broker.yaml: listen on HOST:port, these routes, keyring secrets, warning-level JSON
+    log with the audit line off. `insecure` is allow_insecure_upstream.
+
+    In a directory of its own, as installed (~/.config/agentcard-broker): the broker watches the
+    config's directory, and the log file written beside it would wake the watcher on every line.
+    """
     import yaml  # a dependency of the broker itself
 
     doc = {
@@ -545,7 +549,8 @@ def broker_config(tmp: Path, port: int, routes: list[dict[str, Any]], *, insecur
         "log": {"level": "warning", "format": "json", "audit": False},
         "routes": routes,
     }
-    path = tmp / "broker.yaml"
+    (tmp / "config").mkdir(mode=0o700, exist_ok=True)
+    path = tmp / "config" / "broker.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     path.chmod(0o600)
     return path

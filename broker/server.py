@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from broker import admin, guard, heap, proxy, upstream
+from broker import admin, guard, heap, logs, proxy, upstream
 from broker import config as config_mod
 from broker.auth import Credential, make_credential
 from broker.config import Config, ConfigError, Listen
@@ -257,8 +257,7 @@ class Runtime:
                 if ex.error and ex.error.startswith(("upstream_", "stream_")):
                     self.metrics.upstream_error(route_name or "-", ex.error)
                 if cfg.log.audit:
-                    log.info(
-                        "request",
+                    logs.audit(
                         request_id=rid,
                         route=route_name,
                         method=request.method,
@@ -392,6 +391,15 @@ async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
 
     path = await asyncio.to_thread(lambda: Path(rt.config_path).resolve())
     name = path.name
+    beside = await asyncio.to_thread(_log_file_in, path.parent)
+    if beside is not None:
+        log.warning(
+            "config.watch_busy_dir",
+            log_file=beside,
+            note="the broker's log is written into the directory watched for config changes, so "
+            "every log line wakes the watcher (about 60 µs of CPU per request measured); write the "
+            "log somewhere else",
+        )
 
     def only_config(_change: watchfiles.Change, changed: str) -> bool:
         return Path(changed).name == name
@@ -410,6 +418,21 @@ async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
                 await rt.reload(reason="file_changed")
     except Exception as exc:  # noqa: BLE001 - a broken watcher must not stop serving
         log.warning("config.watch_failed", error=type(exc).__name__, note="SIGHUP still reloads")
+
+
+def _log_file_in(directory: Path) -> str | None:
+    """The name of the regular file standing for our stderr inside `directory`, if it is there."""
+    try:
+        st = os.fstat(2)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.inode() == st.st_ino and entry.stat(follow_symlinks=False).st_dev == st.st_dev:
+                    return entry.name
+    except OSError:
+        return None
+    return None
 
 
 class Daemon:

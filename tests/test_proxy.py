@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gzip
 import json
+import re
 
 import aiohttp
 import pytest
@@ -620,6 +622,8 @@ async def test_logs_audit_every_request_and_never_hold_secrets(broker: Broker, u
         assert r.status == 500
     async with broker.request("GET", "/x", headers={"Host": "evil"}) as r:
         assert r.status == 403
+    async with broker.request("GET", f"/cards/{TEST_KEY}/x") as r:  # a key pasted into a path
+        assert r.status == 200
     import structlog
 
     structlog.get_logger("test").debug("debug event", value=f"Bearer {TEST_KEY}", other=["x", TEST_KEY])
@@ -634,7 +638,7 @@ async def test_logs_audit_every_request_and_never_hold_secrets(broker: Broker, u
     assert_no_secret(text)
     events = broker.log_events()
     audit = [e for e in events if e["event"] == "request"]
-    assert len(audit) == 2
+    assert len(audit) == 3
     first = audit[0]
     assert first["route"] == "api"
     assert first["status"] == 500
@@ -647,6 +651,13 @@ async def test_logs_audit_every_request_and_never_hold_secrets(broker: Broker, u
     assert first["duration_ms"] >= 0
     assert len(first["request_id"]) == 16
     assert audit[1]["error"] == "host_not_allowed"
+    assert audit[2]["path"] == "/cards/[REDACTED]/x"
+    # the same shape as every other JSON line: fields, then event, level, an ISO UTC timestamp
+    assert list(first)[-3:] == ["event", "level", "timestamp"]
+    assert first["level"] == "info"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", first["timestamp"])
+    stamp = datetime.datetime.fromisoformat(first["timestamp"].replace("Z", "+00:00"))
+    assert abs((datetime.datetime.now(datetime.UTC) - stamp).total_seconds()) < 60
     assert any("boom with" in e.get("exception", "") for e in events)
     assert any(e["event"].startswith("stdlib says") for e in events)
 

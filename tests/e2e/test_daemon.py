@@ -13,8 +13,8 @@ import keyring
 import yaml
 from aiohttp import web
 
-from tests.conftest import LIVE_KEY, TEST_KEY, Upstream, api_config, assert_no_secret, store_key
-from tests.e2e.conftest import DaemonProc, cli, free_port
+from tests.conftest import LIVE_KEY, TEST_KEY, Upstream, api_config, assert_no_secret, store_key, write_config
+from tests.e2e.conftest import CLI, DaemonProc, cli, free_port
 
 
 async def get(url: str, **kw: Any) -> tuple[int, dict[str, str], bytes]:
@@ -292,3 +292,45 @@ async def test_streams_200mb_through_the_daemon(upstream: Upstream, daemon_facto
     audit = await d.wait_for_event("request")
     assert audit["bytes_out"] == size
     assert ready["pid"] > 0
+
+
+async def test_warns_when_its_log_file_sits_in_the_watched_config_dir(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Every line written beside config.yaml wakes the file watcher: say so once, at start."""
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    elsewhere = tmp_path / "logs"
+    elsewhere.mkdir()
+    for log_path, warned in ((conf_dir / "broker.log", True), (elsewhere / "broker.log", False)):
+        port = free_port()
+        cfg = write_config(
+            conf_dir / "config.yaml", {**api_config(upstream.url), "listen": [f"127.0.0.1:{port}"]}
+        )
+        with log_path.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *CLI, "run", "--config", str(cfg), stderr=err, stdout=asyncio.subprocess.DEVNULL
+            )
+        try:
+            events: list[dict[str, Any]] = []
+            for _ in range(300):  # the watcher starts just after ready
+                events = [
+                    json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")
+                ]
+                names = [e.get("event") for e in events]
+                if "broker.ready" in names and (not warned or "config.watch_busy_dir" in names):
+                    break
+                await asyncio.sleep(0.05)
+            if not warned:
+                await asyncio.sleep(0.5)  # time enough for a warning that should not come
+                events = [
+                    json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")
+                ]
+            found = [e for e in events if e.get("event") == "config.watch_busy_dir"]
+            assert "broker.ready" in [e.get("event") for e in events]
+            assert len(found) == (1 if warned else 0), log_path.read_text()
+            if warned:
+                assert found[0]["log_file"] == "broker.log"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
