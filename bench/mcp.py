@@ -9,8 +9,11 @@ directory removed on exit:
 * `npm install --prefix TMP/mcp-remote mcp-remote@0.15.1` (the one request that leaves 127.0.0.1:
   the npm registry; `--no-mcp-remote` skips it and the third target);
 * the MCP upstream of the tests (tests/mcp_upstream.py): the real MCP SDK server with the SDK's own
-  OAuth 2.1 authorization server, in this process under uvicorn, access tokens living an hour so
-  no refresh happens while measuring;
+  OAuth 2.1 authorization server, under uvicorn, in a process of its own (bench/mcp_upstream_proc.py,
+  on uvloop when installed, as the broker runs), access tokens living an hour so no refresh happens
+  while measuring. It tells its URL on a ready line, and a second port of its own answers with what
+  it has seen (requests by path, /token grants, /mcp requests by user-agent and a hash of their
+  token); it dies with this script (PR_SET_PDEATHSIG);
 * `agentcard-broker login mcp --no-browser` (the real CLI), with this script as the browser;
 * the broker daemon (`agentcard-broker run`): one oauth route /mcp -> the upstream, keyring file
   backend in a temporary HOME, logging at warning level with the audit line off;
@@ -37,15 +40,19 @@ direct; ...), so machine noise hits all alike. Before a mode, a short mcp-remote
 mode is tried (open, list_tools, one call); if it fails, mcp-remote is left out of that mode and the
 report says why.
 
-Note the client and the upstream share this process and its event loop in all cases; the broker
-and mcp-remote are separate processes. For direct and broker the client's HTTP work runs on that
-shared loop; for mcp-remote it runs in node and this loop only writes and reads stdio lines, so
-mcp-remote's overhead over direct can come out near zero or below. In mode "legacy" mcp.Client
-(mcp 2.3.0) opens a new TCP connection for every call, to the upstream and to the broker alike,
-and the broker looks each new loopback peer up in /proc/net/tcp, whose cost grows with the sockets
-on the machine (TIME_WAIT leftovers of earlier runs included): the report prints that count. On a
-small machine all of them share the CPUs: compare the numbers with each other, not with other
-machines. Every value is fake; nothing but the npm install leaves 127.0.0.1.
+Every target has its client and its server in separate processes: direct is this process -> the
+upstream process; broker is this process -> the broker daemon -> the upstream process; mcp-remote is
+this process -> node (over stdio) -> the upstream process. That is what makes the three comparable:
+with the upstream on the client's own event loop, as this script once ran it, direct had no process
+hop at all and its client and server took turns on one loop, while mcp-remote's HTTP work ran in node
+in parallel with it, so mcp-remote could come out faster than direct. Now direct is the one hop every
+target needs, and the overhead of the broker or of mcp-remote over it is their own hop and process.
+In mode "legacy" mcp.Client (mcp 2.3.0) opens a new TCP connection for every call, to the upstream
+and to the broker alike, and the broker looks each new loopback peer up in /proc/net/tcp, whose cost
+grows with the sockets on the machine (TIME_WAIT leftovers of earlier runs included): the report
+prints that count. On a small machine all the processes share the CPUs: compare the numbers with
+each other, not with other machines. Every value is fake; nothing but the npm install leaves
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -62,8 +69,8 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -81,10 +88,8 @@ if str(HERE) not in sys.path:
 import benchlib as bl  # noqa: E402
 
 # This file is named mcp.py: now that benchlib is in, drop its own directory from the import path, or
-# `import mcp` finds it instead of the MCP SDK. Then add the repository root, for `tests.mcp_upstream`.
+# `import mcp` finds it instead of the MCP SDK.
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 import httpx2  # noqa: E402
@@ -92,9 +97,9 @@ from mcp import Client  # noqa: E402
 from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
-from tests.mcp_upstream import McpUpstream, run_mcp_upstream  # noqa: E402
-
 LOG_LINES = 30  # of the broker log, when something fails
+UPSTREAM_SCRIPT = HERE / "mcp_upstream_proc.py"
+UPSTREAM_READY_S = 30.0
 MODES = ("legacy", "auto")
 WARMUP_CALLS = 10
 ACCESS_TTL = 3600
@@ -108,35 +113,6 @@ OAUTH_PATHS = (("POST", "/register"), ("GET", "/authorize"), ("POST", "/token"))
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def set_listener_nodelay(port: int) -> int:
-    """Set TCP_NODELAY on this process's listening socket on 127.0.0.1:port; returns how many were set.
-
-    tests/mcp_upstream.py binds `socket.socket(AF_INET, SOCK_STREAM)` (proto 0) and hands it to
-    uvicorn; asyncio only turns Nagle off for sockets whose proto is IPPROTO_TCP, so the upstream's
-    connections keep Nagle on, and its response headers and body (two writes) meet the peer's delayed
-    ACK: a ~40 ms stall on some round trips, direct or through the broker alike, which would swamp
-    what is measured here. Linux copies TCP_NODELAY from the listener to each accepted connection.
-    """
-    done = 0
-    with contextlib.suppress(OSError):
-        fds = os.listdir("/proc/self/fd")
-        for fd in fds:
-            try:
-                s = socket.socket(fileno=os.dup(int(fd)))
-            except (OSError, ValueError):
-                continue
-            with s:
-                if (
-                    s.family == socket.AF_INET
-                    and s.type == socket.SOCK_STREAM
-                    and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                    and s.getsockname() == (bl.HOST, port)
-                ):
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    done += 1
-    return done
 
 
 def child_pids(needle: str) -> list[int]:
@@ -189,10 +165,103 @@ def tcp_sockets(pid: int, broker_port: int, upstream_port: int) -> dict[str, int
     return dict(sorted(out.items()))
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds a process has used so far, from /proc (None off Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def auth_digest(value: str) -> str:
+    """How the upstream's state port names an Authorization header (bench/mcp_upstream_proc.py)."""
+    return hashlib.sha256(value.encode()).hexdigest() if value else ""
+
+
+# ---------------------------------------------------------------- the upstream process
+
+
+@dataclass
+class Upstream:
+    """The MCP upstream in its own process (bench/mcp_upstream_proc.py), and what its ready line said."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path  # its stderr
+    base: str
+    state_url: str
+    loop: str
+    listener_nodelay: bool
+
+    @property
+    def mcp_url(self) -> str:
+        return f"{self.base}/mcp"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.base).port or 0
+
+    async def state(self) -> dict[str, Any]:
+        """What the upstream has seen so far, from its state port (a fresh connection, closed after)."""
+        port = urlsplit(self.state_url).port or 0
+        status, body = await asyncio.to_thread(bl.get, port, "/")
+        if status != 200:
+            raise RuntimeError(f"the upstream's state port answered {status}: {body[:200]!r}")
+        doc: dict[str, Any] = json.loads(body)
+        return doc
+
+    def check_alive(self, when: str) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            tail = bl.tail(self.log, LOG_LINES)
+            raise RuntimeError(f"the MCP upstream exited with code {code} {when}:\n{tail}")
+
+
+async def start_upstream(run: bl.BenchRun, nagle: bool) -> Upstream:
+    """`python bench/mcp_upstream_proc.py`, once it has printed its ready line; it dies with this script.
+
+    Started from this (the event loop's) thread: PR_SET_PDEATHSIG fires when the thread that forked
+    the child ends, not only the process.
+    """
+    cmd = [sys.executable, str(UPSTREAM_SCRIPT), "--access-ttl", str(ACCESS_TTL)]
+    if nagle:
+        cmd.append("--nagle")
+    log = run.tmp / "upstream.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+            preexec_fn=bl.pdeathsig,
+        )  # fmt: skip
+    run.stop_on_exit(proc, "MCP upstream")
+    assert proc.stdout is not None
+    try:
+        # read in a thread: should the child hang, the cleanup's stop_process ends it, and so the read
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), UPSTREAM_READY_S)
+    except TimeoutError:
+        raise RuntimeError(
+            f"the MCP upstream printed no ready line within {UPSTREAM_READY_S}s:\n{bl.tail(log, LOG_LINES)}"
+        ) from None
+    if not line:
+        proc.wait(5)
+        tail = bl.tail(log, LOG_LINES)
+        raise RuntimeError(
+            f"the MCP upstream exited with code {proc.returncode} before it was ready:\n{tail}"
+        )
+    proc.stdout.close()  # it prints nothing more
+    doc = json.loads(line)
+    return Upstream(proc, log, doc["base"], doc["state"], doc["loop"], doc["listener_nodelay"])
+
+
+async def stop_upstream(up: Upstream) -> int | None:
+    """SIGTERM, as bl.stop_process does it (waited for in a thread); the exit code."""
+    await asyncio.to_thread(bl.stop_process, up.proc, "MCP upstream")
+    return up.proc.returncode
+
+
 # ---------------------------------------------------------------- the broker side
 
 
-def mcp_broker_config(tmp: Path, port: int, up: McpUpstream) -> Path:
+def mcp_broker_config(tmp: Path, port: int, up: Upstream) -> Path:
     route = {
         "name": "mcp",
         "prefix": "/mcp",
@@ -203,10 +272,7 @@ def mcp_broker_config(tmp: Path, port: int, up: McpUpstream) -> Path:
 
 
 async def login(cfg: Path, env: dict[str, str], timeout: float = 30) -> str:
-    """`agentcard-broker login mcp --no-browser`, and the browser's part: GET the URL, then the callback.
-
-    Asynchronous on purpose: the upstream's authorization server lives on this event loop.
-    """
+    """`agentcard-broker login mcp --no-browser`, and the browser's part: GET the URL, then the callback."""
     proc = await asyncio.create_subprocess_exec(
         bl.broker_cmd(), "login", "mcp", "--config", str(cfg), "--no-browser", "--timeout", str(timeout),
         env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -252,7 +318,7 @@ async def start_broker(cfg: Path, env: dict[str, str], port: int, log: Path) -> 
             bl.broker_cmd(), "run", "--config", str(cfg),
             env=env, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err, preexec_fn=bl.pdeathsig,
         )  # fmt: skip
-    # polled from a thread: the upstream's authorization server lives on this event loop
+    # polled from a thread, not to block the event loop
     await asyncio.to_thread(
         bl.wait_health, port, lambda: proc.returncode, log, started=time.perf_counter(), log_lines=LOG_LINES
     )
@@ -293,7 +359,7 @@ def pkce() -> tuple[str, str]:
     return verifier, base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
-async def direct_token(up: McpUpstream) -> str:
+async def direct_token(up: Upstream) -> str:
     """This script's own OAuth client at the upstream: register, authorize (auto-approved), exchange."""
     async with httpx2.AsyncClient(timeout=30) as http:  # httpx2 does not follow redirects by default
         r = await http.post(
@@ -533,7 +599,7 @@ def rotated(targets: list[str], n: int) -> list[str]:
 
 async def run_mode(
     mode: str,
-    up: McpUpstream,
+    up: Upstream,
     broker_url: str,
     token: str,
     remote: McpRemote | None,
@@ -634,38 +700,45 @@ async def run_mode(
     return res
 
 
-def upstream_traffic(up: McpUpstream, direct_token_value: str) -> dict[str, Any]:
+def upstream_traffic(state: dict[str, Any], direct_token_value: str) -> dict[str, Any]:
     """What the upstream saw on /mcp, by whose token (the tokens themselves are never printed).
 
-    mcp-remote sends the bench's own token too; its requests are told apart by their user-agent
-    (node's fetch sends `node`, undici's `undici`), httpx2's is python-httpx2/...
+    The upstream's state port names each token by a hash of its Authorization header. mcp-remote
+    sends the bench's own token too; its requests are told apart by their user-agent (node's fetch
+    sends `node`, undici's `undici`), httpx2's is python-httpx2/...
     """
+    mine = auth_digest(f"Bearer {direct_token_value}")
     by: Counter[str] = Counter()
     methods: Counter[str] = Counter()
-    for h in up.recorder.mcp_headers:
-        auth = h.get("authorization", "")
-        if not auth:
+    for r in state["mcp_requests"]:
+        if not r["auth_sha256"]:
             who = "no token"
-        elif auth == f"Bearer {direct_token_value}":
-            ua = h.get("user-agent", "").split("/")[0].lower()
-            who = "bench's token via mcp-remote" if ua in ("node", "undici") else "bench's own token"
+        elif r["auth_sha256"] == mine:
+            via_node = r["user_agent"] in ("node", "undici")
+            who = "bench's token via mcp-remote" if via_node else "bench's own token"
         else:
             who = "broker's token"
-        by[who] += 1
-        methods[f"{who}: {h['method']}"] += 1
+        by[who] += r["count"]
+        methods[f"{who}: {r['method']}"] += r["count"]
+    calls = request_counts(state)
     return {
         "requests_by_token": dict(by),
         "requests_by_token_and_method": dict(sorted(methods.items())),
-        "token_grants": dict(up.recorder.grants),
-        "register_calls": up.recorder.calls[("POST", "/register")],
+        "token_grants": dict(state["grants"]),
+        "register_calls": calls.get(("POST", "/register"), 0),
         "well_known_requests": {
-            f"{m} {path}": n for (m, path), n in sorted(up.recorder.calls.items()) if "/.well-known/" in path
+            f"{m} {path}": n for (m, path), n in sorted(calls.items()) if "/.well-known/" in path
         },
     }
 
 
-def oauth_calls(up: McpUpstream) -> dict[str, int]:
-    return {f"{m} {path}": up.recorder.calls[(m, path)] for m, path in OAUTH_PATHS}
+def request_counts(state: dict[str, Any]) -> dict[tuple[str, str], int]:
+    return {(m, path): n for m, path, n in state["calls"]}
+
+
+def oauth_calls(state: dict[str, Any]) -> dict[str, int]:
+    calls = request_counts(state)
+    return {f"{m} {path}": calls.get((m, path), 0) for m, path in OAUTH_PATHS}
 
 
 # ---------------------------------------------------------------- main
@@ -680,7 +753,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--upstream-nagle",
         action="store_true",
-        help="leave Nagle on at the test upstream, as tests/mcp_upstream.py has it (~40 ms stalls)",
+        help="leave Nagle on at the test upstream, as tests/mcp_upstream.py once had it (~40 ms stalls): "
+        "asyncio's event loop instead of uvloop, a listener without IPPROTO_TCP and TCP_NODELAY",
     )
     p.add_argument(
         "--no-mcp-remote",
@@ -712,7 +786,11 @@ def print_report(results: list[dict[str, Any]], extra: dict[str, Any], args: arg
             f"mcp-remote {r['version']} on node {r['node']}: mcp-remote URL {' '.join(r['args'][1:])}"
             f"  (env {MCP_REMOTE_TOKEN_ENV}=<direct's token>)"
         )
-    print(f"upstream TCP_NODELAY: {extra['upstream_nodelay']}")
+    up = extra["upstream"]["process"]
+    print(
+        f"upstream: its own process (bench/mcp_upstream_proc.py, pid {up['pid']}), event loop "
+        f"{up['event_loop']}, TCP_NODELAY {extra['upstream_nodelay']}"
+    )
     print()
     ms = ">7.2f"
     table = bl.Table(
@@ -774,6 +852,15 @@ def print_report(results: list[dict[str, Any]], extra: dict[str, Any], args: arg
     u = extra["upstream"]
     print(f"upstream /mcp requests by token: {u['requests_by_token']}")
     print(f"upstream /token grants: {u['token_grants']} (refresh_token must be absent or 0)")
+    busy = (
+        f"{up['cpu_s_during_modes']:.2f}s CPU in {up['wall_s_during_modes']:.2f}s of the modes"
+        if up["cpu_s_during_modes"] is not None
+        else "CPU time unknown"
+    )
+    print(
+        f"upstream pid {up['pid']}: {busy}; before {up['usage_before']}  after {up['usage_after']}  "
+        f"(VmRSS/VmHWM KiB, open fds, threads); exit code on SIGTERM: {up['exit_code']}"
+    )
     b = extra["broker"]
     print(
         f"broker pid {b['pid']}: before {b['usage_before']}  after {b['usage_after']}  "
@@ -833,66 +920,79 @@ async def amain(args: argparse.Namespace) -> int:
             remote = await install_mcp_remote(tmp, silent=not args.mcp_remote_logs)
             extra["versions"]["mcp-remote"] = remote.version
             extra["versions"]["node"] = remote.node
-        async with run_mcp_upstream(access_ttl=ACCESS_TTL, auth=True) as up:
-            try:
-                if args.upstream_nagle:
-                    extra["upstream_nodelay"] = "left off (--upstream-nagle)"
-                else:
-                    n = set_listener_nodelay(urlsplit(up.base).port or 0)
-                    extra["upstream_nodelay"] = "set by the bench" if n else "could not be set"
-                    if not n:
-                        print("note: could not set TCP_NODELAY on the upstream listener", file=sys.stderr)
-                port = bl.free_port()
-                env = bl.broker_env(tmp)
-                cfg = mcp_broker_config(tmp, port, up)
-                print("login via `agentcard-broker login mcp --no-browser` ...", file=sys.stderr)
-                login_out = await login(cfg, env)
-                broker = await start_broker(cfg, env, port, broker_log)
-                status = await asyncio.to_thread(bl.broker_status, port)
-                route = status["routes"][0]
-                if route.get("state") != "ready":
-                    raise RuntimeError(f"broker route not ready after login: {route}")
-                token = await direct_token(up)
-                broker_url = f"http://{bl.HOST}:{port}/mcp"
-                await asyncio.sleep(0.3)
-                up_port = urlsplit(up.base).port or 0
-                usage_before = bl.proc_usage(broker.pid)
-                sockets_before = tcp_sockets(broker.pid, port, up_port)
-                oauth_before = oauth_calls(up)
+        print("starting the MCP upstream (its own process) ...", file=sys.stderr)
+        up = await start_upstream(run, args.upstream_nagle)
+        extra["upstream_nodelay"] = "on at its listener" if up.listener_nodelay else "off at its listener"
+        if args.upstream_nagle:
+            extra["upstream_nodelay"] += " (--upstream-nagle)"
+        try:
+            port = bl.free_port()
+            env = bl.broker_env(tmp)
+            cfg = mcp_broker_config(tmp, port, up)
+            print("login via `agentcard-broker login mcp --no-browser` ...", file=sys.stderr)
+            login_out = await login(cfg, env)
+            broker = await start_broker(cfg, env, port, broker_log)
+            status = await asyncio.to_thread(bl.broker_status, port)
+            route = status["routes"][0]
+            if route.get("state") != "ready":
+                raise RuntimeError(f"broker route not ready after login: {route}")
+            token = await direct_token(up)
+            broker_url = f"http://{bl.HOST}:{port}/mcp"
+            await asyncio.sleep(0.3)
+            up_port = up.port
+            usage_before = bl.proc_usage(broker.pid)
+            sockets_before = tcp_sockets(broker.pid, port, up_port)
+            oauth_before = oauth_calls(await up.state())
+            up_usage_before, up_cpu_before = bl.proc_usage(up.proc.pid), cpu_seconds(up.proc.pid)
+            t_modes = time.perf_counter()
 
-                results = []
-                for seq, mode in enumerate(MODES, start=1):
-                    mode_remote, pv, skipped = remote, None, None
-                    if remote is not None:
-                        print(f"mode {mode}: trying an mcp-remote session ...", file=sys.stderr)
-                        pv, skipped = await mcp_remote_preflight(
-                            remote, up.mcp_url, mode, token, args.call_timeout,
-                            seq * 1_000_000 + PREFLIGHT_BASE,
-                        )  # fmt: skip
-                        if skipped is not None:
-                            print(f"  mcp-remote fails in mode {mode}, left out: {skipped}", file=sys.stderr)
-                            mode_remote = None
-                    print(f"mode {mode}: warm-up, then {args.calls} calls per target ...", file=sys.stderr)
-                    res = await run_mode(mode, up, broker_url, token, mode_remote, args, seq)
+            results = []
+            for seq, mode in enumerate(MODES, start=1):
+                mode_remote, pv, skipped = remote, None, None
+                if remote is not None:
+                    print(f"mode {mode}: trying an mcp-remote session ...", file=sys.stderr)
+                    pv, skipped = await mcp_remote_preflight(
+                        remote, up.mcp_url, mode, token, args.call_timeout,
+                        seq * 1_000_000 + PREFLIGHT_BASE,
+                    )  # fmt: skip
                     if skipped is not None:
-                        res["mcp_remote_skipped"] = skipped
-                    elif remote is not None:
-                        res["mcp_remote_preflight_protocol"] = pv
-                    results.append(res)
-                    p50s = ", ".join(f"{t} p50 {res[t]['p50']:.2f} ms" for t in res["targets"])
-                    print(f"  {p50s}", file=sys.stderr)
-                    if broker.returncode is not None:
-                        raise RuntimeError(
-                            f"broker died during mode {mode}:\n{bl.tail(broker_log, LOG_LINES)}"
-                        )
-                await asyncio.sleep(1.0)  # let closed sessions and connections settle
-                usage_after = bl.proc_usage(broker.pid)
-                sockets_after = tcp_sockets(broker.pid, port, up_port)
-                route_after = (await asyncio.to_thread(bl.broker_status, port))["routes"][0].get("state")
-                extra["upstream"] = upstream_traffic(up, token)
-                oauth_after = oauth_calls(up)
-            finally:
-                exit_code = await stop_broker(broker)
+                        print(f"  mcp-remote fails in mode {mode}, left out: {skipped}", file=sys.stderr)
+                        mode_remote = None
+                print(f"mode {mode}: warm-up, then {args.calls} calls per target ...", file=sys.stderr)
+                res = await run_mode(mode, up, broker_url, token, mode_remote, args, seq)
+                if skipped is not None:
+                    res["mcp_remote_skipped"] = skipped
+                elif remote is not None:
+                    res["mcp_remote_preflight_protocol"] = pv
+                results.append(res)
+                p50s = ", ".join(f"{t} p50 {res[t]['p50']:.2f} ms" for t in res["targets"])
+                print(f"  {p50s}", file=sys.stderr)
+                if broker.returncode is not None:
+                    raise RuntimeError(f"broker died during mode {mode}:\n{bl.tail(broker_log, LOG_LINES)}")
+                up.check_alive(f"during mode {mode}")
+            up_cpu_after, modes_s = cpu_seconds(up.proc.pid), time.perf_counter() - t_modes
+            await asyncio.sleep(1.0)  # let closed sessions and connections settle
+            usage_after = bl.proc_usage(broker.pid)
+            sockets_after = tcp_sockets(broker.pid, port, up_port)
+            route_after = (await asyncio.to_thread(bl.broker_status, port))["routes"][0].get("state")
+            up_usage_after = bl.proc_usage(up.proc.pid)
+            up_state = await up.state()
+            extra["upstream"] = upstream_traffic(up_state, token)
+            oauth_after = oauth_calls(up_state)
+        finally:
+            exit_code = await stop_broker(broker)
+            up_exit_code = await stop_upstream(up)
+        up_cpu = None if up_cpu_before is None or up_cpu_after is None else up_cpu_after - up_cpu_before
+        extra["upstream"]["process"] = {
+            "pid": up.proc.pid,
+            "event_loop": up.loop,
+            "listener_nodelay": up.listener_nodelay,
+            "usage_before": up_usage_before,
+            "usage_after": up_usage_after,
+            "cpu_s_during_modes": None if up_cpu is None else round(up_cpu, 2),
+            "wall_s_during_modes": round(modes_s, 2),
+            "exit_code": up_exit_code,
+        }
         extra["broker"] = {
             "pid": broker.pid,
             "usage_before": usage_before,
@@ -924,6 +1024,7 @@ async def amain(args: argparse.Namespace) -> int:
                 "warmup_calls": WARMUP_CALLS,
                 "access_ttl_s": ACCESS_TTL,
                 "upstream_nodelay": extra["upstream_nodelay"],
+                "upstream_event_loop": extra["upstream"]["process"]["event_loop"],
                 "cpus": os.cpu_count(),
                 **extra["versions"],
             },
