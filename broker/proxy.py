@@ -281,7 +281,7 @@ async def forward(
             await resp.prepare(request)
         except ConnectionError:  # the agent left before the answer: not an error of ours
             ex.error = "agent_disconnected"
-            up.close()
+            up.release()
             return resp
         if request.method == "HEAD":
             await resp.write_eof()
@@ -377,7 +377,7 @@ async def _stream(
         _abort(request)
     except ConnectionError:
         ex.error = "agent_disconnected"
-        up.close()
+        up.release()  # the rest of the answer is drained briefly: its connection may serve again
 
 
 def _abort(request: web.BaseRequest) -> None:

@@ -29,6 +29,8 @@ MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
 READ_HIGH = 256 * 1024  # body bytes held for a slow agent before the upstream is paused
 DECODE_STEP = 64 * 1024  # decoded bytes produced per step: a small gzip cannot balloon in memory
 WRITE_STEP = 64 * 1024
+DRAIN_S = 1.0  # how long the end of an answer nobody reads is waited for, to keep its connection
+DRAIN_BYTES = 256 * 1024  # and how much of it
 NO_BODY_STATUS = frozenset({204, 304})
 _STATUS = re.compile(r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [^\r\n]*)?(?=\r\n|$)")
 # one whole field line: a token, a colon, the value after its leading blanks (RFC 9112 §5)
@@ -92,6 +94,7 @@ class Response:
         "_chunks",
         "_conn",
         "_decoder",
+        "_drain_timer",
         "_eof",
         "_exc",
         "_held",
@@ -112,6 +115,7 @@ class Response:
         self._eof = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None  # set while the rest is thrown away
         self._decoder: Any = None  # zlib decompressobj, made on the first body bytes
         self._tail = b""  # compressed bytes the decoder has not taken yet
         encoding = headers.get("Content-Encoding", "").strip().lower()
@@ -119,8 +123,12 @@ class Response:
 
     # -- fed by the connection
     def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
         self._held += len(data)
+        if self._drain_timer is not None:  # nobody reads it any more: count it, keep nothing
+            if self._held > DRAIN_BYTES:
+                self.close()
+            return
+        self._chunks.append(data)
         if self._held > READ_HIGH and self._conn is not None:
             self._conn.pause()
         self._wake()
@@ -131,6 +139,8 @@ class Response:
         self._eof = True
         self._exc = exc
         self._conn = None  # done with it: back in the pool, or closed
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         self._wake()
 
     def _wake(self) -> None:
@@ -216,9 +226,25 @@ class Response:
         return out
 
     def release(self) -> None:
-        """Done with the answer: a connection whose body was not read to the end is closed."""
-        if not self._eof:
+        """Done with the answer. If its body was not read to the end, what is left is read and
+        thrown away for a moment (up to DRAIN_BYTES within DRAIN_S) so that the connection can
+        serve the next request; an answer that goes on longer closes it.
+
+        Why: an MCP client in the 2025-11-25 style hangs up as soon as its answer's event
+        arrives, a moment before the upstream ends that SSE stream; closing then cost every
+        next call a new upstream connection.
+        """
+        if self._eof or self._drain_timer is not None:
+            return
+        conn = self._conn
+        if conn is None or not self.keep_alive:
             self.close()
+            return
+        self._chunks.clear()
+        self._tail = b""
+        self._held = 0
+        self._drain_timer = asyncio.get_running_loop().call_later(DRAIN_S, self.close)
+        conn.resume()
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -8,6 +8,7 @@ self-signed certificate made here with `cryptography`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import gzip
 import hashlib
@@ -558,6 +559,48 @@ async def test_release_before_the_end_closes_the_connection(serve: Serve, pool: 
     _, body = await fetch(pool, server.url())
     assert body == b"ok"
     assert pool.opened == 2
+
+
+async def test_release_drains_a_short_rest_and_keeps_the_connection(serve: Serve, pool: Pool) -> None:
+    """An agent that hangs up just before the answer ends (MCP SSE) costs no new connection."""
+    released = asyncio.Event()
+
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + b"a" * 1000)
+        await released.wait()
+        await peer.send(b"b" * 1000)  # the end arrives after nobody reads any more
+        while await peer.request() is not None:
+            await peer.send(OK)
+        peer.server.closed_by_client.append(peer.index)
+
+    server = await serve(script)
+    resp = await pool.request("GET", server.url(), [], None)
+    assert await anext(resp.iter_any()) == b"a" * 1000
+    resp.release()
+    released.set()
+    await until(lambda: pool.idle_count() == 1)
+    _, body = await fetch(pool, server.url())
+    assert body == b"ok"
+    assert pool.opened == 1 and server.connections == 1
+    assert resp.keep_alive
+
+
+async def test_release_closes_when_the_rest_is_long(serve: Serve, pool: Pool) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n" + b"a" * 1000)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 4 MiB more, far over what is drained
+                await peer.send(b"c" * (64 * KIB))
+        await peer.until_closed()
+
+    server = await serve(script)
+    resp = await pool.request("GET", server.url(), [], None)
+    await anext(resp.iter_any())
+    resp.release()
+    await until(lambda: server.closed_by_client == [0], timeout=0.8)  # before the drain's deadline
+    assert pool.idle_count() == 0
 
 
 async def test_bytes_after_a_complete_answer_drop_the_connection(serve: Serve, pool: Pool) -> None:
