@@ -102,15 +102,15 @@ def response_headers(up: upstream.Response, secrets: SecretSet, location: str | 
     drop = RESPONSE_DROP if encoding in ("", "identity") else DECODED_DROP
     if "Connection" in up.headers:
         drop = drop | _connection_tokens(up.headers)
-    out: CIMultiDict[str] = CIMultiDict()
+    kept = []
     for name, value in up.headers.items():
         lower = name.lower()
         if lower in drop or lower.startswith("access-control-"):
             continue
-        if name == "Location" and location is not None:
-            value = location
-        out.add(name, secrets.redact(value))
-    return out
+        kept.append((name, location if lower == "location" and location is not None else value))
+    if secrets.may_hold("\n".join([v for _, v in kept])):  # one look at all values, usually enough
+        kept = [(name, secrets.redact(value)) for name, value in kept]
+    return CIMultiDict(kept)
 
 
 async def _limited_body(content: aiohttp.StreamReader, limit: int, ex: Exchange) -> AsyncIterator[bytes]:
@@ -228,7 +228,7 @@ async def forward(
     if length is not None and length > limit:
         raise _too_large(limit, route)
 
-    auth = await credential.authorization()
+    auth = credential.ready_authorization() or await credential.authorization()
     headers = upstream_headers(request.headers, auth)
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
         # only now, with the request accepted, ask the agent for its body (curl waits 1 s otherwise)

@@ -62,6 +62,10 @@ class SecretSet:
                 text = text.replace(v, "[REDACTED]")
         return redact_shapes(text)
 
+    def may_hold(self, text: str) -> bool:
+        """False only when redact(text) would return it unchanged: no held secret, no shape."""
+        return "sk_" in text or "acs_" in text or any(v in text for v in self._values)
+
     def contains_any(self, text: str) -> bool:
         return any(v in text for v in self._values)
 

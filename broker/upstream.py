@@ -70,11 +70,6 @@ class TimedOut(UpstreamError):
     """No answer head within the request's timeout."""
 
 
-def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
-    expired.append(True)
-    task.cancel()
-
-
 def _bad(msg: str) -> BadAnswer:
     return BadAnswer(msg)
 
@@ -537,6 +532,10 @@ class Pool:
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._all: set[_Conn] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._deadlines: dict[asyncio.Task[Any], float] = {}  # tasks waiting for an answer's head
+        self._expired: set[asyncio.Task[Any]] = set()  # cancelled by their deadline
+        self._ticker: asyncio.TimerHandle | None = None
+        self._ticker_at = 0.0
         self.opened = 0  # connections made, for tests and the benchmarks
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -619,10 +618,7 @@ class Pool:
         default = port == (443 if scheme == "https" else 80)
         host_field = (f"[{host}]" if ":" in host else host) + ("" if default else f":{port}")
         parts = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {host_field}\r\n"]
-        for name, value in headers:
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
-                raise UpstreamError("a header carried a line break")
-            parts.append(f"{name}: {value}\r\n")
+        parts += [f"{name}: {value}\r\n" for name, value in headers]
         streamed = body is not None and not isinstance(body, bytes)
         if isinstance(body, bytes):
             if body or method not in ("GET", "HEAD", "OPTIONS", "DELETE", "TRACE"):
@@ -634,55 +630,40 @@ class Pool:
         elif method in ("POST", "PUT", "PATCH"):
             parts.append("Content-Length: 0\r\n")
         parts.append("\r\n")
-        raw = "".join(parts).encode("latin-1")
+        head = "".join(parts)
+        lines = len(parts) + 1  # the first part holds two lines
+        if head.count("\n") != lines or head.count("\r") != lines:
+            raise UpstreamError("a header carried a line break")  # nothing sent, nothing opened
+        raw = head.encode("latin-1")
 
-        # One timer that cancels this task, cheaper than asyncio.timeout on every request.
+        loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        expired: list[bool] = []
-        timer = None
         if head_timeout is not None:
-            timer = asyncio.get_running_loop().call_later(head_timeout, _expire, task, expired)
+            self._watch(task, loop.time() + head_timeout)
+        conn: _Conn | None = None
+        waiter: asyncio.Future[Response] | None = None
         try:
-            return await self._exchange((scheme, host, port), method, raw, body, length, connect_timeout)
-        except asyncio.CancelledError:
-            if expired and task.uncancel() == 0:  # the cancel was this timer's, and only its
-                raise TimedOut(f"no answer within {head_timeout:g}s") from None
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    async def _exchange(
-        self,
-        key: tuple[str, str, int],
-        method: str,
-        raw: bytes,
-        body: bytes | AsyncIterator[bytes] | None,
-        length: int | None,
-        connect_timeout: float,
-    ) -> Response:
-        idle = self._idle.get(key)
-        conn = None
-        while idle:  # the most recently used connection first: the least likely to be stale
-            conn = idle.pop()
-            if not conn.closed:
-                if asyncio.get_running_loop().time() - conn.idle_since < self.keepalive:
-                    break
-                conn.abort()  # idle too long: the upstream may be closing it right now
-            conn = None
-        if conn is None:
-            conn = await self._connect(key, connect_timeout)
-        streamed = body is not None and not isinstance(body, bytes)
-        waiter = conn.begin(method == "HEAD")
-        assert conn.transport is not None
-        try:
+            key = (scheme, host, port)
+            idle = self._idle.get(key)
+            while idle:  # the most recently used connection first: the least likely to be stale
+                conn = idle.pop()
+                if not conn.closed:
+                    if loop.time() - conn.idle_since < self.keepalive:
+                        break
+                    conn.abort()  # idle too long: the upstream may be closing it right now
+                conn = None
+            if conn is None:
+                conn = await self._connect(key, connect_timeout)
+            waiter = conn.begin(method == "HEAD")
+            transport = conn.transport
+            assert transport is not None
             if isinstance(body, bytes) and body:
-                conn.transport.write(raw + body if len(body) <= WRITE_STEP else raw)
+                transport.write(raw + body if len(body) <= WRITE_STEP else raw)
                 if len(body) > WRITE_STEP:
-                    conn.transport.write(body)
+                    transport.write(body)
             else:
-                conn.transport.write(raw)
+                transport.write(raw)
             if streamed:
                 assert body is not None and not isinstance(body, bytes)
                 conn.writing = True
@@ -690,13 +671,46 @@ class Pool:
                 if not waiter.done():
                     conn.writing = False  # all of it went out before any answer: reusable
             return await waiter
-        except BaseException:
-            conn.abort()
-            if not waiter.done():
-                waiter.cancel()
-            elif not waiter.cancelled():
-                waiter.exception()  # retrieved: the caller sees the error it is given here
+        except BaseException as exc:
+            if conn is not None:
+                conn.abort()
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.cancel()
+                elif not waiter.cancelled():
+                    waiter.exception()  # retrieved: the caller sees the error it is given here
+            if isinstance(exc, asyncio.CancelledError) and task in self._expired:
+                self._expired.discard(task)
+                if task.uncancel() == 0:  # the cancel was the deadline's, and only its
+                    raise TimedOut(f"no answer within {head_timeout:g}s") from None
             raise
+        finally:
+            if head_timeout is not None:
+                self._deadlines.pop(task, None)
+
+    def _watch(self, task: asyncio.Task[Any], deadline: float) -> None:
+        """Cancel `task` at `deadline` unless it is off the list by then: one timer for the pool."""
+        self._deadlines[task] = deadline
+        if self._ticker is None or deadline < self._ticker_at:
+            if self._ticker is not None:
+                self._ticker.cancel()
+            self._ticker_at = deadline
+            self._ticker = asyncio.get_running_loop().call_at(deadline, self._tick)
+
+    def _tick(self) -> None:
+        self._ticker = None
+        now = asyncio.get_running_loop().time()
+        earliest: float | None = None
+        for task, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                del self._deadlines[task]
+                self._expired.add(task)
+                task.cancel()
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        if earliest is not None:
+            self._ticker_at = earliest
+            self._ticker = asyncio.get_running_loop().call_at(earliest, self._tick)
 
     async def _stream_body(
         self,
@@ -737,9 +751,10 @@ class Pool:
         return sum(len(v) for v in self._idle.values())
 
     def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for timer in (self._sweeper, self._ticker):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._ticker = None
         for conn in list(self._all):
             conn.abort()
         self._idle.clear()

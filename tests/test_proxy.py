@@ -108,6 +108,7 @@ async def test_header_names_are_matched_whatever_their_case(broker: Broker, upst
                 "connection": "x-upstream-private",
                 "X-UPSTREAM-PRIVATE": "1",
                 "x-kept": "yes",
+                "location": "/api/v1/cards/c_1",
             },
         )
 
@@ -135,6 +136,7 @@ async def test_header_names_are_matched_whatever_their_case(broker: Broker, upst
     assert {"set-cookie", "www-authenticate", "access-control-allow-origin", "keep-alive"}.isdisjoint(names)
     assert "x-upstream-private" not in names
     assert "x-kept" in names
+    assert r.headers["Location"] == f"http://127.0.0.1:{broker.port}/api/v1/cards/c_1"
 
 
 @pytest.mark.parametrize(

@@ -294,3 +294,19 @@ def test_shape_redaction_after_underscore_but_not_inside_words() -> None:
     s = SecretSet()
     assert "sk_live_ABCDEFGH" not in s.redact("x_sk_live_ABCDEFGH")
     assert s.redact("task_test_1234567") == "task_test_1234567"
+
+
+HELD_OR_SHAPED = ["", TEST_KEY, "sk_live_abcd1234", "acs_zzzz9"]
+
+
+@given(st.text(max_size=60), st.text(max_size=60), st.sampled_from(HELD_OR_SHAPED))
+def test_may_hold_is_false_only_when_redact_changes_nothing(before: str, after: str, middle: str) -> None:
+    """The one look response headers get before any per-value redaction: never a false 'no'."""
+    s = SecretSet()
+    s.add(TEST_KEY)
+    text = before + middle + after
+    if not s.may_hold(text):
+        assert s.redact(text) == text
+    if middle:
+        assert s.may_hold(text)
+    assert not s.may_hold("application/json; charset=utf-8\nMon, 30 Nov 2026 09:01:27 GMT")

@@ -86,6 +86,16 @@ class ApiKeyCredential(Credential):
         if self._stale or age > (RECHECK_READY_S if self._value else RECHECK_MISSING_S):
             await self.refresh_from_store()
 
+    def ready_authorization(self) -> dict[str, str] | None:
+        if (
+            self._value is None
+            or self._stale
+            or time.monotonic() - self._checked_at > RECHECK_READY_S
+            or (self.mode == "live" and not self.auth.allow_live)
+        ):
+            return None  # authorization() reads the store, or says what is wrong
+        return self._header
+
     async def authorization(self) -> dict[str, str]:
         await self.prepare()
         if self._value is None:

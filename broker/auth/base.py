@@ -40,6 +40,11 @@ class Credential(ABC):
     async def authorization(self) -> dict[str, str]:
         """Headers to add to the upstream request. Raises BrokerError when there are none."""
 
+    def ready_authorization(self) -> dict[str, str] | None:
+        """The headers at once when nothing needs reading or refreshing first; else None, and
+        authorization() is awaited. The hot path's shortcut: no coroutine per request."""
+        return None
+
     async def retry_after_rejection(self, used: dict[str, str]) -> bool:
         """The upstream answered 401 to `used`. Refresh if possible; True when a retry makes sense."""
         return False
