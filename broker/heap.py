@@ -75,6 +75,7 @@ class PauseMeter:
 
 
 meter: PauseMeter | None = None  # set by install(): the daemon's, none in a library user's process
+settled = False  # settle() ran at least once
 
 
 def install() -> PauseMeter:
@@ -86,13 +87,20 @@ def install() -> PauseMeter:
     return meter
 
 
-def settle() -> int:
-    """Collect what start-up left behind, then freeze the rest. Returns the objects frozen."""
+def settle(collect: bool = True) -> int:
+    """Collect what start-up left behind, then freeze the rest. Returns the objects frozen.
+
+    `collect=False` only freezes: right after the imports a full collection walks ~43k objects
+    (20 ms measured, added to start-up) to find a few dozen unreachable ones.
+    """
     if meter is not None:
         meter.counting = False
     try:
-        gc.collect()
+        if collect:
+            gc.collect()
         gc.freeze()
+        global settled
+        settled = True
     finally:
         if meter is not None:
             meter.counting = True

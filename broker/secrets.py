@@ -28,6 +28,8 @@ class SecretStoreError(Exception):
 class SecretStore(Protocol):
     @property
     def description(self) -> str: ...
+    @property
+    def brief(self) -> str: ...  # the description without touching the store (at start-up)
 
     def get(self, account: str) -> str | None: ...
     def set(self, account: str, value: str) -> None: ...
@@ -40,6 +42,12 @@ class KeyringStore:
     def __init__(self, service: str = SERVICE) -> None:
         self.service = service
         self._backend_name: str | None = None
+
+    @property
+    def brief(self) -> str:
+        """ "keyring", with its backend once something has used it: finding the backend imports
+        and probes every candidate (D-Bus included), 66-164 ms measured, too slow for start-up."""
+        return "keyring" if self._backend_name is None else f"keyring ({self._backend_name})"
 
     @property
     def description(self) -> str:
@@ -93,7 +101,7 @@ class FileStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.description = f"file ({path})"
+        self.description = self.brief = f"file ({path})"
 
     def _read(self) -> dict[str, str]:
         try:

@@ -40,6 +40,7 @@ from broker.secrets import SecretStore, open_store
 
 log = structlog.get_logger("broker")
 JSONRPC_PEEK_BYTES = 1024 * 1024
+WATCH_AFTER_S = 1.0  # the config watcher starts this long after READY
 OAUTH_DISCOVERY = re.compile(
     r"/\.well-known/(oauth-protected-resource|oauth-authorization-server|openid-configuration)", re.IGNORECASE
 )
@@ -112,8 +113,10 @@ class Runtime:
         for cred in list(self.credentials.values()):
             with contextlib.suppress(Exception):
                 await cred.prepare()
-        if heap.meter is not None and self.in_flight == 0:
-            # what reading them imported (keyring backends, D-Bus) lives as long as the process
+        if heap.meter is not None and heap.settled and self.in_flight == 0:
+            # what reading them imported (keyring backends, D-Bus) lives as long as the process;
+            # the collection walks only what came after start-up's freeze. (Done before READY,
+            # READY's own freeze takes it.)
             heap.settle()
 
     async def close(self) -> None:
@@ -387,6 +390,12 @@ async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
     File events do the work; a once-a-second stamp comparison catches what events cannot (an
     edit made before the watcher was up, file systems without inotify).
     """
+    # Importing watchfiles (and anyio) blocks the loop for ~0.1 s: not while the first agents
+    # and health checks arrive. An edit made meanwhile is caught by the first stamp comparison.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), WATCH_AFTER_S)
+    if stop.is_set():
+        return
     import watchfiles
 
     path = await asyncio.to_thread(lambda: Path(rt.config_path).resolve())
@@ -553,12 +562,12 @@ async def serve(config: Config, secrets: SecretSet, hardening: dict[str, bool] |
         listen=rt.listen_addresses,
         config=rt.config_path,
         routes=[r.name for r in config.routes],
-        secret_store=rt.store.description,
+        secret_store=rt.store.brief,
         pid=os.getpid(),
         hardening=hardening or {},
         systemd_notify=notifier.enabled,
     )
-    heap.settle()  # before READY: no agent connection exists yet to be frozen with the rest
+    heap.settle(collect=False)  # before READY, while no agent connection exists to freeze
     notifier.send(READY=1, STATUS=f"serving on {', '.join(rt.listen_addresses)}", MAINPID=os.getpid())
     await stop.wait()
     drain = rt.snapshot.config.timeouts.drain
