@@ -190,7 +190,7 @@ async def _send(
             if not exc.sent:
                 ex.maybe_sent = False  # no connection: nothing reached the upstream
             # most often a pooled keep-alive connection the upstream had just closed
-            if isinstance(exc, upstream.Disconnected) and attempt + 1 < attempts:
+            if isinstance(exc, upstream.Disconnected) and exc.reused and attempt + 1 < attempts:
                 continue
             ex.error = "upstream_unreachable"
             raise BrokerError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import gzip
 import json
@@ -603,6 +604,47 @@ async def test_admin_endpoints(broker: Broker, upstream: Upstream) -> None:
     assert resp.startswith(b"HTTP/1.1 403")
     # the reserved paths never reach the upstream
     assert [s.raw_path for s in upstream.seen] == ["/api/v1/cards"]
+
+
+@pytest.mark.parametrize(("method", "retried"), [("GET", True), ("POST", False)])
+async def test_a_pooled_connection_closed_under_a_request(
+    make_broker: BrokerFactory, method: str, retried: bool
+) -> None:
+    """The upstream closes a kept-alive connection just as the next request goes out on it:
+    a GET is sent again on a new connection, a POST (it may spend) is not."""
+    seen: list[tuple[int, bytes]] = []
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        index = connections
+        connections += 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                seen.append((index, head.split(b" ")[0]))
+                if index == 0 and len(seen) == 2:
+                    break  # the second request on the first connection: hang up, no answer
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store_key(TEST_KEY)
+    try:
+        b = await make_broker(api_config(f"http://127.0.0.1:{port}"))
+        async with b.request("GET", "/first") as r:
+            assert r.status == 200
+        async with b.request(method, "/second", data=b"{}" if method == "POST" else None) as r:
+            assert r.status == (200 if retried else 502)
+        assert [i for i, _ in seen] == ([0, 0, 1] if retried else [0, 0])
+    finally:
+        server.close()
 
 
 async def test_upstream_errors_counted(make_broker: BrokerFactory) -> None:
