@@ -335,13 +335,8 @@ async def _filtered(
                 )
             parts.append(chunk)
             deadline.reschedule(asyncio.get_running_loop().time() + idle)
-    raw = b"".join(parts)
-    scrubber = secrets.scrubber()
-    body = scrubber.feed(response_filter(raw, up.headers.get("Content-Type", ""))) + scrubber.flush()
-    resp_headers.popall("Content-Length", None)
-    resp = web.Response(status=up.status, body=body, headers=resp_headers)
-    ex.bytes_out = len(body)
-    return resp
+    body = response_filter(b"".join(parts), up.headers.get("Content-Type", ""))
+    return await _send_whole(request, up.status, resp_headers, body, secrets, ex)
 
 
 async def _stream(

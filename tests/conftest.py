@@ -7,6 +7,7 @@ with its file backend (keyrings.alt) in a per-test data dir.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import signal
@@ -54,20 +55,27 @@ class Blocked(Exception):
     """Raised by the alarm fixture; not an OSError, so no `except OSError` swallows it."""
 
 
-@pytest.fixture
-def alarm() -> Iterator[None]:
-    """Turn a hang (a loop that never ends, an open() that blocks) into a failure after 0.5 s."""
+@contextlib.contextmanager
+def blocked_after(seconds: float) -> Iterator[None]:
+    """Raise Blocked in the main thread once `seconds` have passed inside the block."""
 
     def on_alarm(signum: int, frame: object) -> None:
-        raise Blocked("blocked for 0.5 s")
+        raise Blocked(f"blocked for {seconds:g} s")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def alarm() -> Iterator[None]:
+    """Turn a hang (a loop that never ends, an open() that blocks) into a failure after 0.5 s."""
+    with blocked_after(0.5):
+        yield
 
 
 def store_key(value: str, route: str = "api") -> None:

@@ -14,7 +14,6 @@ import gzip
 import hashlib
 import ipaddress
 import os
-import signal
 import socket
 import ssl
 import zlib
@@ -40,6 +39,7 @@ from broker.upstream import (
     Response,
     UpstreamError,
 )
+from tests.conftest import blocked_after
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 KIB = 1024
@@ -202,22 +202,11 @@ async def pool() -> AsyncIterator[Pool]:
     p.close()
 
 
-class Hung(Exception):
-    """Raised by the guard: a test that hangs fails instead of stalling the suite."""
-
-
 @pytest.fixture(autouse=True)
 def hang_guard() -> Iterator[None]:
-    def on_alarm(signum: int, frame: object) -> None:
-        raise Hung("the test ran for over 8 s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 8.0)
-    try:
+    """A test that hangs fails after 8 s instead of stalling the suite."""
+    with blocked_after(8.0):
         yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def answering(*answers: bytes, close: bool = False) -> Script:
