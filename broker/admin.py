@@ -81,10 +81,12 @@ async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
         return _json({"status": "ok"})
     if path == "/_broker/status":
         _only(request, "GET", "HEAD")
+        await rt.credentials_read()
         # reasons can quote an upstream (a token endpoint's error): nothing held goes out
         return _json(json.loads(rt.secrets.redact(json.dumps(status_document(rt)))))
     if path == "/_broker/metrics":
         _only(request, "GET", "HEAD")
+        await rt.credentials_read()
         routes = rt.snapshot.config.routes
         states = [(r.name, str(rt.credentials[r.name].state)) for r in routes]
         for r in routes:

@@ -41,6 +41,7 @@ from broker.secrets import SecretStore, open_store
 log = structlog.get_logger("broker")
 JSONRPC_PEEK_BYTES = 1024 * 1024
 WATCH_AFTER_S = 1.0  # the config watcher starts this long after READY
+STATUS_WAIT_S = 5.0  # status and metrics wait this long at most for start-up's credential read
 OAUTH_DISCOVERY = re.compile(
     r"/\.well-known/(oauth-protected-resource|oauth-authorization-server|openid-configuration)", re.IGNORECASE
 )
@@ -118,6 +119,13 @@ class Runtime:
             # the collection walks only what came after start-up's freeze. (Done before READY,
             # READY's own freeze takes it.)
             heap.settle()
+
+    async def credentials_read(self) -> None:
+        """Wait (bounded) for start-up's credential read, so status never says "not read yet" to
+        someone who asks a moment after start: a slow keyring still answers in STATUS_WAIT_S."""
+        task = self._warmup
+        if task is not None and not task.done():
+            await asyncio.wait((task,), timeout=STATUS_WAIT_S)  # never cancels it, never raises its error
 
     async def close(self) -> None:
         if self._warmup is not None:

@@ -8,10 +8,13 @@ import datetime
 import gzip
 import json
 import re
+import threading
 
 import aiohttp
+import keyring
 import pytest
 from aiohttp import web
+from keyrings.alt.file import PlaintextKeyring
 
 from tests.conftest import (
     LIVE_KEY,
@@ -789,3 +792,33 @@ async def test_many_long_streams_at_once(broker: Broker, upstream: Upstream) -> 
         for r in responses:
             await r.read()
             r.release()
+
+
+class SlowKeyring(PlaintextKeyring):
+    """The file backend, whose reads wait until the test opens the gate: a keyring slow to answer
+    (a locked Secret Service, a D-Bus round trip), with the real backend underneath."""
+
+    gate = threading.Event()
+
+    def get_password(self, service: str, username: str) -> str | None:
+        assert self.gate.wait(10.0)
+        return super().get_password(service, username)
+
+
+async def test_status_right_after_start_waits_for_the_key_read(
+    make_broker: BrokerFactory, upstream: Upstream
+) -> None:
+    # the key is read in the background after start; status, asked meanwhile, waits for that read
+    # rather than telling a user who just started the daemon "no_credential: not read yet"
+    store_key(TEST_KEY)
+    SlowKeyring.gate.clear()
+    keyring.set_keyring(SlowKeyring())
+    broker = await make_broker(api_config(upstream.url))
+    asked = asyncio.get_running_loop().time()
+    asyncio.get_running_loop().call_later(0.3, SlowKeyring.gate.set)
+    async with broker.request("GET", "/_broker/status") as r:
+        route = (await r.json())["routes"][0]
+    assert asyncio.get_running_loop().time() - asked >= 0.25  # it did wait for the read
+    assert (route["state"], route["mode"]) == ("ready", "test")
+    async with broker.request("GET", "/_broker/metrics") as r:
+        assert 'agentcard_broker_auth_state{route="api",state="ready"} 1' in await r.text()
