@@ -120,8 +120,20 @@ def _no_audit(**fields: Any) -> None:
 audit: Callable[..., None] = _structlog_audit  # set by configure(): the audit line's writer
 
 
+_configured: tuple[str, str, SecretSet, TextIO | None] | None = None  # what configure() was given
+
+
+def reconfigure(level: str, fmt: str) -> bool:
+    """A reloaded config's log level and format, on the same stream and secrets; True if changed."""
+    if _configured is None or _configured[:2] == (level, fmt):
+        return False
+    configure(level, fmt, _configured[2], _configured[3])
+    return True
+
+
 def configure(level: str, fmt: str, secrets: SecretSet, stream: TextIO | None = None) -> None:
-    global audit
+    global audit, _configured
+    _configured = (level, fmt, secrets, stream)
     out = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"

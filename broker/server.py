@@ -86,8 +86,10 @@ class Runtime:
         self.in_flight = 0
         self._started = time.monotonic()
         self._reload_lock = asyncio.Lock()
-        # unique per process and across restarts, cheaper than a uuid per request
-        self._request_ids = (f"{os.urandom(4).hex()}{n:08x}" for n in itertools.count(1))
+        # a random prefix per process and a counter: unique across restarts, and no getrandom
+        # system call per request (it was 2.5% of the daemon's CPU at 200 requests/s)
+        prefix = os.urandom(4).hex()
+        self._request_ids = (f"{prefix}{n:08x}" for n in itertools.count(1))
         self.rebind: Callable[[Config], Awaitable[None]] | None = None  # set by Daemon
 
     def uptime(self) -> float:
@@ -173,6 +175,7 @@ class Runtime:
             self.credentials = creds
             self.policies.update(new.routes)
             self.snapshot = Snapshot(new)
+            logs.reconfigure(new.log.level, new.log.format)
             log.info("config.reloaded", reason=reason, routes=[r.name for r in new.routes])
 
     # ------------------------------------------------------------ the request walk

@@ -9,6 +9,7 @@ import gzip
 import json
 import re
 import threading
+from pathlib import Path
 
 import aiohttp
 import keyring
@@ -26,6 +27,7 @@ from tests.conftest import (
     assert_no_secret,
     raw_http,
     store_key,
+    write_config,
 )
 
 BEARER = f"Bearer {TEST_KEY}"
@@ -822,3 +824,34 @@ async def test_status_right_after_start_waits_for_the_key_read(
     assert (route["state"], route["mode"]) == ("ready", "test")
     async with broker.request("GET", "/_broker/metrics") as r:
         assert 'agentcard_broker_auth_state{route="api",state="ready"} 1' in await r.text()
+
+
+async def test_log_level_edit_applies_on_reload(make_broker: BrokerFactory, upstream: Upstream) -> None:
+    # log.level is managed through config.yaml like everything else: no restart to see requests
+    store_key(TEST_KEY)
+    doc = api_config(upstream.url, log={"level": "warning", "format": "json"})
+    b = await make_broker(doc)
+    async with b.request("GET", "/api/v1/cards") as r:
+        assert r.status == 200
+    assert '"event": "request"' not in b.logs  # the audit line is info: not at warning
+
+    doc["log"]["level"] = "info"
+    write_config(Path(b.daemon.rt.config_path), doc)
+    async with b.request("POST", "/_broker/reload") as r:
+        assert (await r.json())["reloaded"] is True
+    async with b.request("GET", "/api/v1/cards?after=reload") as r:
+        assert r.status == 200
+    lines = [json.loads(line) for line in b.logs.splitlines() if line.startswith("{")]
+    audits = [x for x in lines if x.get("event") == "request"]
+    assert [a["path"] for a in audits] == ["/api/v1/cards?after=reload"]
+    assert any(x.get("event") == "config.reloaded" for x in lines)
+    assert_no_secret(b.logs)
+
+    doc["log"]["level"] = "error"
+    write_config(Path(b.daemon.rt.config_path), doc)
+    async with b.request("POST", "/_broker/reload") as r:
+        assert r.status == 200
+    before = b.logs
+    async with b.request("GET", "/api/v1/cards?quiet") as r:
+        assert r.status == 200
+    assert b.logs == before  # and back down again
