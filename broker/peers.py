@@ -10,6 +10,7 @@ caller refuses.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import struct
 import sys
@@ -51,21 +52,46 @@ INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _UID_OFFSET = 16 + 64  # nlmsghdr, then inet_diag_msg: 4 bytes, sockid (48), expires/rqueue/wqueue, uid
 
 
-def _netlink_uid(local: tuple[str, int], peer: tuple[str, int], family: int) -> int:
-    """One socket's owner through sock_diag (what `ss` uses): microseconds, whatever the table size."""
+_netlink: socket.socket | None = None  # one sock_diag socket, reused: used only from the event loop
+_netlink_seq = itertools.count(1)
+
+
+def _diag_request(local: tuple[str, int], peer: tuple[str, int], family: int, seq: int) -> bytes:
+    """A sock_diag query, number `seq`, for the peer's socket: source the peer, destination us."""
 
     def addr(host: str) -> bytes:
         return socket.inet_pton(family, host.split("%", 1)[0]).ljust(16, b"\0")
 
-    # the peer's socket: its source is the peer, its destination is us
     sockid = struct.pack("!HH", peer[1], local[1]) + addr(peer[0]) + addr(local[0])
     sockid += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
     req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
-    msg = struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + req
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as s:
-        s.settimeout(1.0)
-        s.send(msg)
-        data = s.recv(65536)
+    return struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + req
+
+
+def _netlink_uid(local: tuple[str, int], peer: tuple[str, int], family: int) -> int:
+    """One socket's owner through sock_diag (what `ss` uses): microseconds, whatever the table size.
+
+    One netlink socket serves every lookup (a socket per connection was two more system calls).
+    Replies carry the query's number, so one left unread by a query that timed out is skipped."""
+    global _netlink
+    seq = next(_netlink_seq) & 0xFFFFFFFF
+    msg = _diag_request(local, peer, family, seq)
+    try:
+        if _netlink is None:
+            _netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+            _netlink.settimeout(1.0)
+        _netlink.send(msg)
+        for _ in range(8):
+            data = _netlink.recv(65536)
+            if len(data) >= 16 and struct.unpack_from("=I", data, 8)[0] == seq:
+                break
+        else:
+            return UNKNOWN
+    except OSError:
+        if _netlink is not None:
+            _netlink.close()
+            _netlink = None  # a fresh socket next time
+        raise
     if len(data) < _UID_OFFSET + 4 or struct.unpack_from("=H", data, 4)[0] == NLMSG_ERROR:
         return UNKNOWN
     return int(struct.unpack_from("=I", data, _UID_OFFSET)[0])

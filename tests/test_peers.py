@@ -36,3 +36,24 @@ def test_both_lookups_find_this_process(family: int, host: str) -> None:
     finally:
         for s in (conn, client, srv):
             s.close()
+
+
+def test_netlink_socket_is_reused_and_skips_a_stale_reply() -> None:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.connect(srv.getsockname())
+    conn, _ = srv.accept()
+    try:
+        local, peer = conn.getsockname(), conn.getpeername()
+        assert peers._netlink_uid(local, peer, socket.AF_INET) == os.getuid()
+        nl = peers._netlink
+        assert nl is not None
+        # a reply nobody read (a query that timed out) waits in the socket: an error for a ghost
+        nl.send(peers._diag_request(local, (peer[0], 1), socket.AF_INET, seq=0))
+        assert peers._netlink_uid(local, peer, socket.AF_INET) == os.getuid()  # not the ghost's
+        assert peers._netlink is nl  # one socket for every lookup, not one per connection
+    finally:
+        for s in (conn, client, srv):
+            s.close()
