@@ -51,7 +51,10 @@ In mode "legacy" mcp.Client (mcp 2.3.0) opens a new TCP connection for every cal
 and to the broker alike, and the broker looks each new loopback peer up in /proc/net/tcp, whose cost
 grows with the sockets on the machine (TIME_WAIT leftovers of earlier runs included): the report
 prints that count. On a small machine all the processes share the CPUs: compare the numbers with
-each other, not with other machines. Every value is fake; nothing but the npm install leaves
+each other, not with other machines. The report also gives each process's CPU time per call (user +
+system from /proc): the broker and mcp-remote over the calls they served, the client and the upstream
+over all. On a 2-CPU machine the client and the upstream alone keep more than one CPU busy, so a
+middleman's CPU per call shows up nearly whole in its wall-clock overhead. Every value is fake; nothing but the npm install leaves
 127.0.0.1.
 """
 
@@ -605,6 +608,7 @@ async def run_mode(
     remote: McpRemote | None,
     args: argparse.Namespace,
     seq: int,
+    broker_pid: int,
 ) -> dict[str, Any]:
     """One mode: a session per target, warm-up, then rotating blocks of timed calls.
 
@@ -634,6 +638,13 @@ async def run_mode(
             pids = child_pids("mcp-remote") if remote is not None else []
             if len(pids) == 1:
                 remote_proc = {"pid": pids[0], "usage_after_warmup": bl.proc_usage(pids[0])}
+            # CPU seconds of every process while measuring: each middleman works only in its own
+            # blocks (and idles in the others), so its CPU over the calls it served is its cost per call
+            procs = {"client": os.getpid(), "upstream": up.proc.pid, "broker": broker_pid}
+            if remote_proc:
+                procs["mcp-remote"] = remote_proc["pid"]
+            cpu_before = {k: cpu_seconds(pid) for k, pid in procs.items()}
+            t_calls = time.perf_counter()
             i = 0
             round_no = 0
             while i < args.calls:
@@ -649,6 +660,8 @@ async def run_mode(
                     )
                 i += size
                 round_no += 1
+            cpu_after = {k: cpu_seconds(pid) for k, pid in procs.items()}
+            calls_wall_s = time.perf_counter() - t_calls
             if remote_proc:
                 remote_proc["usage_after_calls"] = bl.proc_usage(remote_proc["pid"])
             tcp_rows_after = bl.tcp_table_size()
@@ -693,6 +706,14 @@ async def run_mode(
         below = {k: ob[k] < om[k] for k in ob}
         res["broker_below_mcp_remote"] = {**below, "all": all(below.values())}
         res["mcp_remote_process"] = remote_proc
+    n_calls = args.calls * len(targets)
+    cpu_ms: dict[str, float | None] = {}
+    for k in procs:
+        b0, b1 = cpu_before[k], cpu_after[k]
+        served = args.calls if k in ("broker", "mcp-remote") else n_calls  # the calls it took part in
+        cpu_ms[k] = None if b0 is None or b1 is None else round((b1 - b0) * 1000 / served, 3)
+    res["cpu_ms_per_call"] = cpu_ms
+    res["calls_wall_s"] = round(calls_wall_s, 2)
     res["proc_net_tcp_rows"] = {"before": tcp_rows_before, "after_calls": tcp_rows_after}
     res["session_open_and_measure_s"] = round(t_close - t_open, 2)
     res["session_close_s"] = round(close_s, 3)
@@ -841,6 +862,18 @@ def print_report(results: list[dict[str, Any]], extra: dict[str, Any], args: arg
                 + (f"; not below on {', '.join(no)}" if no else "")
             )
     print()
+    print(
+        "CPU per call, ms (user+system from /proc, clock ticks of 10 ms: broker and mcp-remote over the "
+        "calls they served, client and upstream over all calls of the mode)"
+    )
+    for res in results:
+        cpu = res["cpu_ms_per_call"]
+        print(
+            f"  {res['mode']:<6} "
+            + "  ".join(f"{k} {'?' if v is None else f'{v:.2f}'}" for k, v in cpu.items())
+            + f"  ({res['calls_wall_s']:.1f}s of calls on {os.cpu_count()} CPUs)"
+        )
+    print()
     for res in results:
         pv = res["protocol_version"]
         print(
@@ -959,7 +992,7 @@ async def amain(args: argparse.Namespace) -> int:
                         print(f"  mcp-remote fails in mode {mode}, left out: {skipped}", file=sys.stderr)
                         mode_remote = None
                 print(f"mode {mode}: warm-up, then {args.calls} calls per target ...", file=sys.stderr)
-                res = await run_mode(mode, up, broker_url, token, mode_remote, args, seq)
+                res = await run_mode(mode, up, broker_url, token, mode_remote, args, seq, broker.pid)
                 if skipped is not None:
                     res["mcp_remote_skipped"] = skipped
                 elif remote is not None:
