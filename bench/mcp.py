@@ -54,8 +54,8 @@ prints that count. On a small machine all the processes share the CPUs: compare 
 each other, not with other machines. The report also gives each process's CPU time per call (user +
 system from /proc): the broker and mcp-remote over the calls they served, the client and the upstream
 over all. On a 2-CPU machine the client and the upstream alone keep more than one CPU busy, so a
-middleman's CPU per call shows up nearly whole in its wall-clock overhead. Every value is fake; nothing but the npm install leaves
-127.0.0.1.
+middleman's CPU per call shows up nearly whole in its wall-clock overhead. Every value is fake;
+nothing but the npm install leaves 127.0.0.1.
 """
 
 from __future__ import annotations

@@ -10,9 +10,8 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from broker import __version__, heap
+from broker.agents import Request, Response, StreamResponse
 from broker.auth.base import AuthState
 from broker.errors import BrokerError
 
@@ -64,15 +63,15 @@ def _process_counts() -> dict[str, int | None]:
     return {"tasks": len(asyncio.all_tasks()), "open_fds": fds}
 
 
-def _json(doc: Any) -> web.Response:
-    return web.Response(
+def _json(doc: Any) -> Response:
+    return Response(
         body=json.dumps(doc, indent=2).encode(),
         content_type="application/json",
         headers={"Cache-Control": "no-store"},
     )
 
 
-async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
+async def handle(request: Request, rt: Runtime) -> StreamResponse:
     from broker.routing import normalize_path
 
     path = normalize_path(request.raw_path.partition("?")[0]).rstrip("/")
@@ -94,7 +93,7 @@ async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
         text = rt.metrics.render(states, [str(s) for s in AuthState])
         if heap.meter is not None:
             text += "\n".join(heap.meter.render()) + "\n"
-        return web.Response(
+        return Response(
             text=text, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
         )
     if path == "/_broker/reload":
@@ -105,6 +104,6 @@ async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
     raise BrokerError("not_found", "unknown /_broker/ endpoint (health, status, metrics, reload)")
 
 
-def _only(request: web.BaseRequest, *methods: str) -> None:
+def _only(request: Request, *methods: str) -> None:
     if request.method not in methods:
         raise BrokerError("method_not_allowed", f"use {' or '.join(methods)} here")

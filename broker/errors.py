@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+if TYPE_CHECKING:
+    from broker.agents import Response
 
 ERROR_HEADER = "X-Broker-Error"
 JSONRPC_BROKER_ERROR = -32001
@@ -77,12 +78,14 @@ def error_body(err: BrokerError, jsonrpc_id: Any = None, jsonrpc: bool = False) 
     return json.dumps(doc).encode()
 
 
-def error_response(err: BrokerError, *, jsonrpc_id: Any = None, jsonrpc: bool = False) -> web.Response:
-    """Build the aiohttp response for `err` (status, X-Broker-Error, Retry-After, body)."""
+def error_response(err: BrokerError, *, jsonrpc_id: Any = None, jsonrpc: bool = False) -> Response:
+    """Build the response for `err` (status, X-Broker-Error, Retry-After, body)."""
+    from broker.agents import Response
+
     headers = {ERROR_HEADER: err.code, "Cache-Control": "no-store"}
     if err.retry_after is not None:
         headers["Retry-After"] = str(err.retry_after)
-    return web.Response(
+    return Response(
         status=err.status,
         body=error_body(err, jsonrpc_id, jsonrpc),
         content_type="application/json",

@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import weakref
 
-from aiohttp import web
-
 from broker import peers
+from broker.agents import Request
 from broker.config import Config
 from broker.errors import BrokerError
 
@@ -21,7 +20,7 @@ _UNSEEN = object()
 _ports: weakref.WeakKeyDictionary[asyncio.BaseTransport, int | None] = weakref.WeakKeyDictionary()
 
 
-def listener_port(request: web.BaseRequest) -> int | None:
+def listener_port(request: Request) -> int | None:
     """The local TCP port the request arrived on; None for a unix socket."""
     transport = request.transport
     if transport is None:
@@ -44,7 +43,7 @@ def allowed_host_values(cfg: Config, port: int | None) -> frozenset[str]:
     return frozenset(values)
 
 
-def check(request: web.BaseRequest, cfg: Config, hosts: frozenset[str]) -> BrokerError | None:
+def check(request: Request, cfg: Config, hosts: frozenset[str]) -> BrokerError | None:
     """The first gate. Returns the refusal, or None to let the request go on."""
     host_values = request.headers.getall("Host", [])
     if len(host_values) != 1 or host_values[0].lower() not in hosts:
@@ -72,7 +71,7 @@ def check(request: web.BaseRequest, cfg: Config, hosts: frozenset[str]) -> Broke
     return None
 
 
-def check_peer(request: web.BaseRequest, cfg: Config) -> BrokerError | None:
+def check_peer(request: Request, cfg: Config) -> BrokerError | None:
     """Refuse a peer process owned by a uid not in `allowed_uids` (unix sockets; Linux TCP)."""
     uid = peers.peer_uid(request.transport)
     if uid is None or uid in cfg.allowed_uids:

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from aiohttp import web
-
+from broker.agents import Request
 from broker.config import PathRule, Policy
 from broker.errors import BrokerError
 
@@ -269,7 +268,7 @@ class RoutePolicy:
 
     async def admit(
         self,
-        request: web.BaseRequest,
+        request: Request,
         forwarded_path: str,
         mode: str | None,
         max_body: int,
@@ -367,7 +366,7 @@ class RoutePolicy:
         return out
 
 
-async def _read_bounded(request: web.BaseRequest, limit: int, route: str) -> bytes:
+async def _read_bounded(request: Request, limit: int, route: str) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise BrokerError("request_too_large", f"request body is over limits.max_body_bytes ({limit})", route)

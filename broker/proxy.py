@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from broker import upstream
+from broker.agents import Body, HeadersWithBody, Request, StreamResponse
 from broker.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -113,7 +112,7 @@ def response_headers(up: upstream.Response, secrets: SecretSet, location: str | 
     return CIMultiDict(kept)
 
 
-async def _limited_body(content: aiohttp.StreamReader, limit: int, ex: Exchange) -> AsyncIterator[bytes]:
+async def _limited_body(content: Body, limit: int, ex: Exchange) -> AsyncIterator[bytes]:
     async for chunk in content.iter_any():
         ex.bytes_in += len(chunk)
         if ex.bytes_in > limit:
@@ -142,14 +141,8 @@ def _rewrite_location(up: upstream.Response, target: Target, table: RouteTable, 
     return f"http://{host}{path}" if path is not None else None
 
 
-class _HeadersWithBody(web.StreamResponse):
-    """A streamed response whose headers wait for the first body bytes (one syscall, not two)."""
-
-    _send_headers_immediately = False  # aiohttp's own switch, as web.Response sets it
-
-
 async def _send(
-    request: web.BaseRequest,
+    request: Request,
     target: Target,
     headers: CIMultiDict[str],
     body: bytes | None,
@@ -199,13 +192,13 @@ async def _send(
     raise AssertionError("unreachable")
 
 
-async def _read_body(request: web.BaseRequest, limit: int, ex: Exchange) -> bytes:
+async def _read_body(request: Request, limit: int, ex: Exchange) -> bytes:
     parts = [chunk async for chunk in _limited_body(request.content, limit, ex)]
     return b"".join(parts)
 
 
 async def forward(
-    request: web.BaseRequest,
+    request: Request,
     target: Target,
     credential: Credential,
     *,
@@ -216,7 +209,7 @@ async def forward(
     ex: Exchange,
     body: bytes | None = None,
     response_filter: Callable[[bytes, str], bytes] | None = None,
-) -> web.StreamResponse:
+) -> StreamResponse:
     """Send `request` to `target` with `credential`, stream the answer back to the agent.
 
     `body`: the request body when a policy already read it (forwarded byte for byte).
@@ -232,7 +225,7 @@ async def forward(
     headers = upstream_headers(request.headers, auth)
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
         # only now, with the request accepted, ask the agent for its body (curl waits 1 s otherwise)
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.send_continue()
     # A credential that can be refreshed gets "401 -> refresh once -> retry once", which needs
     # the body twice: small bodies (JSON-RPC calls) are held; large ones stream without a retry.
     replayable = body is not None or (
@@ -274,7 +267,7 @@ async def forward(
                 return await _send_whole(request, up.status, headers_out, whole, secrets, ex)
         # A body of known length goes out with the headers in one write; an open-ended stream
         # (SSE) gets its headers at once so the agent sees the answer start.
-        cls = _HeadersWithBody if "Content-Length" in headers_out else web.StreamResponse
+        cls = HeadersWithBody if "Content-Length" in headers_out else StreamResponse
         resp = cls(status=up.status)  # the standard reason phrase: the upstream's could carry anything
         resp.headers.extend(headers_out)
         try:
@@ -293,17 +286,17 @@ async def forward(
 
 
 async def _send_whole(
-    request: web.BaseRequest,
+    request: Request,
     status: int,
     headers: CIMultiDict[str],
     body: bytes,
     secrets: SecretSet,
     ex: Exchange,
-) -> web.StreamResponse:
+) -> StreamResponse:
     scrubber = secrets.scrubber()
     out = scrubber.feed(body) + scrubber.flush()
     headers["Content-Length"] = str(len(out))  # a decoded body's length, or the same one
-    resp = _HeadersWithBody(status=status)
+    resp = HeadersWithBody(status=status)
     resp.headers.extend(headers)
     try:
         await resp.prepare(request)
@@ -316,14 +309,14 @@ async def _send_whole(
 
 
 async def _filtered(
-    request: web.BaseRequest,
+    request: Request,
     up: upstream.Response,
     resp_headers: CIMultiDict[str],
     response_filter: Callable[[bytes, str], bytes],
     secrets: SecretSet,
     ex: Exchange,
     idle: float,
-) -> web.StreamResponse:
+) -> StreamResponse:
     parts: list[bytes] = []
     size = 0
     async with asyncio.timeout(idle) as deadline:  # the whole answer is needed to filter it
@@ -340,9 +333,9 @@ async def _filtered(
 
 
 async def _stream(
-    request: web.BaseRequest,
+    request: Request,
     up: upstream.Response,
-    resp: web.StreamResponse,
+    resp: StreamResponse,
     secrets: SecretSet,
     idle: float,
     ex: Exchange,
@@ -375,7 +368,7 @@ async def _stream(
         up.release()  # the rest of the answer is drained briefly: its connection may serve again
 
 
-def _abort(request: web.BaseRequest) -> None:
+def _abort(request: Request) -> None:
     """Cut the agent's connection so a truncated body cannot pass for a whole one."""
     if request.transport is not None:
         request.transport.close()

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import web
 
-from broker import admin, guard, heap, logs, proxy, upstream
+from broker import admin, agents, guard, heap, logs, proxy, upstream
 from broker import config as config_mod
 from broker.auth import Credential, make_credential
 from broker.config import Config, ConfigError, Listen
@@ -180,7 +179,7 @@ class Runtime:
 
     # ------------------------------------------------------------ the request walk
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: agents.Request) -> agents.StreamResponse:
         started = time.perf_counter()
         snap = self.snapshot
         cfg = snap.config
@@ -290,7 +289,7 @@ class Runtime:
             raise RuntimeError("Runtime.start() was not awaited")
         return self.pool
 
-    async def _error(self, request: web.BaseRequest, err: BrokerError, ex: proxy.Exchange) -> web.Response:
+    async def _error(self, request: agents.Request, err: BrokerError, ex: proxy.Exchange) -> agents.Response:
         """The error response; a JSON-RPC error object when the request was JSON-RPC."""
         is_rpc, rpc_id = False, None
         if request.method == "POST" and request.content_type == "application/json":
@@ -310,7 +309,7 @@ class Runtime:
         return error_response(err, jsonrpc_id=rpc_id, jsonrpc=is_rpc)
 
 
-async def _read_up_to(request: web.BaseRequest, limit: int) -> bytes | None:
+async def _read_up_to(request: agents.Request, limit: int) -> bytes | None:
     """The whole body if it is at most `limit` bytes (it may arrive in many chunks), else None."""
     parts: list[bytes] = []
     size = 0
@@ -356,28 +355,22 @@ def _prepare_unix_path(path: Path) -> None:
     raise ListenError(f"unix:{path} is in use by a running process (another broker?)")
 
 
-async def _bind(runner: web.BaseRunner, listen: Listen, socket_mode: int) -> web.BaseSite:
-    if listen.kind == "unix":
-        path = Path(listen.path)
-        _prepare_unix_path(path)
-        site: web.BaseSite = web.UnixSite(runner, str(path))
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-        os.chmod(path, socket_mode)  # umask 077 already made it 0600 at creation
-        return site
-    site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+async def _bind(server: agents.AgentServer, listen: Listen, socket_mode: int) -> asyncio.Server:
     try:
-        await site.start()
+        if listen.kind == "unix":
+            path = Path(listen.path)
+            _prepare_unix_path(path)
+            listener = await server.listen_unix(str(path))
+            os.chmod(path, socket_mode)  # umask 077 already made it 0600 at creation
+            return listener
+        return await server.listen_tcp(listen.host, listen.port)
     except OSError as exc:
         raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-    return site
 
 
-def _bound_addresses(runner: web.BaseRunner) -> list[str]:
+def _bound_addresses(server: agents.AgentServer) -> list[str]:
     out = []
-    for addr in runner.addresses:
+    for addr in server.addresses():
         if isinstance(addr, tuple):
             host, port = addr[0], addr[1]
             out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
@@ -458,35 +451,27 @@ def _log_file_in(directory: Path) -> str | None:
 class Daemon:
     """A started broker: the runtime plus its bound listeners. `serve()` and tests use this."""
 
-    def __init__(self, rt: Runtime, runner: web.ServerRunner, sites: dict[Listen, web.BaseSite]) -> None:
+    def __init__(self, rt: Runtime, server: agents.AgentServer, sites: dict[Listen, asyncio.Server]) -> None:
         self.rt = rt
-        self.runner = runner
+        self.server = server
         self.sites = sites
         rt.rebind = self.rebind
 
     @classmethod
     async def start(cls, config: Config, secrets: SecretSet | None = None) -> Daemon:
         rt = Runtime(config, secrets)
-        limits = config.limits
-        server = web.Server(
-            rt.handle,
-            max_line_size=limits.max_header_bytes,
-            max_field_size=limits.max_header_bytes,
-            auto_decompress=False,  # request bodies are forwarded byte for byte
-        )
-        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=config.timeouts.drain)
-        await runner.setup()
+        server = agents.AgentServer(rt.handle, lambda: rt.snapshot.config.limits.max_header_bytes)
         await rt.start()
-        sites: dict[Listen, web.BaseSite] = {}
+        sites: dict[Listen, asyncio.Server] = {}
         try:
             for listen in config.listen:
-                sites[listen] = await _bind(runner, listen, config.socket_mode)
+                sites[listen] = await _bind(server, listen, config.socket_mode)
         except ListenError:
-            await runner.cleanup()
+            await server.shutdown(0)
             await rt.close()
             raise
-        rt.listen_addresses = _bound_addresses(runner)
-        return cls(rt, runner, sites)
+        rt.listen_addresses = _bound_addresses(server)
+        return cls(rt, server, sites)
 
     async def rebind(self, new: Config) -> None:
         """Listen on `new.listen`: bind what is new first, then close what is gone.
@@ -494,24 +479,25 @@ class Daemon:
         Raises ListenError (having closed anything it opened) when a new address cannot be
         bound, so the caller can keep the previous config whole.
         """
-        added: dict[Listen, web.BaseSite] = {}
+        added: dict[Listen, asyncio.Server] = {}
         try:
             for listen in new.listen:
                 if listen not in self.sites:
-                    added[listen] = await _bind(self.runner, listen, new.socket_mode)
+                    added[listen] = await _bind(self.server, listen, new.socket_mode)
         except ListenError:
-            for site in added.values():
-                await site.stop()
+            for listener in added.values():
+                await self.server.stop_listening(listener)
             raise
         for listen in [x for x in self.sites if x not in new.listen]:
-            await self.sites.pop(listen).stop()  # in-flight requests on it finish first
+            # no new connections there; requests in flight on it finish on their connections
+            await self.server.stop_listening(self.sites.pop(listen))
             _remove_socket(listen)
         self.sites.update(added)
-        self.rt.listen_addresses = _bound_addresses(self.runner)
+        self.rt.listen_addresses = _bound_addresses(self.server)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to timeouts.drain), close."""
-        await self.runner.cleanup()
+        await self.server.shutdown(self.rt.snapshot.config.timeouts.drain)
         await self.rt.close()
         for listen in self.sites:
             _remove_socket(listen)

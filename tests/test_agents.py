@@ -1,0 +1,313 @@
+"""The agents' side of the daemon (broker/agents.py), spoken to in raw bytes over real sockets.
+
+What a hand-written HTTP/1.1 server must get right: framing (Content-Length, chunked, and the
+ambiguous or unsupported framings refused), keep-alive and pipelining, HTTP/1.0, an unread body
+never read as the next request, head limits, idle connections closed, and the answers' own framing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker import agents
+from tests.conftest import TEST_KEY, Broker, BrokerFactory, Upstream, api_config, assert_no_secret, store_key
+
+Answer = tuple[int, dict[str, str], bytes, str]  # status, headers (lower-case names), body, version
+
+
+async def read_answer(reader: asyncio.StreamReader, head_request: bool = False) -> Answer:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    version, status = lines[0].split(" ")[0], int(lines[0].split(" ")[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            assert name.lower() not in headers, f"{name} twice"
+            headers[name.lower()] = value.strip()
+    body = b""
+    if head_request or status in (204, 304):
+        return status, headers, body, version
+    if headers.get("transfer-encoding") == "chunked":
+        while True:
+            size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 5))[:-2], 16)
+            if size == 0:
+                assert await asyncio.wait_for(reader.readuntil(b"\r\n"), 5) == b"\r\n"
+                break
+            body += await asyncio.wait_for(reader.readexactly(size + 2), 5)
+            body = body[:-2]
+    elif "content-length" in headers:
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+    else:
+        body = await asyncio.wait_for(reader.read(), 5)  # close-delimited
+    return status, headers, body, version
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """True when the broker closed the connection (EOF or reset) within a second."""
+    try:
+        return await asyncio.wait_for(reader.read(1), 1.0) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+async def connect(b: Broker) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", b.port)
+
+
+def get(b: Broker, path: str, extra: str = "", version: str = "1.1") -> bytes:
+    return f"GET {path} HTTP/{version}\r\nHost: 127.0.0.1:{b.port}\r\n{extra}\r\n".encode()
+
+
+async def test_pipelined_requests_answered_in_order_on_one_connection(
+    broker: Broker, upstream: Upstream
+) -> None:
+    reader, writer = await connect(broker)
+    body = b'{"n": 2}'
+    post = f"POST /two HTTP/1.1\r\nHost: 127.0.0.1:{broker.port}\r\nContent-Length: {len(body)}\r\n\r\n"
+    writer.write(get(broker, "/one") + post.encode() + body + get(broker, "/three"))
+    answers = [await read_answer(reader) for _ in range(3)]
+    assert [json.loads(a[2])["path"] for a in answers] == ["/one", "/two", "/three"]
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert [(s.method, s.raw_path, s.body) for s in upstream.seen] == [
+        ("GET", "/one", b""),
+        ("POST", "/two", body),
+        ("GET", "/three", b""),
+    ]
+    assert not await closed(reader)  # HTTP/1.1: kept alive
+    writer.close()
+
+
+async def test_chunked_request_body_is_forwarded_whole(broker: Broker, upstream: Upstream) -> None:
+    reader, writer = await connect(broker)
+    writer.write(
+        f"POST /up HTTP/1.1\r\nHost: 127.0.0.1:{broker.port}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        + b"5;ext=1\r\nhello\r\n"
+    )
+    await asyncio.sleep(0.05)  # the rest comes later, in pieces split inside the framing
+    for piece in (b"1", b"\r\n ", b"\r", b"\nA\r\n0123456789", b"\r\n0\r\nX-Trailer: t\r\n\r\n"):
+        writer.write(piece)
+        await asyncio.sleep(0.01)
+    status, _, _, _ = await read_answer(reader)
+    assert status == 200
+    assert upstream.seen[-1].body == b"hello 0123456789"
+    writer.write(get(broker, "/after"))  # the framing ended exactly: the connection serves again
+    assert json.loads((await read_answer(reader))[2])["path"] == "/after"
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        ("POST /x HTTP/1.1\r\nHOST\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        ("POST /x HTTP/1.1\r\nHOST\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        ("POST /x HTTP/1.1\r\nHOST\r\nTransfer-Encoding: identity\r\n\r\n", 501),
+        ("POST /x HTTP/1.1\r\nHOST\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+        ("POST /x HTTP/1.1\r\nHOST\r\nContent-Length: -1\r\n\r\n", 400),
+        ("POST /x HTTP/1.1\r\nHOST\r\nContent-Length: 0x10\r\n\r\n", 400),
+        ("GET /x HTTP/1.1\r\nHOST\r\nX-Folded: a\r\n b\r\n\r\n", 400),
+        ("GET /x HTTP/1.1\r\nHOST\r\nX-Space : a\r\n\r\n", 400),
+        ("GET /x HTTP/1.1\r\nHOST\r\nX-Bare: a\nX-Other: b\r\n\r\n", 400),
+        ("GET /x HTTP/1.1\r\nHOST\r\nX-Nul: a\x00b\r\n\r\n", 400),
+        ("GET /x HTTP/2.0\r\nHOST\r\n\r\n", 400),
+        ("GET  /x HTTP/1.1\r\nHOST\r\n\r\n", 400),
+        ("G(ET /x HTTP/1.1\r\nHOST\r\n\r\n", 400),
+        ("POST /x HTTP/1.1\r\nHOST\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        ("POST /x HTTP/1.1\r\nHOST\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n0\r\n\r\n", 400),
+    ],
+)
+async def test_unreadable_requests_refused_and_connection_closed(
+    broker: Broker, upstream: Upstream, head: str, status: int
+) -> None:
+    reader, writer = await connect(broker)
+    writer.write(head.replace("HOST", f"Host: 127.0.0.1:{broker.port}").encode() + get(broker, "/smuggled"))
+    got, headers, body, _ = await read_answer(reader)
+    assert got == status
+    assert headers["x-broker-error"] == "bad_request"
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    assert await closed(reader)  # nothing after an unreadable request is trusted
+    assert not any(s.raw_path == "/smuggled" for s in upstream.seen)
+    assert not any(s.method == "POST" for s in upstream.seen)
+    writer.close()
+
+
+async def test_head_over_the_limit_is_431_and_closed(make_broker: BrokerFactory, upstream: Upstream) -> None:
+    store_key(TEST_KEY)
+    b = await make_broker(api_config(upstream.url, limits={"max_header_bytes": 2048}))
+    reader, writer = await connect(b)
+    writer.write(get(b, "/x", "X-Big: " + "z" * (2048 + agents.REQUEST_LINE_MAX) + "\r\n"))
+    status, headers, _, _ = await read_answer(reader)
+    assert (status, headers["x-broker-error"]) == (431, "request_too_large")
+    assert await closed(reader)
+    assert upstream.seen == []
+    writer.close()
+
+
+async def test_unread_body_is_never_read_as_the_next_request(broker: Broker, upstream: Upstream) -> None:
+    # refused before its body is read (wrong Host), while most of the body is still to come: what
+    # comes after the answer is that body, crafted to look like a request of its own
+    smuggled = get(broker, "/smuggled")
+    padding = b"x" * 64
+    reader, writer = await connect(broker)
+    head = f"POST /x HTTP/1.1\r\nHost: evil.example\r\nContent-Length: {len(padding) + len(smuggled)}\r\n\r\n"
+    writer.write(head.encode() + padding)
+    status, headers, _, _ = await read_answer(reader)
+    assert (status, headers["x-broker-error"]) == (403, "host_not_allowed")
+    with contextlib.suppress(ConnectionError):
+        writer.write(smuggled)
+        await writer.drain()
+    assert await closed(reader)  # the connection ended with the answer: no second answer
+    await asyncio.sleep(0.1)
+    assert not any(s.raw_path == "/smuggled" for s in upstream.seen)
+    writer.close()
+
+
+async def test_http10_answers_in_10_and_closes_unless_asked(broker: Broker, upstream: Upstream) -> None:
+    reader, writer = await connect(broker)
+    writer.write(get(broker, "/a", version="1.0"))
+    status, headers, body, version = await read_answer(reader)
+    assert (status, version) == (200, "HTTP/1.0")
+    assert headers["connection"] == "close"
+    assert json.loads(body)["path"] == "/a"
+    assert await closed(reader)
+    writer.close()
+
+    reader, writer = await connect(broker)
+    writer.write(get(broker, "/b", "Connection: keep-alive\r\n", version="1.0"))
+    status, headers, _, version = await read_answer(reader)
+    assert (status, version, headers["connection"]) == (200, "HTTP/1.0", "keep-alive")
+    writer.write(get(broker, "/c", "Connection: keep-alive\r\n", version="1.0"))
+    assert json.loads((await read_answer(reader))[2])["path"] == "/c"
+    writer.close()
+
+
+async def test_streamed_answer_to_http10_is_close_delimited(broker: Broker, upstream: Upstream) -> None:
+    async def sse(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            await resp.write(f"data: {i}\n\n".encode())
+            await asyncio.sleep(0.05)  # not whole when the head arrives: streamed to the agent
+        await resp.write_eof()
+        return resp
+
+    upstream.handlers["/events"] = sse
+    for version in ("1.0", "1.1"):
+        reader, writer = await connect(broker)
+        writer.write(get(broker, "/events", version=version))
+        status, headers, body, _ = await read_answer(reader)
+        assert status == 200
+        assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+        if version == "1.0":
+            assert "transfer-encoding" not in headers and headers["connection"] == "close"
+        else:
+            assert headers["transfer-encoding"] == "chunked"
+            assert not await closed(reader)
+        writer.close()
+
+
+async def test_connection_close_is_honoured(broker: Broker, upstream: Upstream) -> None:
+    reader, writer = await connect(broker)
+    writer.write(get(broker, "/a", "Connection: close\r\n") + get(broker, "/not-read"))
+    status, headers, _, _ = await read_answer(reader)
+    assert (status, headers["connection"]) == (200, "close")
+    assert await closed(reader)
+    assert [s.raw_path for s in upstream.seen] == ["/a"]
+    writer.close()
+
+
+async def test_head_and_no_body_answers_carry_no_body(broker: Broker, upstream: Upstream) -> None:
+    async def empty(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=204)
+
+    upstream.handlers["/empty"] = empty
+    reader, writer = await connect(broker)
+    writer.write(
+        f"HEAD /_broker/health HTTP/1.1\r\nHost: 127.0.0.1:{broker.port}\r\n\r\n".encode()
+        + get(broker, "/empty")
+        + get(broker, "/after")
+    )
+    status, headers, _, _ = await read_answer(reader, head_request=True)
+    assert status == 200 and int(headers["content-length"]) > 0  # the length a GET would have
+    status, headers, _, _ = await read_answer(reader)
+    assert status == 204 and "content-length" not in headers and "transfer-encoding" not in headers
+    # had a body been written after either, this would read it as a status line
+    assert json.loads((await read_answer(reader))[2])["path"] == "/after"
+    writer.close()
+
+
+async def test_idle_connections_are_closed(
+    make_broker: BrokerFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agents, "KEEPALIVE_S", 0.3)
+    monkeypatch.setattr(agents, "SWEEP_S", 0.1)
+    store_key(TEST_KEY)
+    b = await make_broker(api_config(upstream.url))
+    reader, writer = await connect(b)
+    writer.write(get(b, "/a"))
+    assert (await read_answer(reader))[0] == 200
+    idle_reader, idle_writer = await connect(b)
+    idle_writer.write(b"GET /never-finished HTTP/1.1\r\n")  # a head that never completes
+    await asyncio.sleep(0.8)
+    assert await closed(reader)
+    assert await closed(idle_reader)
+    writer.close()
+    idle_writer.close()
+
+
+async def test_answers_carry_no_server_header_and_no_secret(broker: Broker, upstream: Upstream) -> None:
+    reader, writer = await connect(broker)
+    writer.write(get(broker, "/_broker/status"))
+    status, headers, body, _ = await read_answer(reader)
+    assert status == 200
+    assert "server" not in headers  # the broker does not advertise what it runs on
+    assert "date" in headers
+    assert_no_secret(body)
+    writer.close()
+
+
+# ---------------------------------------------------------------- the parsers alone, on any input
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_head_parses_or_is_refused_cleanly(head: bytes) -> None:
+    try:
+        req = agents.parse_head(agents.AgentConnection.__new__(agents.AgentConnection), head)
+    except agents.BadRequest as exc:
+        assert exc.status in (400, 501)
+        return
+    # what parsed is one request line and clean fields: no line breaks or NUL smuggled through
+    assert "\r" not in req.raw_path and "\n" not in req.raw_path and " " not in req.raw_path
+    for name, value in req.raw_headers:
+        assert not set("\r\n\x00") & set(name + value)
+
+
+_chunked = st.lists(st.binary(min_size=1, max_size=40), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_chunked, st.lists(st.integers(min_value=1, max_value=17), min_size=1, max_size=20))
+def test_chunked_body_any_split_gives_the_same_bytes(parts: list[bytes], cuts: list[int]) -> None:
+    wire = b"".join(b"%x;e=1\r\n%b\r\n" % (len(p), p) for p in parts) + b"0\r\nT: 1\r\n\r\n" + b"NEXT"
+    body = agents.Body(None, 0, True)
+    got, rest, pos, i = [], b"", 0, 0
+    while pos < len(wire):
+        step = cuts[i % len(cuts)]
+        i += 1
+        rest += body.feed(wire[pos : pos + step]) if not body.done else wire[pos : pos + step]
+        pos += step
+        got.extend(body._parts)
+        body._parts.clear()
+    assert body.done
+    assert b"".join(got) == b"".join(parts)
+    assert rest == b"NEXT"  # what follows the body is left for the next request, byte for byte
