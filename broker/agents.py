@@ -47,6 +47,7 @@ _REQUEST_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f]+) 
 # one whole field line: a token, a colon, the value after its leading blanks (RFC 9112 §5)
 _FIELD = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+_CTL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters a field may not hold
 
 
 class BadRequest(Exception):
@@ -190,6 +191,7 @@ class Body:
             if self._error is not None:
                 raise self._error
             if self._conn is not None:
+                self._conn.resume_reading()  # nothing is held: whatever paused reading, read now
                 self._conn.body_wanted()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -288,8 +290,16 @@ def parse_head(conn: AgentConnection, head: bytes) -> Request:
     fields = text[m.end() :]
     pairs = _FIELD.findall(fields)
     lines = fields.count("\r\n")
-    if len(pairs) != lines or fields.count("\r") != lines or fields.count("\n") != lines or "\x00" in fields:
-        raise BadRequest("a header line is malformed (obs-fold, a space before the colon, a bare CR or LF)")
+    if (
+        len(pairs) != lines
+        or fields.count("\r") != lines
+        or fields.count("\n") != lines
+        or _CTL.search(fields)
+    ):
+        raise BadRequest(
+            "a header line is malformed (obs-fold, a space before the colon, a bare CR or LF, a control"
+            " character)"
+        )
     if " \r\n" in fields or "\t\r\n" in fields or fields.endswith((" ", "\t")):
         pairs = [(name, value.rstrip(" \t")) for name, value in pairs]
     req = Request(conn, m.group(1), m.group(2), (1, int(m.group(3))), pairs)
@@ -358,6 +368,8 @@ class StreamResponse:
                     self._chunked = True
             elif not self._no_body:
                 request.keep_alive = False  # HTTP/1.0: the end of the body is the end of the connection
+        if not request.content.done:
+            request.keep_alive = False  # the rest of an unread body ends the connection
         if not request.keep_alive or conn.closing:
             request.keep_alive = False
             headers["Connection"] = "close"
@@ -462,6 +474,7 @@ class AgentConnection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._lost = False
+        self._eof = False  # the agent sent all it will send
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -496,9 +509,14 @@ class AgentConnection(asyncio.Protocol):
             self.pause_reading()  # pipelined requests wait their turn: not held without bound
 
     def eof_received(self) -> bool | None:
+        self._eof = True
         if self._body is not None:
             self._body.fail(AgentGone("the agent closed its connection before the body ended"))
-        return None  # the transport closes itself
+            return None  # the transport closes itself
+        if self._request is not None:
+            self._request.keep_alive = False
+            return True  # a half-close after a whole request: answer it, then close
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -590,7 +608,7 @@ class AgentConnection(asyncio.Protocol):
                 data = bytes(buf)
                 buf.clear()
                 self.data_received(data)
-        if self._read_paused and self._body is None:
+        if self._read_paused and (self._body is None or self._body._held <= BODY_HIGH):
             self.resume_reading()
         self._task = self.server.loop.create_task(self._respond(req))
 
@@ -608,6 +626,7 @@ class AgentConnection(asyncio.Protocol):
             if not resp.prepared:
                 await resp.prepare(req)
             await resp.write_eof()
+            await self.drain()  # an agent not reading its answers gets no more of them queued
         except (ConnectionError, RuntimeError, ValueError):  # gone, or an answer it cannot write
             req.keep_alive = False
         finally:
@@ -620,7 +639,7 @@ class AgentConnection(asyncio.Protocol):
         if not req.content.done:
             req.keep_alive = False  # an unread body would be read as the next request
             self._body = None
-        if not req.keep_alive or self.closing or self._lost:
+        if not req.keep_alive or self.closing or self._lost or self._eof:
             self.close()
             return
         self.idle_since = self.server.loop.time()

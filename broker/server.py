@@ -460,8 +460,8 @@ class Daemon:
     @classmethod
     async def start(cls, config: Config, secrets: SecretSet | None = None) -> Daemon:
         rt = Runtime(config, secrets)
-        server = agents.AgentServer(rt.handle, lambda: rt.snapshot.config.limits.max_header_bytes)
         await rt.start()
+        server = agents.AgentServer(rt.handle, lambda: rt.snapshot.config.limits.max_header_bytes)
         sites: dict[Listen, asyncio.Server] = {}
         try:
             for listen in config.listen:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 
 import pytest
 from aiohttp import web
@@ -311,3 +312,81 @@ def test_chunked_body_any_split_gives_the_same_bytes(parts: list[bytes], cuts: l
     assert body.done
     assert b"".join(got) == b"".join(parts)
     assert rest == b"NEXT"  # what follows the body is left for the next request, byte for byte
+
+
+async def test_a_pipelined_request_at_the_head_limit_still_gets_its_body(
+    broker: Broker, upstream: Upstream
+) -> None:
+    # reading pauses while a long pipelined head waits its turn; when that request's body is
+    # wanted, reading must resume (it once stayed paused, and the request hung)
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        return web.json_response({"slow": True})
+
+    upstream.handlers["/slow"] = slow
+    limit = broker.daemon.server.max_head()
+    reader, writer = await connect(broker)
+    writer.write(get(broker, "/slow"))
+    await asyncio.sleep(0.05)
+    # refused by the broker itself (404), which reads a JSON body to answer in JSON-RPC form
+    base = (
+        f"POST /.well-known/oauth-authorization-server? HTTP/1.1\r\nHost: 127.0.0.1:{broker.port}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 5"
+    )
+    head = base.replace("server?", "server?" + "a" * (limit - len(base)))
+    assert len(head) == limit
+    writer.write(head.encode() + b"\r\n\r\n")
+    await asyncio.sleep(0.05)
+    writer.write(b"{}   ")
+    assert json.loads((await read_answer(reader))[2]) == {"slow": True}
+    status, headers, _, _ = await read_answer(reader)
+    assert (status, headers["x-broker-error"]) == (404, "not_found")
+    writer.close()
+
+
+async def test_an_agent_not_reading_its_answers_gets_no_more_queued(
+    broker: Broker, upstream: Upstream
+) -> None:
+    big = b"x" * 200_000
+
+    async def large(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=big)
+
+    upstream.handlers["/big"] = large
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", broker.port))
+    await loop.sock_sendall(sock, get(broker, "/big") * 300)  # ~60 MB of answers, never read
+    most = 0
+    for _ in range(30):
+        await asyncio.sleep(0.05)
+        for conn in broker.daemon.server.connections:
+            if conn.transport is not None:
+                most = max(most, conn.transport.get_write_buffer_size())
+    sock.close()
+    assert 0 < most < 2_000_000  # about one answer waits, not all of them (57 MB once)
+    assert len(upstream.seen) < 50
+
+
+async def test_a_half_close_after_the_request_still_gets_the_answer(
+    broker: Broker, upstream: Upstream
+) -> None:
+    reader, writer = await connect(broker)
+    writer.write(get(broker, "/one"))
+    writer.write_eof()  # `nc -N`, some HTTP/1.0 clients: all sent, now waiting for the answer
+    status, headers, body, _ = await read_answer(reader)
+    assert status == 200 and json.loads(body)["path"] == "/one"
+    assert headers["connection"] == "close"
+    assert await closed(reader)
+    writer.close()
+
+
+async def test_control_characters_in_a_header_value_are_refused(broker: Broker, upstream: Upstream) -> None:
+    reader, writer = await connect(broker)
+    writer.write(get(broker, "/x", "X-Bell: a\x07b\r\n"))
+    status, headers, _, _ = await read_answer(reader)
+    assert (status, headers.get("x-broker-error")) == (400, "bad_request")  # the broker's, not the upstream's
+    assert upstream.seen == []
+    writer.close()
