@@ -481,6 +481,13 @@ class AgentConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
         self.idle_since = self.server.loop.time()
         self.server.connections.add(self)
+        if self.server.on_connect is not None:
+            # per-connection lookups (who the peer is, which listener) while the agent is still
+            # writing its request, rather than after it arrived
+            try:
+                self.server.on_connect(self.transport)
+            except Exception:
+                log.warning("broker.connection_lookup_failed", exc_info=True)
 
     def data_received(self, data: bytes) -> None:
         body = self._body
@@ -677,8 +684,14 @@ def _error_response(status: int, code: str, message: str) -> Response:
 class AgentServer:
     """Every listener's connections, the handler they call, and shutting them down."""
 
-    def __init__(self, handler: Handler, max_header_bytes: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        max_header_bytes: Callable[[], int],
+        on_connect: Callable[[asyncio.Transport], object] | None = None,
+    ) -> None:
         self.handler = handler
+        self.on_connect = on_connect
         self._max_header_bytes = max_header_bytes
         self.connections: set[AgentConnection] = set()
         self.listeners: list[asyncio.Server] = []

@@ -22,7 +22,11 @@ _ports: weakref.WeakKeyDictionary[asyncio.BaseTransport, int | None] = weakref.W
 
 def listener_port(request: Request) -> int | None:
     """The local TCP port the request arrived on; None for a unix socket."""
-    transport = request.transport
+    return transport_port(request.transport)
+
+
+def transport_port(transport: asyncio.BaseTransport | None) -> int | None:
+    """The local TCP port of a connection, asked once per connection; None for a unix socket."""
     if transport is None:
         return None
     port = _ports.get(transport, _UNSEEN)

@@ -342,20 +342,40 @@ async def _stream(
 ) -> None:
     scrubber = secrets.scrubber()
     loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    # The idle deadline, checked lazily: each chunk only notes the time, and one timer, re-armed
+    # when it finds the stream still moving, cuts it after `idle` seconds without a byte.
+    last = loop.time()
+    expired = False
+    timer: asyncio.TimerHandle
+
+    def check() -> None:
+        nonlocal timer, expired
+        due = last + idle
+        if loop.time() >= due:
+            expired = True
+            task.cancel()
+        else:
+            timer = loop.call_at(due, check)
+
+    timer = loop.call_at(last + idle, check)
     try:
-        async with asyncio.timeout(idle) as deadline:
-            async for chunk in up.iter_any():
-                out = scrubber.feed(chunk)
-                if out:
-                    await resp.write(out)
-                    ex.bytes_out += len(out)
-                deadline.reschedule(loop.time() + idle)
-            tail = scrubber.flush()
-            if tail:
-                await resp.write(tail)
-                ex.bytes_out += len(tail)
+        async for chunk in up.iter_any():
+            out = scrubber.feed(chunk)
+            if out:
+                await resp.write(out)
+                ex.bytes_out += len(out)
+            last = loop.time()
+        tail = scrubber.flush()
+        if tail:
+            await resp.write(tail)
+            ex.bytes_out += len(tail)
+        timer.cancel()
         await resp.write_eof()
-    except TimeoutError:
+    except asyncio.CancelledError:
+        if not expired or task.uncancel() > 0:
+            raise  # a cancel of our own caller's, not the idle deadline's
         ex.error = "stream_idle_timeout"
         up.close()
         _abort(request)
@@ -366,6 +386,8 @@ async def _stream(
     except ConnectionError:
         ex.error = "agent_disconnected"
         up.release()  # the rest of the answer is drained briefly: its connection may serve again
+    finally:
+        timer.cancel()
 
 
 def _abort(request: Request) -> None:

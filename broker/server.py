@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from broker import admin, agents, guard, heap, logs, proxy, upstream
+from broker import admin, agents, guard, heap, logs, peers, proxy, upstream
 from broker import config as config_mod
 from broker.auth import Credential, make_credential
 from broker.config import Config, ConfigError, Listen
@@ -461,7 +461,9 @@ class Daemon:
     async def start(cls, config: Config, secrets: SecretSet | None = None) -> Daemon:
         rt = Runtime(config, secrets)
         await rt.start()
-        server = agents.AgentServer(rt.handle, lambda: rt.snapshot.config.limits.max_header_bytes)
+        server = agents.AgentServer(
+            rt.handle, lambda: rt.snapshot.config.limits.max_header_bytes, on_connect=_warm_connection
+        )
         sites: dict[Listen, asyncio.Server] = {}
         try:
             for listen in config.listen:
@@ -501,6 +503,12 @@ class Daemon:
         await self.rt.close()
         for listen in self.sites:
             _remove_socket(listen)
+
+
+def _warm_connection(transport: asyncio.Transport) -> None:
+    """What the guard asks of every connection, asked as it opens (both are cached per connection)."""
+    guard.transport_port(transport)
+    peers.peer_uid(transport)
 
 
 def _remove_socket(listen: Listen) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 
 import pytest
@@ -389,4 +390,19 @@ async def test_control_characters_in_a_header_value_are_refused(broker: Broker, 
     status, headers, _, _ = await read_answer(reader)
     assert (status, headers.get("x-broker-error")) == (400, "bad_request")  # the broker's, not the upstream's
     assert upstream.seen == []
+    writer.close()
+
+
+async def test_peer_and_listener_are_looked_up_when_the_connection_opens(broker: Broker) -> None:
+    # in a new-connection-per-request client (MCP legacy mode) these lookups then overlap with
+    # the agent writing its request instead of delaying the answer
+    from broker import guard, peers
+
+    reader, writer = await connect(broker)
+    await asyncio.sleep(0.1)  # no request sent yet
+    (conn,) = broker.daemon.server.connections
+    assert peers._cache.get(conn.transport) == os.getuid()
+    assert guard._ports.get(conn.transport) == broker.port
+    writer.write(get(broker, "/_broker/health"))
+    assert (await read_answer(reader))[0] == 200
     writer.close()

@@ -569,6 +569,8 @@ async def test_unreachable_and_timeouts(make_broker: BrokerFactory, upstream: Up
         async with b2.request("GET", "/stall") as r:
             assert r.status == 200
             await r.read()  # the broker cuts the stream: a truncated body never looks whole
+    await asyncio.sleep(0.1)
+    assert '"error": "stream_idle_timeout"' in b2.logs
 
 
 async def test_head_request(broker: Broker, upstream: Upstream) -> None:
@@ -855,3 +857,25 @@ async def test_log_level_edit_applies_on_reload(make_broker: BrokerFactory, upst
     async with b.request("GET", "/api/v1/cards?quiet") as r:
         assert r.status == 200
     assert b.logs == before  # and back down again
+
+
+async def test_a_stream_that_keeps_moving_outlives_the_idle_timeout(
+    make_broker: BrokerFactory, upstream: Upstream
+) -> None:
+    # idle is the longest gap between bytes, not the length of the stream
+    async def ticks(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(8):
+            await resp.write(f"data: {i}\n\n".encode())
+            await asyncio.sleep(0.15)
+        await resp.write_eof()
+        return resp
+
+    upstream.handlers["/ticks"] = ticks
+    store_key(TEST_KEY)
+    b = await make_broker(api_config(upstream.url, timeouts={"idle": 0.5}))
+    async with b.request("GET", "/ticks") as r:
+        body = await r.read()
+    assert body == b"".join(f"data: {i}\n\n".encode() for i in range(8))  # 1.2 s, gaps of 0.15 s
+    assert '"error": "stream_idle_timeout"' not in b.logs
