@@ -70,10 +70,16 @@ class Exchange:
         self.body, self.bytes_in = body, len(body)
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "Keep-Alive", "Close", "keep-alive, close"})
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str] | frozenset[str]:
     """The field names a Connection header lists, lower case (RFC 9110 §7.6.1)."""
+    values = headers.getall("Connection", [])
+    if len(values) == 1 and values[0] in _PLAIN_CONNECTION:
+        return frozenset()  # the usual `keep-alive` or `close`: names nothing not already dropped
     tokens: set[str] = set()
-    for value in headers.getall("Connection", []):
+    for value in values:
         tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
 
