@@ -225,6 +225,7 @@ class Request:
         "headers",
         "keep_alive",
         "method",
+        "on_gone",
         "raw_headers",
         "raw_path",
         "version",
@@ -248,6 +249,9 @@ class Request:
         self.content_length: int | None = None
         self.body_exists = False
         self._continue_sent = False
+        # called when the agent's connection is lost while this request is answered: a stream
+        # waiting on a quiet upstream stops waiting
+        self.on_gone: Callable[[], object] | None = None
         connection = self.headers.get("Connection", "")
         if version == (1, 1):
             self.keep_alive = not (connection and _has_token(self.headers.getall("Connection"), "close"))
@@ -257,6 +261,11 @@ class Request:
     @property
     def transport(self) -> asyncio.Transport | None:
         return self._conn.transport
+
+    @property
+    def gone(self) -> bool:
+        """The agent's connection is lost."""
+        return self._conn._lost
 
     @property
     def content_type(self) -> str:
@@ -385,6 +394,7 @@ class StreamResponse:
             lines.append(f"{name}: {value}\r\n")
         lines.append("\r\n")
         head = "".join(lines).encode("latin-1", "replace")
+        conn.answering = True
         if self._send_headers_immediately:
             conn.write(head)
         else:
@@ -475,6 +485,7 @@ class AgentConnection(asyncio.Protocol):
         self._read_paused = False
         self._lost = False
         self._eof = False  # the agent sent all it will send
+        self.answering = False  # the current answer's head went out
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -520,14 +531,23 @@ class AgentConnection(asyncio.Protocol):
         if self._body is not None:
             self._body.fail(AgentGone("the agent closed its connection before the body ended"))
             return None  # the transport closes itself
-        if self._request is not None:
+        if self._request is not None and not self.answering:
+            # a half-close after a whole request (`nc -N`): answer it, then close. Once an
+            # answer is under way (an SSE stream), an EOF is an agent that left: close now, so
+            # the stream's next write ends it
             self._request.keep_alive = False
-            return True  # a half-close after a whole request: answer it, then close
+            return True
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self.server.connections.discard(self)
+        req = self._request
+        if req is not None and req.on_gone is not None:
+            try:
+                req.on_gone()
+            except Exception:  # the connection is gone either way
+                log.warning("broker.on_gone_failed", exc_info=True)
         if self._body is not None:
             self._body.fail(AgentGone("the agent closed its connection before the body ended"))
         if self._drain is not None and not self._drain.done():
@@ -643,6 +663,7 @@ class AgentConnection(asyncio.Protocol):
 
     def _after(self, req: Request) -> None:
         """After an answer: close, or wait for (or read) the next request."""
+        self.answering = False
         if not req.content.done:
             req.keep_alive = False  # an unread body would be read as the next request
             self._body = None

@@ -285,7 +285,13 @@ async def forward(
         if request.method == "HEAD":
             await resp.write_eof()
             return resp
-        await _stream(request, up, resp, secrets, config.timeouts.idle, ex)
+        # an agent that leaves mid-stream frees the upstream answer at once (drained briefly,
+        # then closed), rather than when the upstream next sends something
+        request.on_gone = up.release
+        try:
+            await _stream(request, up, resp, secrets, config.timeouts.idle, ex)
+        finally:
+            request.on_gone = None
         return resp
     finally:
         up.release()
@@ -386,7 +392,7 @@ async def _stream(
         up.close()
         _abort(request)
     except upstream.UpstreamError:
-        ex.error = "upstream_stream_broken"
+        ex.error = "agent_disconnected" if request.gone else "upstream_stream_broken"
         up.close()
         _abort(request)
     except ConnectionError:

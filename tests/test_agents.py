@@ -406,3 +406,30 @@ async def test_peer_and_listener_are_looked_up_when_the_connection_opens(broker:
     writer.write(get(broker, "/_broker/health"))
     assert (await read_answer(reader))[0] == 200
     writer.close()
+
+
+async def test_an_agent_leaving_a_quiet_stream_frees_it_at_once(broker: Broker, upstream: Upstream) -> None:
+    # the upstream sends one event and then nothing for a long time: the agent's hang-up, not
+    # the upstream's next event, ends the forwarding (and frees the upstream connection)
+    async def quiet(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: first\n\n")
+        await asyncio.sleep(4)
+        return resp
+
+    upstream.handlers["/quiet"] = quiet
+    reader, writer = await connect(broker)
+    writer.write(get(broker, "/quiet"))
+    await asyncio.wait_for(reader.readuntil(b"data: first\n\n"), 5)
+    writer.close()  # a full close: FIN, then nothing more to read
+    rt = broker.daemon.rt
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+        if rt.in_flight == 0:
+            break
+    assert rt.in_flight == 0  # within 2 s, not when the upstream wakes after 4 s
+    assert not broker.daemon.server.connections
+    await asyncio.sleep(0.05)
+    audit = [json.loads(x) for x in broker.logs.splitlines() if '"event": "request"' in x]
+    assert audit[-1]["path"] == "/quiet" and audit[-1]["error"] == "agent_disconnected"
