@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
     "upgrade", "proxy-authenticate", "proxy-authorization",
+    "close",  # what `Connection: close` names: a field called Close is dropped too
 })  # fmt: skip
 REQUEST_DROP = HOP_BY_HOP | {
     "authorization", "cookie", "host", "expect", "accept-encoding",
@@ -385,6 +386,8 @@ async def _stream(
             ex.bytes_out += len(tail)
         timer.cancel()
         await resp.write_eof()
+        if request.gone and ex.error is None:
+            ex.error = "agent_disconnected"  # left after the last bytes went out, before the end
     except asyncio.CancelledError:
         if not expired or task.uncancel() > 0:
             raise  # a cancel of our own caller's, not the idle deadline's
@@ -392,9 +395,12 @@ async def _stream(
         up.close()
         _abort(request)
     except upstream.UpstreamError:
-        ex.error = "agent_disconnected" if request.gone else "upstream_stream_broken"
-        up.close()
-        _abort(request)
+        if request.gone:  # the agent left and the answer was released: it drains, maybe to be reused
+            ex.error = "agent_disconnected"
+        else:
+            ex.error = "upstream_stream_broken"
+            up.close()
+            _abort(request)
     except ConnectionError:
         ex.error = "agent_disconnected"
         up.release()  # the rest of the answer is drained briefly: its connection may serve again

@@ -166,6 +166,8 @@ class Response:
 
     async def _next_raw(self) -> bytes | None:
         while not self._chunks:
+            if self._drain_timer is not None:  # released while read: whoever reads has left
+                raise BodyBroken("the answer was released")
             if self._eof:
                 if self._exc is not None:
                     raise self._exc
@@ -240,6 +242,7 @@ class Response:
         self._held = 0
         self._drain_timer = asyncio.get_running_loop().call_later(DRAIN_S, self.close)
         conn.resume()
+        self._wake()  # a reader still waiting (a stream whose agent left) stops now
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -879,3 +879,17 @@ async def test_a_stream_that_keeps_moving_outlives_the_idle_timeout(
         body = await r.read()
     assert body == b"".join(f"data: {i}\n\n".encode() for i in range(8))  # 1.2 s, gaps of 0.15 s
     assert '"error": "stream_idle_timeout"' not in b.logs
+
+
+async def test_connection_close_drops_a_field_named_close_both_ways(
+    broker: Broker, upstream: Upstream
+) -> None:
+    # RFC 9110 §7.6.1: every field the Connection header names is dropped, `close` included
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="ok", headers={"Connection": "close", "Close": "from-upstream"})
+
+    upstream.handlers["/closing"] = answer
+    async with broker.request("GET", "/closing", headers={"Connection": "close", "Close": "from-agent"}) as r:
+        assert r.status == 200
+        assert "Close" not in r.headers
+    assert "Close" not in upstream.seen[-1].headers
