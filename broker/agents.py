@@ -29,7 +29,8 @@ import structlog
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 from yarl import URL
 
-from broker.errors import ERROR_HEADER, BrokerError, error_body
+from broker import http1
+from broker.errors import ERROR_HEADER, BrokerError, error_body, error_response
 
 log = structlog.get_logger("broker")
 
@@ -37,16 +38,12 @@ KEEPALIVE_S = 75.0  # an idle connection, or one whose request head never comple
 SWEEP_S = 5.0  # how often idle connections are looked for
 REQUEST_LINE_MAX = 8 * 1024  # allowed on top of limits.max_header_bytes for the request line
 BODY_HIGH = 256 * 1024  # request body bytes held before the agent's socket is paused
-MAX_CHUNK_LINE = 4096
 BACKLOG = 1024
 NO_BODY_STATUS = frozenset({204, 304})
 REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _REQUEST_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f]+) HTTP/1\.([01])(?=\r\n|$)")
-# one whole field line: a token, a colon, the value after its leading blanks (RFC 9112 §5)
-_FIELD = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
 _CTL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters a field may not hold
 
 
@@ -131,7 +128,7 @@ class Body:
             nl = data.find(b"\n", pos)
             if nl < 0:
                 self._line += data[pos:]
-                if len(self._line) > MAX_CHUNK_LINE:
+                if len(self._line) > http1.MAX_CHUNK_LINE:
                     raise BadRequest("a chunk-size or trailer line is too long")
                 return b""
             line = self._line + data[pos:nl]
@@ -140,11 +137,11 @@ class Body:
             if not line.endswith(b"\r") or b"\r" in line[:-1]:
                 raise BadRequest("a chunked body line does not end with CRLF")
             line = line[:-1]
-            if len(line) > MAX_CHUNK_LINE:
+            if len(line) > http1.MAX_CHUNK_LINE:
                 raise BadRequest("a chunk-size or trailer line is too long")
             if self._state == 0:
                 size = line.split(b";", 1)[0]
-                if not size or len(size) > 16 or not set(size) <= _HEX:
+                if not size or len(size) > 16 or not set(size) <= http1.HEX:
                     raise BadRequest("a chunk size is not hexadecimal")
                 self._left = int(size, 16)
                 self._state = 1 if self._left else 3
@@ -252,11 +249,9 @@ class Request:
         # called when the agent's connection is lost while this request is answered: a stream
         # waiting on a quiet upstream stops waiting
         self.on_gone: Callable[[], object] | None = None
-        connection = self.headers.get("Connection", "")
-        if version == (1, 1):
-            self.keep_alive = not (connection and _has_token(self.headers.getall("Connection"), "close"))
-        else:
-            self.keep_alive = bool(connection) and _has_token(self.headers.getall("Connection"), "keep-alive")
+        listed = http1.tokens(self.headers.getall("Connection")) if "Connection" in self.headers else ()
+        # HTTP/1.1 stays open unless told `close`; HTTP/1.0 only when told `keep-alive`
+        self.keep_alive = "close" not in listed if version == (1, 1) else "keep-alive" in listed
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -286,31 +281,18 @@ class Request:
             self._conn.write(CONTINUE)
 
 
-def _has_token(values: list[str], token: str) -> bool:
-    return any(t.strip().lower() == token for v in values for t in v.split(","))
-
-
 def parse_head(conn: AgentConnection, head: bytes) -> Request:
     """A request from its head (request line and field lines, without the final CRLF CRLF)."""
     text = head.decode("latin-1")
     m = _REQUEST_LINE.match(text)
     if m is None:
         raise BadRequest("the request line is not `METHOD target HTTP/1.x`")
-    fields = text[m.end() :]
-    pairs = _FIELD.findall(fields)
-    lines = fields.count("\r\n")
-    if (
-        len(pairs) != lines
-        or fields.count("\r") != lines
-        or fields.count("\n") != lines
-        or _CTL.search(fields)
-    ):
+    pairs = http1.field_lines(text[m.end() :], _CTL)
+    if pairs is None:
         raise BadRequest(
             "a header line is malformed (obs-fold, a space before the colon, a bare CR or LF, a control"
             " character)"
         )
-    if " \r\n" in fields or "\t\r\n" in fields or fields.endswith((" ", "\t")):
-        pairs = [(name, value.rstrip(" \t")) for name, value in pairs]
     req = Request(conn, m.group(1), m.group(2), (1, int(m.group(3))), pairs)
     headers = req.headers
     te = headers.getall("Transfer-Encoding", None)
@@ -318,7 +300,7 @@ def parse_head(conn: AgentConnection, head: bytes) -> Request:
     if te is not None:
         if lengths is not None:
             raise BadRequest("both Transfer-Encoding and Content-Length: the framing is ambiguous")
-        codings = [c.strip().lower() for v in te for c in v.split(",") if c.strip()]
+        codings = http1.tokens(te)
         if codings != ["chunked"] or req.version < (1, 1):
             raise BadRequest(
                 "only Transfer-Encoding: chunked is accepted (HTTP/1.1)", 501 if codings else 400
@@ -326,11 +308,9 @@ def parse_head(conn: AgentConnection, head: bytes) -> Request:
         req.content = Body(conn, 0, True)
         req.body_exists = True
     elif lengths is not None:
-        values = {v.strip() for v in ",".join(lengths).split(",")}
-        length = values.pop() if len(values) == 1 else ""
-        if not (length.isascii() and length.isdigit()) or len(length) > 18:
+        req.content_length = http1.content_length(lengths)
+        if req.content_length is None:
             raise BadRequest("the Content-Length is invalid")
-        req.content_length = int(length)
         if req.content_length:
             req.content = Body(conn, req.content_length, False)
             req.body_exists = True
@@ -648,7 +628,9 @@ class AgentConnection(asyncio.Protocol):
                 return
             except Exception:
                 log.exception("broker.request_failed", method=req.method)
-                resp = _error_response(500, "bad_request", "the broker failed to answer this request")
+                resp = error_response(
+                    BrokerError("bad_request", "the broker failed to answer this request", http_status=500)
+                )
                 req.keep_alive = False
             if not resp.prepared:
                 await resp.prepare(req)
@@ -691,15 +673,6 @@ class AgentConnection(asyncio.Protocol):
         if self._request is None and self.transport is not None and not self.transport.is_closing():
             self.transport.write(head.encode() + body)
         self.close()
-
-
-def _error_response(status: int, code: str, message: str) -> Response:
-    return Response(
-        status=status,
-        body=error_body(BrokerError(code, message)),
-        content_type="application/json",
-        headers={ERROR_HEADER: code, "Cache-Control": "no-store"},
-    )
 
 
 class AgentServer:

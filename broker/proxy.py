@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from broker import upstream
+from broker import http1, upstream
 from broker.agents import Body, HeadersWithBody, Request, StreamResponse
 from broker.errors import BrokerError
 
@@ -79,10 +79,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str] | frozenset[s
     values = headers.getall("Connection", [])
     if len(values) == 1 and values[0] in _PLAIN_CONNECTION:
         return frozenset()  # the usual `keep-alive` or `close`: names nothing not already dropped
-    tokens: set[str] = set()
-    for value in values:
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+    return set(http1.tokens(values))
 
 
 def upstream_headers(agent: CIMultiDictProxy[str], credential: dict[str, str]) -> CIMultiDict[str]:

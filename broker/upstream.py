@@ -24,8 +24,9 @@ from typing import Any, cast
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from broker import http1
+
 MAX_HEAD = 128 * 1024  # status line and headers of one answer
-MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
 READ_HIGH = 256 * 1024  # body bytes held for a slow agent before the upstream is paused
 DECODE_STEP = 64 * 1024  # decoded bytes produced per step: a small gzip cannot balloon in memory
 WRITE_STEP = 64 * 1024
@@ -33,9 +34,7 @@ DRAIN_S = 1.0  # how long the end of an answer nobody reads is waited for, to ke
 DRAIN_BYTES = 256 * 1024  # and how much of it
 NO_BODY_STATUS = frozenset({204, 304})
 _STATUS = re.compile(r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [^\r\n]*)?(?=\r\n|$)")
-# one whole field line: a token, a colon, the value after its leading blanks (RFC 9112 §5)
-_FIELD = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
+_NUL = re.compile("\x00")  # the one character refused in an answer's field lines
 
 
 class UpstreamError(Exception):
@@ -384,19 +383,9 @@ class _Conn(asyncio.Protocol):
         if m is None:
             raise _bad("the upstream's status line is not HTTP/1.x")
         status = int(m.group(2))
-        fields = text[m.end() :]
-        pairs = _FIELD.findall(fields)
-        lines = fields.count("\r\n")
-        if (
-            len(pairs) != lines
-            or fields.count("\r") != lines
-            or fields.count("\n") != lines
-            or "\x00" in fields
-        ):
-            # a line the pattern skipped: obs-fold, a space before the colon, a bare CR or LF
+        pairs = http1.field_lines(text[m.end() :], _NUL)
+        if pairs is None:
             raise _bad("the upstream sent a malformed header line")
-        if " \r\n" in fields or "\t\r\n" in fields or fields.endswith((" ", "\t")):
-            pairs = [(name, value.rstrip(" \t")) for name, value in pairs]  # rare: trailing blanks
         if status < 200:
             if status == 101:
                 raise _bad("the upstream switched protocols, which the broker never asked for")
@@ -405,13 +394,13 @@ class _Conn(asyncio.Protocol):
         keep_alive = m.group(1) == "1"
         connection = headers.get("Connection")
         if connection is not None and "close" in connection.lower():
-            keep_alive = keep_alive and not _has_token(headers.getall("Connection"), "close")
+            keep_alive = keep_alive and not http1.has_token(headers.getall("Connection"), "close")
         mode, left = "", 0
         if not (self._head_request or status in NO_BODY_STATUS):
             te = headers.getall("Transfer-Encoding", None)
             lengths = headers.getall("Content-Length", None)
             if te:
-                codings = [c.strip().lower() for v in te for c in v.split(",") if c.strip()]
+                codings = http1.tokens(te)
                 if codings and codings[-1] == "chunked":
                     mode = "chunked"
                     if len(codings) > 1 or lengths:
@@ -419,14 +408,10 @@ class _Conn(asyncio.Protocol):
                 else:
                     mode, keep_alive = "close", False
             elif lengths:
-                if len(lengths) == 1 and "," not in lengths[0]:
-                    length = lengths[0]
-                else:  # repeated: acceptable only when every copy says the same
-                    values = {v.strip() for v in ",".join(lengths).split(",")}
-                    length = values.pop() if len(values) == 1 else ""
-                if not (length.isascii() and length.isdigit()) or len(length) > 18:
+                length = http1.content_length(lengths)
+                if length is None:
                     raise _bad("the upstream's Content-Length is invalid")
-                mode, left = "length", int(length)
+                mode, left = "length", length
             else:
                 mode, keep_alive = "close", False
         resp = Response(status, headers, keep_alive, self)
@@ -486,7 +471,7 @@ class _Conn(asyncio.Protocol):
                 continue
             end = buf.find(b"\r\n")
             if end < 0:
-                if len(buf) > MAX_CHUNK_LINE:
+                if len(buf) > http1.MAX_CHUNK_LINE:
                     raise BodyBroken("the upstream's chunked framing is malformed")
                 return
             line = bytes(buf[:end])
@@ -497,7 +482,7 @@ class _Conn(asyncio.Protocol):
                 self._chunk_state = 0
             elif state == 0:
                 size = line.split(b";", 1)[0].strip(b" \t")
-                if not size or len(size) > 15 or not _HEX.issuperset(size):
+                if not size or len(size) > 15 or not http1.HEX.issuperset(size):
                     raise BodyBroken("the upstream's chunk size is malformed")
                 self._left = int(size, 16)
                 self._chunk_state = 1 if self._left else 3
@@ -520,10 +505,6 @@ class _Conn(asyncio.Protocol):
             self.pool.put(self)
         else:
             self.abort()
-
-
-def _has_token(values: Iterable[str], token: str) -> bool:
-    return any(t.strip().lower() == token for v in values for t in v.split(","))
 
 
 class Pool:
