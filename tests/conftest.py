@@ -96,6 +96,23 @@ class Seen:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def sse_events(events: list[bytes], gap: float = 0.0, linger: float = 0.0) -> Handler:
+    """An upstream handler streaming `events` as text/event-stream, each followed by a `gap` s
+    pause, then staying open `linger` s more before it ends."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in events:
+            await resp.write(event)
+            await asyncio.sleep(gap)
+        await asyncio.sleep(linger)
+        await resp.write_eof()
+        return resp
+
+    return handler
+
+
 @dataclass
 class Upstream:
     """A real aiohttp server that records what it received; handlers per exact path."""

@@ -19,7 +19,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker import agents
-from tests.conftest import TEST_KEY, Broker, BrokerFactory, Upstream, api_config, assert_no_secret, store_key
+from tests.conftest import (
+    TEST_KEY,
+    Broker,
+    BrokerFactory,
+    Upstream,
+    api_config,
+    assert_no_secret,
+    sse_events,
+    store_key,
+)
 
 Answer = tuple[int, dict[str, str], bytes, str]  # status, headers (lower-case names), body, version
 
@@ -193,16 +202,8 @@ async def test_http10_answers_in_10_and_closes_unless_asked(broker: Broker, upst
 
 
 async def test_streamed_answer_to_http10_is_close_delimited(broker: Broker, upstream: Upstream) -> None:
-    async def sse(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i in range(3):
-            await resp.write(f"data: {i}\n\n".encode())
-            await asyncio.sleep(0.05)  # not whole when the head arrives: streamed to the agent
-        await resp.write_eof()
-        return resp
-
-    upstream.handlers["/events"] = sse
+    # not whole when the head arrives (0.05 s between events): streamed to the agent
+    upstream.handlers["/events"] = sse_events([f"data: {i}\n\n".encode() for i in range(3)], gap=0.05)
     for version in ("1.0", "1.1"):
         reader, writer = await connect(broker)
         writer.write(get(broker, "/events", version=version))
@@ -411,14 +412,7 @@ async def test_peer_and_listener_are_looked_up_when_the_connection_opens(broker:
 async def test_an_agent_leaving_a_quiet_stream_frees_it_at_once(broker: Broker, upstream: Upstream) -> None:
     # the upstream sends one event and then nothing for a long time: the agent's hang-up, not
     # the upstream's next event, ends the forwarding (and frees the upstream connection)
-    async def quiet(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(b"data: first\n\n")
-        await asyncio.sleep(4)
-        return resp
-
-    upstream.handlers["/quiet"] = quiet
+    upstream.handlers["/quiet"] = sse_events([b"data: first\n\n"], linger=4)
     reader, writer = await connect(broker)
     writer.write(get(broker, "/quiet"))
     await asyncio.wait_for(reader.readuntil(b"data: first\n\n"), 5)

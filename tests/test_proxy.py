@@ -26,6 +26,7 @@ from tests.conftest import (
     api_config,
     assert_no_secret,
     raw_http,
+    sse_events,
     store_key,
     write_config,
 )
@@ -863,16 +864,7 @@ async def test_a_stream_that_keeps_moving_outlives_the_idle_timeout(
     make_broker: BrokerFactory, upstream: Upstream
 ) -> None:
     # idle is the longest gap between bytes, not the length of the stream
-    async def ticks(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i in range(8):
-            await resp.write(f"data: {i}\n\n".encode())
-            await asyncio.sleep(0.15)
-        await resp.write_eof()
-        return resp
-
-    upstream.handlers["/ticks"] = ticks
+    upstream.handlers["/ticks"] = sse_events([f"data: {i}\n\n".encode() for i in range(8)], gap=0.15)
     store_key(TEST_KEY)
     b = await make_broker(api_config(upstream.url, timeouts={"idle": 0.5}))
     async with b.request("GET", "/ticks") as r:
