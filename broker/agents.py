@@ -190,7 +190,8 @@ class Body:
             if self._conn is not None:
                 self._conn.resume_reading()  # nothing is held: whatever paused reading, read now
                 self._conn.body_wanted()
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._conn.server.loop if self._conn is not None else asyncio.get_running_loop()
+            self._waiter = loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -256,6 +257,11 @@ class Request:
     @property
     def transport(self) -> asyncio.Transport | None:
         return self._conn.transport
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The serving loop, without asyncio.get_running_loop()'s getpid() system call."""
+        return self._conn.server.loop
 
     @property
     def gone(self) -> bool:

@@ -351,8 +351,8 @@ async def _stream(
     ex: Exchange,
 ) -> None:
     scrubber = secrets.scrubber()
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
+    loop = request.loop
+    task = asyncio.current_task(loop)
     assert task is not None
     # The idle deadline, checked lazily: each chunk only notes the time, and one timer, re-armed
     # when it finds the stream still moving, cuts it after `idle` seconds without a byte.
