@@ -303,8 +303,7 @@ async def _send_whole(
     secrets: SecretSet,
     ex: Exchange,
 ) -> StreamResponse:
-    scrubber = secrets.scrubber()
-    out = scrubber.feed(body) + scrubber.flush()
+    out = secrets.scrub_whole(body)
     headers["Content-Length"] = str(len(out))  # a decoded body's length, or the same one
     resp = HeadersWithBody(status=status)
     resp.headers.extend(headers)

@@ -47,6 +47,26 @@ def test_mask_has_the_secret_length_and_none_of_its_bytes(n: int) -> None:
         assert m.startswith(b"[REDACTED") and m.endswith(b"]")
 
 
+# ---------------------------------------------------------------- whole bodies
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([KEY, ACS.encode(), KEY[:12], ACS.encode()[5:], b"sk_", b'{"a": 1}', b"\n", b"x"]),
+        max_size=12,
+    )
+)
+def test_scrub_whole_is_a_scrubber_fed_the_body_at_once(pieces: list[bytes]) -> None:
+    s = secrets(TEST_KEY, ACS)
+    body = b"".join(pieces)
+    outs, tail = run(s.scrubber(), [body])
+    out = s.scrub_whole(body)
+    assert out == b"".join(outs) + tail
+    assert len(out) == len(body)
+    assert KEY not in out and ACS.encode() not in out  # pieces of them may stay: they are no secret
+
+
 # ---------------------------------------------------------------- split secrets
 
 
