@@ -333,7 +333,10 @@ class StreamResponse:
 
     def __init__(self, status: int = 200, headers: Any = None) -> None:
         self.status = status
-        self.headers: CIMultiDict[str] = CIMultiDict(headers or ())
+        # a CIMultiDict is taken as it is (the caller hands it over), anything else is copied
+        self.headers: CIMultiDict[str] = (
+            headers if type(headers) is CIMultiDict else CIMultiDict(headers or ())
+        )
         self.prepared = False
         self._conn: AgentConnection | None = None
         self._chunked = False
@@ -374,12 +377,14 @@ class StreamResponse:
             headers["Date"] = http_date()
         reason = REASONS.get(status, "Unknown")
         lines = [f"HTTP/1.{request.version[1]} {status} {reason}\r\n"]  # 1.0 answered in 1.0
-        for name, value in headers.items():
-            if "\r" in value or "\n" in value:
-                raise ValueError(f"header {name!r} holds a line break")
-            lines.append(f"{name}: {value}\r\n")
+        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
         lines.append("\r\n")
-        head = "".join(lines).encode("latin-1", "replace")
+        text = "".join(lines)
+        if text.count("\n") != len(lines) or text.count("\r") != len(lines):  # one check for all
+            bad = next((n for n, v in headers.items() if "\r" in v + n or "\n" in v + n), "?")
+            self.prepared, self._conn = False, None  # nothing went out: another answer can
+            raise ValueError(f"header {bad!r} holds a line break")
+        head = text.encode("latin-1", "replace")
         conn.answering = True
         if self._send_headers_immediately:
             conn.write(head)
@@ -634,12 +639,16 @@ class AgentConnection(asyncio.Protocol):
                 return
             except Exception:
                 log.exception("broker.request_failed", method=req.method)
-                resp = error_response(
-                    BrokerError("bad_request", "the broker failed to answer this request", http_status=500)
-                )
+                resp = _failed()
                 req.keep_alive = False
             if not resp.prepared:
-                await resp.prepare(req)
+                try:
+                    await resp.prepare(req)
+                except ValueError:  # a header that cannot be written whole: nothing went out
+                    log.exception("broker.request_failed", method=req.method)
+                    resp = _failed()
+                    req.keep_alive = False
+                    await resp.prepare(req)
             await resp.write_eof()
             await self.drain()  # an agent not reading its answers gets no more of them queued
         except (ConnectionError, RuntimeError, ValueError):  # gone, or an answer it cannot write
@@ -679,6 +688,12 @@ class AgentConnection(asyncio.Protocol):
         if self._request is None and self.transport is not None and not self.transport.is_closing():
             self.transport.write(head.encode() + body)
         self.close()
+
+
+def _failed() -> Response:
+    """The answer to a request the handler failed on (500; SPEC has no internal-error code)."""
+    err = BrokerError("bad_request", "the broker failed to answer this request", http_status=500)
+    return error_response(err)
 
 
 class AgentServer:

@@ -272,8 +272,7 @@ async def forward(
         # A body of known length goes out with the headers in one write; an open-ended stream
         # (SSE) gets its headers at once so the agent sees the answer start.
         cls = HeadersWithBody if "Content-Length" in headers_out else StreamResponse
-        resp = cls(status=up.status)  # the standard reason phrase: the upstream's could carry anything
-        resp.headers.extend(headers_out)
+        resp = cls(up.status, headers_out)  # the standard reason phrase: the upstream's could carry anything
         try:
             await resp.prepare(request)
         except ConnectionError:  # the agent left before the answer: not an error of ours
@@ -305,8 +304,7 @@ async def _send_whole(
 ) -> StreamResponse:
     out = secrets.scrub_whole(body)
     headers["Content-Length"] = str(len(out))  # a decoded body's length, or the same one
-    resp = HeadersWithBody(status=status)
-    resp.headers.extend(headers)
+    resp = HeadersWithBody(status, headers)
     try:
         await resp.prepare(request)
         await resp.write_eof(out)

@@ -430,3 +430,27 @@ async def test_an_agent_leaving_a_quiet_stream_frees_it_at_once(broker: Broker, 
     await asyncio.sleep(0.05)
     audit = [json.loads(x) for x in broker.logs.splitlines() if '"event": "request"' in x]
     assert audit[-1]["path"] == "/quiet" and audit[-1]["error"] == "agent_disconnected"
+
+
+async def test_an_answer_header_with_a_line_break_is_never_written() -> None:
+    # a value with CR or LF would split the head into lines of the sender's choosing (a header,
+    # or a whole second answer, injected): the answer is refused whole before any byte goes out
+    value = ""
+
+    async def handler(_request: agents.Request) -> agents.StreamResponse:
+        return agents.Response(headers={"X-Echo": value}, body=b"ok")
+
+    server = agents.AgentServer(handler, lambda: 32768)
+    listener = await server.listen_tcp("127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        for value, status in (("plain", 200), ("a\r\nSet-Cookie: x=1", 500), ("a\nX-Injected: 1", 500)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            got, headers, body, _ = await read_answer(reader)
+            assert got == status, value
+            assert "set-cookie" not in headers and "x-injected" not in headers
+            assert (headers.get("x-echo"), body) == (("plain", b"ok") if status == 200 else (None, body))
+            writer.close()
+    finally:
+        await server.shutdown(1.0)
