@@ -114,6 +114,17 @@ def proc_usage(pid: int) -> dict[str, Any]:
     return out
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds a process has used so far, from /proc (None off Linux).
+
+    Counted in clock ticks (10 ms): read it over thousands of requests, not a few."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def mib(kib: int) -> float:
     return round(kib / 1024, 1)
 

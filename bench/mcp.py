@@ -1,7 +1,7 @@
 """MCP forwarding benchmark: mcp.Client straight to an OAuth-protected MCP upstream, through the
 broker, and through mcp-remote.
 
-    python bench/mcp.py [--calls 200] [--block 50] [--json out.json] [--no-mcp-remote]
+    python bench/mcp.py [--calls 200] [--block 1] [--json out.json] [--no-mcp-remote]
 
 Run from the repository root. What it starts, all on 127.0.0.1 and all inside one temporary
 directory removed on exit:
@@ -35,8 +35,10 @@ lines, as the broker runs with its audit line off; `--mcp-remote-logs` keeps the
 
 For each of mode="legacy" and mode="auto" one session is opened to each target, warmed up (list_tools
 and 10 calls), then N sequential `call_tool("create_card", ...)` round trips are timed one by one,
-in blocks that rotate through the targets (direct, broker, mcp-remote; then broker, mcp-remote,
-direct; ...), so machine noise hits all alike. Before a mode, a short mcp-remote session in that
+one call per target in turn, the order rotating each round (direct, broker, mcp-remote; then broker,
+mcp-remote, direct; ...), so a stall of the machine lands on all targets alike (`--block N` times N
+calls per target in a row instead: with 50, as this script had, one noisy second could fall on one
+target's block and decide the comparison). Before a mode, a short mcp-remote session in that
 mode is tried (open, list_tools, one call); if it fails, mcp-remote is left out of that mode and the
 report says why.
 
@@ -166,15 +168,6 @@ def tcp_sockets(pid: int, broker_port: int, upstream_port: int) -> dict[str, int
                         role = f"other (:{local} -> :{remote})"
                     out[f"{role} {state}"] += 1
     return dict(sorted(out.items()))
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU seconds a process has used so far, from /proc (None off Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def auth_digest(value: str) -> str:
@@ -643,7 +636,7 @@ async def run_mode(
             procs = {"client": os.getpid(), "upstream": up.proc.pid, "broker": broker_pid}
             if remote_proc:
                 procs["mcp-remote"] = remote_proc["pid"]
-            cpu_before = {k: cpu_seconds(pid) for k, pid in procs.items()}
+            cpu_before = {k: bl.cpu_seconds(pid) for k, pid in procs.items()}
             t_calls = time.perf_counter()
             i = 0
             round_no = 0
@@ -660,7 +653,7 @@ async def run_mode(
                     )
                 i += size
                 round_no += 1
-            cpu_after = {k: cpu_seconds(pid) for k, pid in procs.items()}
+            cpu_after = {k: bl.cpu_seconds(pid) for k, pid in procs.items()}
             calls_wall_s = time.perf_counter() - t_calls
             if remote_proc:
                 remote_proc["usage_after_calls"] = bl.proc_usage(remote_proc["pid"])
@@ -768,7 +761,7 @@ def oauth_calls(state: dict[str, Any]) -> dict[str, int]:
 def parse_args() -> argparse.Namespace:
     p = bl.arg_parser(__doc__)
     p.add_argument("--calls", type=int, default=200, help="timed calls per target and mode (default 200)")
-    p.add_argument("--block", type=int, default=50, help="calls per rotating block (default 50)")
+    p.add_argument("--block", type=int, default=1, help="calls per target per rotating block (default 1)")
     p.add_argument("--call-timeout", type=float, default=30.0, help="seconds before a call counts as hung")
     bl.add_output_args(p)
     p.add_argument(
@@ -976,7 +969,7 @@ async def amain(args: argparse.Namespace) -> int:
             usage_before = bl.proc_usage(broker.pid)
             sockets_before = tcp_sockets(broker.pid, port, up_port)
             oauth_before = oauth_calls(await up.state())
-            up_usage_before, up_cpu_before = bl.proc_usage(up.proc.pid), cpu_seconds(up.proc.pid)
+            up_usage_before, up_cpu_before = bl.proc_usage(up.proc.pid), bl.cpu_seconds(up.proc.pid)
             t_modes = time.perf_counter()
 
             results = []
@@ -1003,7 +996,7 @@ async def amain(args: argparse.Namespace) -> int:
                 if broker.returncode is not None:
                     raise RuntimeError(f"broker died during mode {mode}:\n{bl.tail(broker_log, LOG_LINES)}")
                 up.check_alive(f"during mode {mode}")
-            up_cpu_after, modes_s = cpu_seconds(up.proc.pid), time.perf_counter() - t_modes
+            up_cpu_after, modes_s = bl.cpu_seconds(up.proc.pid), time.perf_counter() - t_modes
             await asyncio.sleep(1.0)  # let closed sessions and connections settle
             usage_after = bl.proc_usage(broker.pid)
             sockets_after = tcp_sockets(broker.pid, port, up_port)
