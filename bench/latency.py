@@ -1,6 +1,6 @@
 """Added-latency benchmark: the broker at a fixed, moderate request rate, against no proxy at all.
 
-    python bench/latency.py [--rate 200] [--duration 10] [--block 1] [--json out.json]
+    python bench/latency.py [--rate 200] [--duration 20] [--block 0] [--json out.json]
 
 What it starts, all on 127.0.0.1 and inside one temporary directory removed on exit: the nginx of
 rest.py ("direct", the fast upstream answering `{"ok":true}`) and the broker (one api_key route `/`
@@ -8,8 +8,12 @@ rest.py ("direct", the fast upstream answering `{"ok":true}`) and the broker (on
 
 The load is open-loop: request i is started at t0 + i/rate whether or not earlier ones are done
 (no coordinated omission from waiting on slow answers), at a rate far below what either target
-saturates at. The schedule alternates between direct and broker in `--block`-second blocks, so
-machine noise hits both alike. Each target has its own aiohttp ClientSession (keep-alive). Latency
+saturates at. The schedule alternates between direct and broker request by request (each at
+`--rate`, so 2 x rate in all), so a stall of the machine (this VM's neighbours take the CPU for
+tens of ms at a time) delays the requests of both alike: with 1-second blocks, as this script had,
+one 40 ms stall in a broker block made ~8 slow broker requests and moved the broker's p99 alone.
+`--block S` brings the blocks back (S seconds of one target, then S of the other, for comparison).
+Each target has its own aiohttp ClientSession (keep-alive). Latency
 is from just before the request is sent until its whole body is read; how late each request started
 against its schedule is reported too (the client's own lag, the same for both targets).
 
@@ -23,6 +27,7 @@ import argparse
 import asyncio
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -98,13 +103,27 @@ async def open_loop(schedule: list[tuple[str, int]], rate: float, start: Starter
 
 
 def make_schedule(rate: float, duration: float, block: float) -> list[tuple[str, int]]:
-    """(target, block number) per request: blocks of `block` seconds, alternating direct and broker."""
+    """(target, block number) per request, `rate` requests/s per target for `duration` seconds.
+
+    block 0: direct and broker alternate request by request (a block is one request); else blocks
+    of `block` seconds alternate. Even block numbers are direct's, odd ones the broker's."""
+    if block == 0:
+        return [(TARGETS[i % 2], i) for i in range(2 * max(1, round(rate * duration)))]
     per_block = max(1, round(rate * block))
     total = max(2 * per_block, round(rate * duration))
     return [(TARGETS[(i // per_block) % 2], i // per_block) for i in range(total)]
 
 
-async def measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, Run]:
+def schedule_rate(rate: float, block: float) -> float:
+    """Requests/s of the whole schedule: both targets at once when they alternate per request."""
+    return 2 * rate if block == 0 else rate
+
+
+async def measure(
+    args: argparse.Namespace, ports: dict[str, int], broker_pid: int
+) -> tuple[dict[str, Run], list[float], float | None]:
+    """Samples per target, the (broker - direct) differences of neighbouring block medians, and
+    the broker's CPU seconds while measuring."""
     urls = {t: f"http://{bl.HOST}:{ports[t]}{bl.BENCH_PATH}" for t in TARGETS}
     timeout = aiohttp.ClientTimeout(total=10)
     runs = {t: Run() for t in TARGETS}
@@ -130,17 +149,27 @@ async def measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, 
         async def untracked(target: str, _blk: int, scheduled: float) -> None:
             await one_request(sessions[target], urls[target], scheduled, None)
 
-        await open_loop(make_schedule(args.rate, 2 * args.warmup, args.warmup), args.rate, untracked)
+        await open_loop(
+            make_schedule(args.rate, args.warmup, args.block), schedule_rate(args.rate, args.block), untracked
+        )
 
-        # measured: samples kept per block, for a paired comparison that ignores slow drifts
+        # measured: samples kept per block (one request when alternating per request), for a
+        # paired comparison that ignores slow drifts
         per_block: dict[int, Run] = {}
 
         async def tracked(target: str, blk: int, scheduled: float) -> None:
             await one_request(sessions[target], urls[target], scheduled, per_block.setdefault(blk, Run()))
 
         measuring = True
+        cpu_before = bl.cpu_seconds(broker_pid)
         t_begin = asyncio.get_running_loop().time()
-        await open_loop(make_schedule(args.rate, args.duration, args.block), args.rate, tracked)
+        await open_loop(
+            make_schedule(args.rate, args.duration, args.block),
+            schedule_rate(args.rate, args.block),
+            tracked,
+        )
+        cpu_after = bl.cpu_seconds(broker_pid)
+        cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
         for blk, r in sorted(per_block.items()):
             target = TARGETS[blk % 2]
             runs[target].latency_ms += r.latency_ms
@@ -150,19 +179,31 @@ async def measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, 
                 runs[target].failures[k] = runs[target].failures.get(k, 0) + v
             if r.latency_ms:
                 runs[target].block_medians.append(bl.summarize_ms(r.latency_ms)["p50"])
-        return runs
+        # block 2k (direct) and 2k+1 (broker) ran next to each other: a pair when both have samples
+        medians = {b: bl.summarize_ms(r.latency_ms)["p50"] for b, r in per_block.items() if r.latency_ms}
+        paired = [medians[b + 1] - medians[b] for b in medians if b % 2 == 0 and b + 1 in medians]
+        return runs, paired, cpu
+
+
+def alternation(args: argparse.Namespace) -> str:
+    return f"alternating {args.block:g}s blocks" if args.block else "alternating request by request"
 
 
 def parse_args() -> argparse.Namespace:
     p = bl.arg_parser(__doc__)
     p.add_argument("--rate", type=float, default=200.0, help="requests per second, open loop (default 200)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of measured load (default 10)")
-    p.add_argument("--block", type=float, default=1.0, help="seconds per alternating block (default 1)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of measured load (default 20)")
+    p.add_argument(
+        "--block",
+        type=float,
+        default=0.0,
+        help="seconds per alternating block; 0 (default) alternates request by request",
+    )
     p.add_argument("--warmup", type=float, default=1.0, help="unrecorded seconds per target (default 1)")
     bl.add_output_args(p)
     a = p.parse_args()
-    if a.rate <= 0 or a.duration <= 0 or a.block <= 0 or a.warmup < 0:
-        p.error("--rate, --duration and --block must be positive, --warmup not negative")
+    if a.rate <= 0 or a.duration <= 0 or a.block < 0 or a.warmup < 0:
+        p.error("--rate and --duration must be positive, --block and --warmup not negative")
     return a
 
 
@@ -179,10 +220,12 @@ def main() -> int:
         bl.sanity(ports)
 
         print(
-            f"open loop at {args.rate:g} req/s for {args.duration:g}s, {args.block:g}s blocks ...",
+            f"open loop at {args.rate:g} req/s per target for {args.duration:g}s, {alternation(args)} ...",
             file=sys.stderr,
         )
-        runs = asyncio.run(measure(args, ports))
+        runs, pair_diffs, broker_cpu_s = asyncio.run(measure(args, ports, broker.pid))
+        n_broker = len(runs["broker"].latency_ms) + sum(runs["broker"].failures.values())
+        cpu_us = round(broker_cpu_s * 1e6 / n_broker, 1) if broker_cpu_s is not None and n_broker else None
         if broker.poll() is not None:
             raise RuntimeError(
                 f"broker died during the run (code {broker.returncode}):\n{bl.tail(broker_log)}"
@@ -202,14 +245,14 @@ def main() -> int:
         if any(res[t].get("n", 0) == 0 for t in TARGETS):
             raise RuntimeError(f"no successful requests for a target; failures: {fails}")
         added = {q: round(res["broker"][q] - res["direct"][q], 4) for q in ("p50", "p90", "p99", "mean")}
-        pairs = list(zip(runs["direct"].block_medians, runs["broker"].block_medians, strict=False))
-        paired = sorted(b - d for d, b in pairs)
-        added["median_of_block_median_diffs"] = round(paired[len(paired) // 2], 4) if paired else None
+        added["median_of_block_median_diffs"] = (
+            round(statistics.median(pair_diffs), 4) if pair_diffs else None
+        )
 
         print()
         print(
             f"agentcard-broker latency bench: open loop GET {bl.BENCH_PATH} at {args.rate:g} req/s for "
-            f"{args.duration:g}s, alternating {args.block:g}s blocks direct/broker, keep-alive "
+            f"{args.duration:g}s per target, {alternation(args)}, keep-alive "
             f"({os.cpu_count()} CPUs, python {platform.python_version()}, aiohttp {aiohttp.__version__})"
         )
         print()
@@ -235,9 +278,12 @@ def main() -> int:
         )
         if added["median_of_block_median_diffs"] is not None:
             print(
-                f"  paired: median over {len(pairs)} block pairs of (broker - direct) block medians "
+                f"  paired: median over {len(pair_diffs)} neighbouring pairs of (broker - direct) "
+                f"{'request latencies' if not args.block else 'block medians'} "
                 f"{added['median_of_block_median_diffs']:+.3f} ms"
             )
+        if cpu_us is not None:
+            print(f"broker CPU per request at this rate: {cpu_us:.1f} µs (user + system over the run)")
         print("lag = how late a request started against its schedule (the client's own delay)")
         for t in TARGETS:
             print(
@@ -277,8 +323,14 @@ def main() -> int:
                 "lag_ms": lag,
                 "failures": fails,
                 "added_ms": added,
+                "broker_cpu_us_per_request": cpu_us,
                 "block_medians_ms": {t: runs[t].block_medians for t in TARGETS},
                 "slowest": {t: [{"at_s": a, "ms": round(v, 3)} for a, v in slow[t]] for t in TARGETS},
+                # every sample as [scheduled s into the run, ms], to see what the tails line up with
+                "samples": {
+                    t: [[a, round(v, 3)] for a, v in zip(runs[t].at_s, runs[t].latency_ms, strict=True)]
+                    for t in TARGETS
+                },
                 "new_connections": {t: runs[t].new_connections for t in TARGETS},
                 "tcp_table_after": table,
                 "broker_log_problems": problems,
