@@ -30,6 +30,7 @@ if str(HERE) not in sys.path:
 import benchlib as bl  # noqa: E402
 
 SCRIPTS = ("rest", "latency", "tls", "memory", "startup", "mcp")
+THROUGHPUT_STRETCH = 0.25  # broker req/s over nginx's on rest.py
 
 Row = dict[str, Any]  # script, measure, value, unit, goal ("-" when none), ok (None when no target)
 
@@ -60,8 +61,17 @@ def rest_rows(doc: dict[str, Any]) -> list[Row]:
         out.append(
             row("rest", f"wrk p50 / p99 {r['target']}", f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}", "ms")
         )
+    rounds = (doc.get("config") or {}).get("rounds", 1)
     for k, v in (doc.get("ratios_rps") or {}).items():
-        out.append(row("rest", f"req/s {k}", v, "x"))
+        if k == "broker/nginx" and v is not None:
+            # the stretch goal (Python against C): judged, and labelled a stretch
+            name = f"req/s broker/nginx (median of {rounds} rounds)"
+            goal = f">= {THROUGHPUT_STRETCH:g} x (stretch)"
+            out.append(row("rest", name, v, "x", goal, v >= THROUGHPUT_STRETCH))
+        else:
+            out.append(row("rest", f"req/s {k}", v, "x"))
+    if doc.get("broker_cpu_us_per_request") is not None:
+        out.append(row("rest", "broker CPU per request under wrk", doc["broker_cpu_us_per_request"], "µs"))
     rss = doc.get("rss") or {}
     if rss:
         out.append(row("rest", "RSS idle", rss.get("idle_mib"), "MiB"))
@@ -76,6 +86,8 @@ def latency_rows(doc: dict[str, Any]) -> list[Row]:
         for t in ("direct", "broker")
         if t in lat
     ]
+    if doc.get("broker_cpu_us_per_request") is not None:
+        out.append(row("latency", "broker CPU per request", doc["broker_cpu_us_per_request"], "µs"))
     return out + from_checks("latency", doc)
 
 

@@ -1,6 +1,6 @@
 """REST forwarding benchmark: the broker against nginx doing the same job, and against no proxy at all.
 
-    python bench/rest.py [--duration 5] [--connections 32] [--threads 2] [--json out.json]
+    python bench/rest.py [--duration 4] [--rounds 3] [--connections 32] [--threads 2] [--json out.json]
 
 What it starts, all on 127.0.0.1 and all inside one temporary directory removed on exit:
 
@@ -12,7 +12,10 @@ What it starts, all on 127.0.0.1 and all inside one temporary directory removed 
 * the broker (`agentcard-broker run`), one api_key route `/` -> "direct", keyring file backend in a
   temporary HOME, logging at warning level with the audit line off.
 
-Then wrk measures req/s and p50/p99 for direct, broker and nginx on /api/v1/cards, and the broker's
+Then wrk measures req/s and p50/p99 for direct, broker and nginx on /api/v1/cards, in `--rounds`
+rounds of one run per target (the order rotating), so a noisy minute of the machine lands in one
+round instead of in one target's only run; each target's row is its median round, the ratios are
+the median of the rounds' ratios (each round's shown too). Then the broker's
 RSS is read from /proc/PID/status idle, after the wrk runs and after streaming 200 MiB through it.
 
 The key is an obviously fake sk_test_ key; nothing leaves 127.0.0.1. On a 2-core machine wrk and
@@ -22,10 +25,12 @@ the server under test share the CPU: the numbers are what they are, compare them
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import re
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +43,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import benchlib as bl  # noqa: E402
+
+TARGETS = ("direct", "broker", "nginx")
 
 # ---------------------------------------------------------------- wrk
 
@@ -141,13 +148,23 @@ def summarize_problems(problems: list[dict[str, Any]], phases: list[tuple[str, f
 
 def parse_args() -> argparse.Namespace:
     p = bl.arg_parser(__doc__)
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run (default 4)")
+    p.add_argument("--rounds", type=int, default=3, help="wrk runs per target, interleaved (default 3)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of unrecorded wrk before each run")
     p.add_argument("--nginx-workers", type=int, default=1, help="nginx worker_processes (default 1)")
     bl.add_output_args(p)
-    return p.parse_args()
+    a = p.parse_args()
+    if a.rounds < 1 or a.duration <= 0:
+        p.error("--rounds must be at least 1 and --duration positive")
+    return a
+
+
+def median_result(target: str, runs: list[WrkResult]) -> WrkResult:
+    """The round with the median req/s stands for the target (its latencies come with it)."""
+    ranked = sorted(runs, key=lambda r: r.rps)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def main() -> int:
@@ -176,26 +193,37 @@ def main() -> int:
             print(f"note: broker reports pid {reported_pid}, spawned pid is {pid}", file=sys.stderr)
 
         bl.sanity(ports)
-        results: list[WrkResult] = []
+        rounds: list[dict[str, WrkResult]] = []
+        broker_cpu_s, broker_requests = 0.0, 0  # the broker's CPU over its own wrk runs
         phases: list[tuple[str, float, float]] = []
-        for target in ("direct", "broker", "nginx"):
-            url = f"http://{bl.HOST}:{ports[target]}{bl.BENCH_PATH}"
-            bl.sanity(ports)
-            if args.warmup > 0:
+        for n in range(args.rounds):
+            rounds.append({})
+            # the order rotates each round, so no target always runs right after the same one
+            for target in TARGETS[n % 3 :] + TARGETS[: n % 3]:
+                url = f"http://{bl.HOST}:{ports[target]}{bl.BENCH_PATH}"
+                bl.sanity(ports)
+                if args.warmup > 0 and n == 0:
+                    t0 = time.time()
+                    run_wrk(target, url, args, args.warmup)
+                    phases.append((f"wrk {target} warmup", t0, time.time()))
                 t0 = time.time()
-                run_wrk(target, url, args, args.warmup)
-                phases.append((f"wrk {target} warmup", t0, time.time()))
-            t0 = time.time()
-            res = run_wrk(target, url, args, args.duration)
-            phases.append((f"wrk {target}", t0, time.time()))
-            results.append(res)
-            errs = sum(res.socket_errors.values())
-            print(
-                f"  {target:<7} {res.rps:>10.0f} req/s  p50 {res.p50_ms:.2f} ms  p99 {res.p99_ms:.2f} ms"
-                + (f"  non-2xx {res.non_2xx}" if res.non_2xx else "")
-                + (f"  socket errors {res.socket_errors}" if errs else ""),
-                file=sys.stderr,
-            )
+                cpu0 = bl.cpu_seconds(pid)
+                res = run_wrk(target, url, args, args.duration)
+                cpu1 = bl.cpu_seconds(pid)
+                phases.append((f"wrk {target} round {n + 1}", t0, time.time()))
+                rounds[-1][target] = res
+                if target == "broker" and cpu0 is not None and cpu1 is not None:
+                    broker_cpu_s += cpu1 - cpu0
+                    broker_requests += res.requests
+                errs = sum(res.socket_errors.values())
+                print(
+                    f"  round {n + 1} {target:<7} {res.rps:>10.0f} req/s  p50 {res.p50_ms:.2f} ms  "
+                    f"p99 {res.p99_ms:.2f} ms"
+                    + (f"  non-2xx {res.non_2xx}" if res.non_2xx else "")
+                    + (f"  socket errors {res.socket_errors}" if errs else ""),
+                    file=sys.stderr,
+                )
+        results = [median_result(t, [r[t] for r in rounds]) for t in TARGETS]
         if broker.poll() is not None:
             raise RuntimeError(f"broker died during wrk (code {broker.returncode}):\n{bl.tail(broker_log)}")
         time.sleep(0.5)
@@ -210,11 +238,14 @@ def main() -> int:
             raise RuntimeError(f"broker died during the 200 MiB stream:\n{bl.tail(broker_log)}")
         bl.sanity(ports)  # still serving afterwards
 
-        by = {r.target: r for r in results}
-        ratios = {
-            "broker/nginx": round(by["broker"].rps / by["nginx"].rps, 3) if by["nginx"].rps else None,
-            "broker/direct": round(by["broker"].rps / by["direct"].rps, 3) if by["direct"].rps else None,
+        # each round's ratio is of two runs a few seconds apart; the median round's is reported
+        per_round = {
+            f"broker/{other}": [r["broker"].rps / r[other].rps if r[other].rps else math.nan for r in rounds]
+            for other in ("nginx", "direct")
         }
+        ratios = {k: round(statistics.median(v), 3) for k, v in per_round.items()}
+        # CPU time, unlike req/s, does not count the moments the broker waited for a CPU
+        cpu_us = round(broker_cpu_s * 1e6 / broker_requests, 1) if broker_requests else None
         rss = {
             "idle_mib": bl.mib(rss_idle["VmRSS"]),
             "after_wrk_mib": bl.mib(rss_after_wrk["VmRSS"]),
@@ -229,6 +260,7 @@ def main() -> int:
         print()
         print(
             f"agentcard-broker REST bench: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
+            f"x {args.rounds} rounds (median round shown) "
             f"GET {bl.BENCH_PATH} ({os.cpu_count()} CPUs, nginx workers {args.nginx_workers})"
         )
         print()
@@ -246,7 +278,13 @@ def main() -> int:
         print()
         print("direct = nginx fast upstream, no proxy; nginx = nginx proxy injecting the header")
         for k, v in ratios.items():
-            print(f"req/s {k:<14} {v:.3f}" if v is not None else f"req/s {k:<14} n/a")
+            each = ", ".join(f"{x:.3f}" for x in per_round[k])
+            print(f"req/s {k:<14} {v:.3f}  (median of {args.rounds} rounds: {each})")
+        if cpu_us is not None:
+            print(
+                f"broker CPU per request under wrk: {cpu_us:.1f} µs (user + system, "
+                f"{broker_cpu_s:.2f} s over {broker_requests} requests)"
+            )
         print()
         print(f"broker RSS (pid {pid}, /proc VmRSS)")
         print(f"  idle after start        {rss['idle_mib']:>8.1f} MiB")
@@ -267,6 +305,7 @@ def main() -> int:
             {
                 "config": {
                     "duration_s": args.duration,
+                    "rounds": args.rounds,
                     "connections": args.connections,
                     "threads": args.threads,
                     "warmup_s": args.warmup,
@@ -276,7 +315,13 @@ def main() -> int:
                     "python": platform.python_version(),
                 },
                 "results": [{k: v for k, v in asdict(r).items() if k != "raw"} for r in results],
+                "rounds": [
+                    {t: {k: v for k, v in asdict(r).items() if k != "raw"} for t, r in rnd.items()}
+                    for rnd in rounds
+                ],
                 "ratios_rps": ratios,
+                "ratios_rps_per_round": {k: [round(x, 3) for x in v] for k, v in per_round.items()},
+                "broker_cpu_us_per_request": cpu_us,
                 "rss": rss,
                 "stream_200mib": big,
                 "broker_log_problems": problems,
