@@ -40,6 +40,8 @@ from broker.secrets import SecretStore, open_store
 log = structlog.get_logger("broker")
 JSONRPC_PEEK_BYTES = 1024 * 1024
 WATCH_AFTER_S = 1.0  # the config watcher starts this long after READY
+WATCH_STEP_MS = 500  # the watcher thread's wake-up period: an edit applies within about a second
+WATCH_FALLBACK_S = 5.0  # between stamp comparisons, for file systems without inotify
 STATUS_WAIT_S = 5.0  # status and metrics wait this long at most for start-up's credential read
 OAUTH_DISCOVERY = re.compile(
     r"/\.well-known/(oauth-protected-resource|oauth-authorization-server|openid-configuration)", re.IGNORECASE
@@ -391,9 +393,10 @@ def file_stamp(path: str) -> tuple[int, int, int] | None:
 async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
     """Reload when the config file changes (editors that save by rename included).
 
-    File events do the work; a once-a-second stamp comparison catches what events cannot (an
-    edit made before the watcher was up, file systems without inotify).
-    """
+    File events do the work. A stamp comparison catches what events cannot: once as the watcher
+    starts (an edit made since start-up), then every WATCH_FALLBACK_S (file systems without
+    inotify). An idle broker wakes about twice a second for all this (watchfiles' default
+    step of 50 ms and a 1 s fallback made it 22 context switches a second: laptops notice)."""
     # Importing watchfiles (and anyio) blocks the loop for ~0.1 s: not while the first agents
     # and health checks arrive. An edit made meanwhile is caught by the first stamp comparison.
     with contextlib.suppress(TimeoutError):
@@ -417,14 +420,17 @@ async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
     def only_config(_change: watchfiles.Change, changed: str) -> bool:
         return Path(changed).name == name
 
+    if file_stamp(rt.config_path) != rt.config_stamp:
+        await rt.reload(reason="file_changed")
     try:
         async for changes in watchfiles.awatch(
             path.parent,
             watch_filter=only_config,
             stop_event=stop,
             debounce=200,
+            step=WATCH_STEP_MS,  # how often its thread wakes (and how long changes must rest)
             recursive=False,
-            rust_timeout=1000,
+            rust_timeout=int(WATCH_FALLBACK_S * 1000),
             yield_on_timeout=True,
         ):
             if changes or file_stamp(rt.config_path) != rt.config_stamp:

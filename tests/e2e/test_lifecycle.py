@@ -124,6 +124,31 @@ async def test_reload_with_requests_in_flight(how: str, upstream: Upstream, daem
     assert upstream.seen[-1].headers["Authorization"] == f"Bearer {TEST_KEY}"  # the old route's key kept
 
 
+@pytest.mark.parametrize("when", ["before_the_watcher", "after_the_watcher"])
+async def test_an_edit_in_place_is_applied_without_a_signal(
+    when: str, upstream: Upstream, daemon_factory: Any
+) -> None:
+    # before: an edit in the second between ready and the watcher starting, found by the stamp
+    # comparison the watcher makes as it starts; after: an in-place write, found by its event
+    store_key(TEST_KEY)
+    store_key(TEST_KEY + "new", "new")
+    d: DaemonProc = daemon_factory(api_config(upstream.url))
+    await d.start()
+    if when == "after_the_watcher":
+        await asyncio.sleep(2.0)  # WATCH_AFTER_S is 1 s
+    mark = len(d.events())
+    new = yaml.safe_load(d.config.read_text())
+    new["routes"].insert(
+        0, {"name": "new", "prefix": "/new", "upstream": upstream.url + "/v9", "auth": {"type": "api_key"}}
+    )
+    d.config.write_text(yaml.safe_dump(new))
+    ev = await d.wait_for_event("config.reloaded", after=mark)
+    assert ev["reason"] == "file_changed" and ev["routes"][0] == "new"
+    status, _ = await get(d.url + "/new/cards")
+    assert status == 200
+    assert upstream.seen[-1].raw_path == "/v9/cards"
+
+
 async def test_invalid_edit_by_rename_keeps_old_config(upstream: Upstream, daemon_factory: Any) -> None:
     store_key(TEST_KEY)
     d: DaemonProc = daemon_factory(api_config(upstream.url))
