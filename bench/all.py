@@ -83,9 +83,15 @@ def latency_rows(doc: dict[str, Any]) -> list[Row]:
     lat = doc.get("latency_ms") or {}
     out = [
         row("latency", f"{t} p50 / p99", f"{lat[t]['p50']:.3f} / {lat[t]['p99']:.3f}", "ms")
-        for t in ("direct", "broker")
+        for t in ("direct", "broker", "nginx")
         if t in lat
     ]
+    by_nginx = doc.get("added_by_nginx_ms") or {}
+    if "p99" in by_nginx:
+        value = f"+{by_nginx['p50']:.3f} / +{by_nginx['p99']:.3f}"
+        out.append(row("latency", "added by nginx (reference) p50 / p99", value, "ms"))
+    if doc.get("steal_fraction") is not None:
+        out.append(row("latency", "steal time while measuring", round(doc["steal_fraction"] * 100, 1), "%"))
     if doc.get("broker_cpu_us_per_request") is not None:
         out.append(row("latency", "broker CPU per request", doc["broker_cpu_us_per_request"], "µs"))
     return out + from_checks("latency", doc)

@@ -125,6 +125,24 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def machine_cpu_ticks() -> list[int] | None:
+    """The machine's CPU time by kind (the `cpu` line of /proc/stat: user nice system idle iowait
+    irq softirq steal ...), None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_fraction(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of CPU time a hypervisor gave to others between two machine_cpu_ticks()."""
+    if before is None or after is None or len(before) < 8 or len(after) < 8:
+        return None
+    total = sum(after[:8]) - sum(before[:8])
+    return round((after[7] - before[7]) / total, 4) if total > 0 else None
+
+
 def mib(kib: int) -> float:
     return round(kib / 1024, 1)
 

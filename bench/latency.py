@@ -1,30 +1,35 @@
-"""Added-latency benchmark: the broker at a fixed, moderate request rate, against no proxy at all.
+"""Added-latency benchmark: the broker at a fixed, moderate request rate, against no proxy at all
+and against nginx doing the same hop.
 
     python bench/latency.py [--rate 200] [--duration 20] [--block 0] [--json out.json]
 
 What it starts, all on 127.0.0.1 and inside one temporary directory removed on exit: the nginx of
-rest.py ("direct", the fast upstream answering `{"ok":true}`) and the broker (one api_key route `/`
--> direct, keyring file backend in a temporary HOME, a fake sk_test_ key, warning-level log).
+rest.py ("direct", the fast upstream answering `{"ok":true}`, and "nginx", a keep-alive proxy to it
+injecting the same header: the reference), and the broker (one api_key route `/` -> direct, keyring
+file backend in a temporary HOME, a fake sk_test_ key, warning-level log).
 
 The load is open-loop: request i is started at t0 + i/rate whether or not earlier ones are done
-(no coordinated omission from waiting on slow answers), at a rate far below what either target
-saturates at. The schedule alternates between direct and broker request by request (each at
-`--rate`, so 2 x rate in all), so a stall of the machine (this VM's neighbours take the CPU for
-tens of ms at a time) delays the requests of both alike: with 1-second blocks, as this script had,
-one 40 ms stall in a broker block made ~8 slow broker requests and moved the broker's p99 alone.
-`--block S` brings the blocks back (S seconds of one target, then S of the other, for comparison).
-Each target has its own aiohttp ClientSession (keep-alive). Latency
-is from just before the request is sent until its whole body is read; how late each request started
-against its schedule is reported too (the client's own lag, the same for both targets).
+(no coordinated omission from waiting on slow answers), at a rate far below what any target
+saturates at. The targets take turns request by request (each at `--rate`, so 3 x rate in all),
+so a stall of the machine (this VM's neighbours take the CPU for tens of ms at a time) delays the
+requests of all alike: with 1-second blocks, as this script had, one 40 ms stall in a broker block
+made ~8 slow broker requests and moved the broker's p99 alone. `--block S` brings the blocks back
+(S seconds of each target in turn, for comparison). Each target has its own aiohttp ClientSession
+(keep-alive). Latency is from just before the request is sent until its whole body is read; how
+late each request started against its schedule is reported too (the client's own lag, the same
+for all targets), and so is the machine's steal time while measuring: the CPU time the hypervisor
+gave to other guests, which is what this VM's noise mostly is.
 
-Added = broker - direct at p50 and p99. Targets: added p50 < 0.5 ms, added p99 < 2 ms.
-On a small machine the client, nginx and the broker share the CPUs: compare the two columns.
+Added = target - direct at p50 and p99. Targets: the broker's added p50 < 0.5 ms, added p99 < 2 ms.
+nginx's added latency is printed beside it: a proxy hop's share of the machine's noise, in C.
+On a small machine the client, nginx and the broker share the CPUs: compare the columns.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import statistics
@@ -41,7 +46,8 @@ if str(HERE) not in sys.path:
 import aiohttp  # noqa: E402
 import benchlib as bl  # noqa: E402
 
-TARGETS = ("direct", "broker")
+TARGETS = ("direct", "broker", "nginx")  # nginx: the same hop done in C, for reference
+PROXIES = TARGETS[1:]
 ADDED_P50_TARGET_MS = 0.5
 ADDED_P99_TARGET_MS = 2.0
 
@@ -105,25 +111,26 @@ async def open_loop(schedule: list[tuple[str, int]], rate: float, start: Starter
 def make_schedule(rate: float, duration: float, block: float) -> list[tuple[str, int]]:
     """(target, block number) per request, `rate` requests/s per target for `duration` seconds.
 
-    block 0: direct and broker alternate request by request (a block is one request); else blocks
-    of `block` seconds alternate. Even block numbers are direct's, odd ones the broker's."""
+    block 0: the targets take turns request by request (a block is one request); else blocks of
+    `block` seconds take turns. Block b is TARGETS[b % len(TARGETS)]'s."""
+    n = len(TARGETS)
     if block == 0:
-        return [(TARGETS[i % 2], i) for i in range(2 * max(1, round(rate * duration)))]
+        return [(TARGETS[i % n], i) for i in range(n * max(1, round(rate * duration)))]
     per_block = max(1, round(rate * block))
-    total = max(2 * per_block, round(rate * duration))
-    return [(TARGETS[(i // per_block) % 2], i // per_block) for i in range(total)]
+    total = max(n * per_block, round(rate * duration))
+    return [(TARGETS[(i // per_block) % n], i // per_block) for i in range(total)]
 
 
 def schedule_rate(rate: float, block: float) -> float:
-    """Requests/s of the whole schedule: both targets at once when they alternate per request."""
-    return 2 * rate if block == 0 else rate
+    """Requests/s of the whole schedule: every target at once when they take turns per request."""
+    return len(TARGETS) * rate if block == 0 else rate
 
 
 async def measure(
     args: argparse.Namespace, ports: dict[str, int], broker_pid: int
-) -> tuple[dict[str, Run], list[float], float | None]:
-    """Samples per target, the (broker - direct) differences of neighbouring block medians, and
-    the broker's CPU seconds while measuring."""
+) -> tuple[dict[str, Run], dict[str, list[float]], float | None, float | None]:
+    """Samples per target, each proxy's (proxy - direct) differences of neighbouring block
+    medians, the broker's CPU seconds while measuring, and the machine's steal fraction."""
     urls = {t: f"http://{bl.HOST}:{ports[t]}{bl.BENCH_PATH}" for t in TARGETS}
     timeout = aiohttp.ClientTimeout(total=10)
     runs = {t: Run() for t in TARGETS}
@@ -142,8 +149,8 @@ async def measure(
         connector = aiohttp.TCPConnector(limit=0)
         return aiohttp.ClientSession(timeout=timeout, connector=connector, trace_configs=[counter(target)])
 
-    async with session("direct") as s_direct, session("broker") as s_broker:
-        sessions = {"direct": s_direct, "broker": s_broker}
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = {t: await stack.enter_async_context(session(t)) for t in TARGETS}
 
         # warm-up, not recorded: open the keep-alive connections (client -> broker -> nginx) at the rate
         async def untracked(target: str, _blk: int, scheduled: float) -> None:
@@ -161,17 +168,18 @@ async def measure(
             await one_request(sessions[target], urls[target], scheduled, per_block.setdefault(blk, Run()))
 
         measuring = True
-        cpu_before = bl.cpu_seconds(broker_pid)
+        cpu_before, machine_before = bl.cpu_seconds(broker_pid), bl.machine_cpu_ticks()
         t_begin = asyncio.get_running_loop().time()
         await open_loop(
             make_schedule(args.rate, args.duration, args.block),
             schedule_rate(args.rate, args.block),
             tracked,
         )
-        cpu_after = bl.cpu_seconds(broker_pid)
+        cpu_after, machine_after = bl.cpu_seconds(broker_pid), bl.machine_cpu_ticks()
         cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+        steal = bl.steal_fraction(machine_before, machine_after)
         for blk, r in sorted(per_block.items()):
-            target = TARGETS[blk % 2]
+            target = TARGETS[blk % len(TARGETS)]
             runs[target].latency_ms += r.latency_ms
             runs[target].lag_ms += r.lag_ms
             runs[target].at_s += [round(t - t_begin, 3) for t in r.at_s]
@@ -179,10 +187,14 @@ async def measure(
                 runs[target].failures[k] = runs[target].failures.get(k, 0) + v
             if r.latency_ms:
                 runs[target].block_medians.append(bl.summarize_ms(r.latency_ms)["p50"])
-        # block 2k (direct) and 2k+1 (broker) ran next to each other: a pair when both have samples
+        # blocks 3k (direct), 3k+1 (broker), 3k+2 (nginx) ran next to each other
         medians = {b: bl.summarize_ms(r.latency_ms)["p50"] for b, r in per_block.items() if r.latency_ms}
-        paired = [medians[b + 1] - medians[b] for b in medians if b % 2 == 0 and b + 1 in medians]
-        return runs, paired, cpu
+        paired = {
+            t: [medians[b + i] - medians[b] for b in medians if b % len(TARGETS) == 0 and b + i in medians]
+            for i, t in enumerate(TARGETS)
+            if i
+        }
+        return runs, paired, cpu, steal
 
 
 def alternation(args: argparse.Namespace) -> str:
@@ -223,7 +235,7 @@ def main() -> int:
             f"open loop at {args.rate:g} req/s per target for {args.duration:g}s, {alternation(args)} ...",
             file=sys.stderr,
         )
-        runs, pair_diffs, broker_cpu_s = asyncio.run(measure(args, ports, broker.pid))
+        runs, pair_diffs, broker_cpu_s, steal = asyncio.run(measure(args, ports, broker.pid))
         n_broker = len(runs["broker"].latency_ms) + sum(runs["broker"].failures.values())
         cpu_us = round(broker_cpu_s * 1e6 / n_broker, 1) if broker_cpu_s is not None and n_broker else None
         if broker.poll() is not None:
@@ -244,10 +256,13 @@ def main() -> int:
         }
         if any(res[t].get("n", 0) == 0 for t in TARGETS):
             raise RuntimeError(f"no successful requests for a target; failures: {fails}")
-        added = {q: round(res["broker"][q] - res["direct"][q], 4) for q in ("p50", "p90", "p99", "mean")}
-        added["median_of_block_median_diffs"] = (
-            round(statistics.median(pair_diffs), 4) if pair_diffs else None
-        )
+        quantiles = ("p50", "p90", "p99", "mean")
+        added_by = {t: {q: round(res[t][q] - res["direct"][q], 4) for q in quantiles} for t in PROXIES}
+        for t in PROXIES:
+            added_by[t]["median_of_block_median_diffs"] = (
+                round(statistics.median(pair_diffs[t]), 4) if pair_diffs[t] else None
+            )
+        added = added_by["broker"]
 
         print()
         print(
@@ -272,15 +287,23 @@ def main() -> int:
             for t, s in res.items()
         )
         print()
-        print(
-            f"added by the broker: p50 {added['p50']:+.3f} ms, p90 {added['p90']:+.3f} ms, "
-            f"p99 {added['p99']:+.3f} ms, mean {added['mean']:+.3f} ms"
-        )
-        if added["median_of_block_median_diffs"] is not None:
+        for t in PROXIES:
+            a = added_by[t]
             print(
-                f"  paired: median over {len(pair_diffs)} neighbouring pairs of (broker - direct) "
-                f"{'request latencies' if not args.block else 'block medians'} "
-                f"{added['median_of_block_median_diffs']:+.3f} ms"
+                f"added by {'the broker' if t == 'broker' else t + ' (reference)'}: p50 {a['p50']:+.3f} ms, "
+                f"p90 {a['p90']:+.3f} ms, p99 {a['p99']:+.3f} ms, mean {a['mean']:+.3f} ms"
+            )
+            if a["median_of_block_median_diffs"] is not None:
+                print(
+                    f"  paired: median over {len(pair_diffs[t])} neighbouring pairs of ({t} - direct) "
+                    f"{'request latencies' if not args.block else 'block medians'} "
+                    f"{a['median_of_block_median_diffs']:+.3f} ms"
+                )
+        if steal is not None:
+            print(
+                f"CPU time the hypervisor took from this VM while measuring (steal): {steal * 100:.1f}% "
+                "(each wait for a CPU lands in a request's latency; the broker's path has two more "
+                "process wake-ups than direct's, nginx's too)"
             )
         if cpu_us is not None:
             print(f"broker CPU per request at this rate: {cpu_us:.1f} µs (user + system over the run)")
@@ -323,6 +346,8 @@ def main() -> int:
                 "lag_ms": lag,
                 "failures": fails,
                 "added_ms": added,
+                "added_by_nginx_ms": added_by["nginx"],
+                "steal_fraction": steal,
                 "broker_cpu_us_per_request": cpu_us,
                 "block_medians_ms": {t: runs[t].block_medians for t in TARGETS},
                 "slowest": {t: [{"at_s": a, "ms": round(v, 3)} for a, v in slow[t]] for t in TARGETS},
