@@ -1,6 +1,6 @@
 """A/B: the broker's CPU per request and req/s, this checkout against another commit, interleaved.
 
-    python bench/ab.py [--base HEAD] [--rounds 6] [--duration 3] [--json out.json]
+    python bench/ab.py [--base HEAD] [--rounds 6] [--duration 3] [--rate R] [--json out.json]
 
 For a change to the forwarding path: is it cheaper? On a noisy machine two bench/all.py runs an
 hour apart cannot tell a 5% change from the machine's mood, so this runs both versions at once.
@@ -9,7 +9,9 @@ of `--base` (removed on exit too), rest.py's nginx ("direct", the fast upstream)
 on the same config shape (one api_key route `/` -> direct, the fake sk_test_ key, keyring file
 backend, warning-level log): "base" runs the worktree's broker/ (PYTHONPATH), "this" runs this
 checkout's. wrk then alternates between them, `--rounds` runs each, A/B then B/A, and each run
-reads the broker's CPU time (user + system, /proc) over the requests it served.
+reads the broker's CPU time (user + system, /proc) over the requests it served. With `--rate R`
+an open-loop client at R requests/s per version replaces wrk, the two versions taking turns
+request by request: the cold-cache cost that tail latency pays for.
 
 Reported: per version, the median over rounds of CPU µs per request and of req/s, and the median
 of the per-round ratios (this / base). CPU time is the steadier figure: it does not count time
@@ -20,10 +22,12 @@ failed; no target is judged here.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,54 @@ def git(*args: str) -> str:
     return done.stdout.strip()
 
 
+async def paced(ports: dict[str, int], rate: float, seconds: float) -> dict[str, list[float]]:
+    """Open loop at `rate` requests/s per version, the two taking turns request by request, one
+    keep-alive connection each; the latency (ms) of every answer by version."""
+    streams = {v: await asyncio.open_connection(bl.HOST, ports[v]) for v in VERSIONS}
+    latency: dict[str, list[float]] = {v: [] for v in VERSIONS}
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for i in range(round(2 * rate * seconds)):
+        delay = t0 + i / (2 * rate) - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        v = VERSIONS[i % 2]
+        reader, writer = streams[v]
+        started = time.perf_counter()
+        writer.write(f"GET {bl.BENCH_PATH} HTTP/1.1\r\nHost: {bl.HOST}:{ports[v]}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200 "):
+            raise RuntimeError(f"{v} answered {head[:40]!r}")
+        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        await reader.readexactly(length)
+        latency[v].append((time.perf_counter() - started) * 1000)
+    for _, writer in streams.values():
+        writer.close()
+    return latency
+
+
+def paced_round(
+    n: int,
+    args: argparse.Namespace,
+    ports: dict[str, int],
+    brokers: dict[str, Any],
+    samples: dict[str, list[dict[str, float]]],
+) -> None:
+    cpu0 = {v: bl.cpu_seconds(brokers[v].pid) for v in VERSIONS}
+    latency = asyncio.run(paced(ports, args.rate, args.duration if n else 1.0))
+    cpu1 = {v: bl.cpu_seconds(brokers[v].pid) for v in VERSIONS}
+    if not n:
+        return
+    for v in VERSIONS:
+        c0, c1 = cpu0[v], cpu1[v]
+        if c0 is None or c1 is None:
+            continue
+        us = (c1 - c0) * 1e6 / len(latency[v])
+        p50 = statistics.median(latency[v])
+        samples[v].append({"cpu_us": us, "p50_ms": p50})
+        print(f"  round {n} {v:<4} p50 {p50:6.3f} ms  {us:6.1f} µs CPU/request", file=sys.stderr)
+
+
 def parse_args() -> argparse.Namespace:
     p = bl.arg_parser(__doc__)
     p.add_argument("--base", default="HEAD", help="the commit to compare against (default HEAD)")
@@ -51,6 +103,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="instead of wrk, an open loop at this many requests/s per version, taking turns "
+        "(at 200 every request meets cold caches: CPU per request is several times wrk's)",
+    )
     bl.add_output_args(p)
     a = p.parse_args()
     if a.rounds < 1 or a.duration <= 0:
@@ -86,6 +145,9 @@ def main() -> int:
                 brokers[v] = run.stop_on_exit(bl.start_broker(cfg, env, ports[v], vdir / "broker.log"), v)
             samples: dict[str, list[dict[str, float]]] = {v: [] for v in VERSIONS}
             for n in range(args.rounds + 1):  # round 0 warms both up, unrecorded
+                if args.rate:
+                    paced_round(n, args, ports, brokers, samples)
+                    continue
                 for v in VERSIONS if n % 2 else VERSIONS[::-1]:
                     url = f"http://{bl.HOST}:{ports[v]}{bl.BENCH_PATH}"
                     pid = brokers[v].pid
@@ -110,35 +172,42 @@ def main() -> int:
         def med(v: str, k: str) -> float:
             return statistics.median(s[k] for s in samples[v])
 
+        second = "p50_ms" if args.rate else "rps"  # the latency at a fixed rate, else req/s
         ratios = {
             k: statistics.median(t[k] / b[k] for b, t in zip(samples["base"], samples["this"], strict=True))
-            for k in ("cpu_us", "rps")
+            for k in ("cpu_us", second)
         }
         head = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--", "broker").splitlines()
         this = f"{head}" + (f" + {len(dirty)} uncommitted file(s) under broker/" if dirty else "")
-        print()
-        print(
-            f"agentcard-broker A/B: base {base_commit} vs this checkout ({this}); wrk -t{args.threads} "
-            f"-c{args.connections}, {args.rounds} x {args.duration:g}s each, interleaved"
+        load = (
+            f"open loop {args.rate:g} req/s each, taking turns"
+            if args.rate
+            else f"wrk -t{args.threads} -c{args.connections}"
         )
         print()
-        bl.Table(("version", "<7"), ("CPU µs/request", ">14.1f"), ("req/s", ">9.0f"), ruled=True).print_all(
-            (v, med(v, "cpu_us"), med(v, "rps")) for v in VERSIONS
+        print(
+            f"agentcard-broker A/B: base {base_commit} vs this checkout ({this}); {load}, "
+            f"{args.rounds} x {args.duration:g}s, interleaved"
+        )
+        print()
+        fmt = (">9.3f", "p50 ms") if args.rate else (">9.0f", "req/s")
+        bl.Table(("version", "<7"), ("CPU µs/request", ">14.1f"), (fmt[1], fmt[0]), ruled=True).print_all(
+            (v, med(v, "cpu_us"), med(v, second)) for v in VERSIONS
         )
         print()
         print(
             f"this / base, median of per-round ratios: CPU per request {ratios['cpu_us']:.3f}, "
-            f"req/s {ratios['rps']:.3f}"
+            f"{fmt[1]} {ratios[second]:.3f}"
         )
         bl.write_json(
             args.json,
             {
                 "base": base_commit,
                 "this": this,
-                "config": {"rounds": args.rounds, "duration_s": args.duration},
+                "config": {"rounds": args.rounds, "duration_s": args.duration, "rate": args.rate or None},
                 "samples": samples,
-                "median": {v: {"cpu_us": med(v, "cpu_us"), "rps": med(v, "rps")} for v in VERSIONS},
+                "median": {v: {"cpu_us": med(v, "cpu_us"), second: med(v, second)} for v in VERSIONS},
                 "ratio_this_over_base": ratios,
             },
         )
