@@ -14,7 +14,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -186,6 +186,9 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     log: LogConfig = field(default_factory=LogConfig)
     lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # the file's version as it was before load() read it (None when not loaded from a file): an
+    # edit made after that is a change to apply, however soon it came
+    stamp: tuple[int, int, int] | None = field(default=None, compare=False, hash=False, repr=False)
 
     def state_path(self) -> Path:
         """Where the daemon keeps state (file secret store, budgets): config or platform default."""
@@ -882,6 +885,7 @@ def check_file_safety(path: Path) -> list[ConfigIssue]:
 def load(path: Path) -> Config:
     """Read and check the config at `path`. Raises ConfigError listing every problem."""
     spath = str(path)
+    stamp = file_stamp(spath)  # before reading: an edit racing the read is seen as a change
     issues = check_file_safety(path)
     if issues:
         raise ConfigError(spath, issues)
@@ -895,4 +899,13 @@ def load(path: Path) -> Config:
     cfg = build_config(data, lines, spath, issues)
     if cfg is None:
         raise ConfigError(spath, issues)
-    return cfg
+    return replace(cfg, stamp=stamp)
+
+
+def file_stamp(path: str) -> tuple[int, int, int] | None:
+    """What identifies one version of a file: inode, mtime, size (a rename-save changes the inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -27,7 +27,7 @@ import structlog
 from broker import admin, agents, guard, heap, logs, peers, proxy, upstream
 from broker import config as config_mod
 from broker.auth import Credential, make_credential
-from broker.config import Config, ConfigError, Listen
+from broker.config import Config, ConfigError, Listen, file_stamp
 from broker.errors import BrokerError, error_response
 from broker.logs import safe_path
 from broker.metrics import Metrics
@@ -70,7 +70,8 @@ class Runtime:
         self, config: Config, secrets: SecretSet | None = None, store: SecretStore | None = None
     ) -> None:
         self.config_path = config.path
-        self.config_stamp = file_stamp(config.path)  # the version of the file in force or refused
+        # the version of the file in force or refused: as load() found it before reading it
+        self.config_stamp = config.stamp if config.stamp is not None else file_stamp(config.path)
         self.snapshot = Snapshot(config)
         self.config_error: str | None = None
         self.secrets = secrets if secrets is not None else SecretSet()
@@ -381,15 +382,6 @@ def _bound_addresses(server: agents.AgentServer) -> list[str]:
     return out
 
 
-def file_stamp(path: str) -> tuple[int, int, int] | None:
-    """What identifies one version of a file: inode, mtime, size (a rename-save changes the inode)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
 async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
     """Reload when the config file changes (editors that save by rename included).
 
@@ -420,9 +412,9 @@ async def _watch_config(rt: Runtime, stop: asyncio.Event) -> None:
     def only_config(_change: watchfiles.Change, changed: str) -> bool:
         return Path(changed).name == name
 
-    if file_stamp(rt.config_path) != rt.config_stamp:
-        await rt.reload(reason="file_changed")
     try:
+        if file_stamp(rt.config_path) != rt.config_stamp:  # an edit made since start-up
+            await rt.reload(reason="file_changed")
         async for changes in watchfiles.awatch(
             path.parent,
             watch_filter=only_config,

@@ -19,6 +19,7 @@ from broker.config import (
     Listen,
     OAuthAuth,
     SecretRef,
+    file_stamp,
     find_config,
     load,
 )
@@ -144,6 +145,20 @@ def test_valid_text_config_remembers_lines(cfg_path: Path) -> None:
     assert cfg.line_of("routes[1].auth.key") == 14
     assert cfg.route("api") is cfg.routes[1]
     assert cfg.route("nope") is None
+
+
+def test_a_config_remembers_the_file_version_it_was_read_from(cfg_path: Path) -> None:
+    # the daemon compares this stamp with the file's when its watcher starts: an edit made
+    # after the read (during start-up's imports, say) is then applied, not taken as current
+    cfg = load(write_text(cfg_path, VALID))
+    assert cfg.stamp is not None and cfg.stamp == file_stamp(str(cfg_path))
+    write_text(cfg_path, VALID + "\n# edited\n")
+    assert file_stamp(str(cfg_path)) != cfg.stamp
+    assert load(cfg_path) == cfg  # the stamp is not part of what the config says
+
+    from broker.server import Runtime
+
+    assert Runtime(cfg).config_stamp == cfg.stamp  # not the edited file's: the edit is pending
 
 
 # ---------------------------------------------------------------- unknown keys and types
