@@ -10,8 +10,10 @@ on the same config shape (one api_key route `/` -> direct, the fake sk_test_ key
 backend, warning-level log): "base" runs the worktree's broker/ (PYTHONPATH), "this" runs this
 checkout's. wrk then alternates between them, `--rounds` runs each, A/B then B/A, and each run
 reads the broker's CPU time (user + system, /proc) over the requests it served. With `--rate R`
-an open-loop client at R requests/s per version replaces wrk, the two versions taking turns
-request by request: the cold-cache cost that tail latency pays for.
+a paced client at R requests/s per version replaces wrk, the two versions taking turns request
+by request on one connection each (a request waits for the previous answer, so a slow answer
+delays the next few: fine for CPU per request, which is what this is for, not for latency): the
+cold-cache cost that tail latency pays for.
 
 Reported: per version, the median over rounds of CPU µs per request and of req/s, and the median
 of the per-round ratios (this / base). CPU time is the steadier figure: it does not count time
@@ -49,8 +51,8 @@ def git(*args: str) -> str:
 
 
 async def paced(ports: dict[str, int], rate: float, seconds: float) -> dict[str, list[float]]:
-    """Open loop at `rate` requests/s per version, the two taking turns request by request, one
-    keep-alive connection each; the latency (ms) of every answer by version."""
+    """Paced at `rate` requests/s per version, the two taking turns request by request, one
+    keep-alive connection each, each request after the previous answer; every latency (ms)."""
     streams = {v: await asyncio.open_connection(bl.HOST, ports[v]) for v in VERSIONS}
     latency: dict[str, list[float]] = {v: [] for v in VERSIONS}
     loop = asyncio.get_running_loop()
@@ -107,7 +109,7 @@ def parse_args() -> argparse.Namespace:
         "--rate",
         type=float,
         default=0.0,
-        help="instead of wrk, an open loop at this many requests/s per version, taking turns "
+        help="instead of wrk, a paced client at this many requests/s per version, taking turns "
         "(at 200 every request meets cold caches: CPU per request is several times wrk's)",
     )
     bl.add_output_args(p)
@@ -181,7 +183,7 @@ def main() -> int:
         dirty = git("status", "--porcelain", "--", "broker").splitlines()
         this = f"{head}" + (f" + {len(dirty)} uncommitted file(s) under broker/" if dirty else "")
         load = (
-            f"open loop {args.rate:g} req/s each, taking turns"
+            f"paced {args.rate:g} req/s each, taking turns"
             if args.rate
             else f"wrk -t{args.threads} -c{args.connections}"
         )

@@ -5,7 +5,8 @@
 Runs rest.py, latency.py, tls.py, memory.py, startup.py and mcp.py one after the other, each as a
 subprocess of this interpreter with `--json` to a temporary file (their own output is shown as they
 run), then reads those files. Measures without a target are listed with "-". Exit 0 when every
-script ran and every target was met, 1 otherwise. Run from the repository root.
+script ran and every target was met (the throughput stretch goal is shown, not counted), 1
+otherwise. Run from the repository root.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def latency_rows(doc: dict[str, Any]) -> list[Row]:
     ]
     by_nginx = doc.get("added_by_nginx_ms") or {}
     if "p99" in by_nginx:
-        value = f"+{by_nginx['p50']:.3f} / +{by_nginx['p99']:.3f}"
+        value = f"{by_nginx['p50']:+.3f} / {by_nginx['p99']:+.3f}"
         out.append(row("latency", "added by nginx (reference) p50 / p99", value, "ms"))
     if doc.get("steal_fraction") is not None:
         out.append(row("latency", "steal time while measuring", round(doc["steal_fraction"] * 100, 1), "%"))
@@ -288,11 +289,16 @@ def main() -> int:
         ruled=True,
     )
     table.print_all(cells)
-    targets = [r for r in rows if r["ok"] is not None]
+    stretch = [r for r in rows if r["ok"] is not None and "(stretch)" in r["goal"]]
+    targets = [r for r in rows if r["ok"] is not None and r not in stretch]
     failed = [r for r in targets if not r["ok"]]
     print()
-    print(f"targets: {len(targets) - len(failed)} met, {len(failed)} missed")
-    for r in failed:
+    print(
+        f"targets: {len(targets) - len(failed)} met, {len(failed)} missed"
+        + "".join(f"; stretch goal {'met' if r['ok'] else 'missed'}" for r in stretch)
+        + " (a stretch goal does not set the exit code)"
+    )
+    for r in failed + [r for r in stretch if not r["ok"]]:
         print(f"  MISSED {r['script']}: {r['measure']} = {fmt(r['value'], r['unit'])} (target {r['goal']})")
     bl.write_json(args.json, {"runs": runs, "summary": rows, "results": docs})
     return 1 if failed or any(r["exit"] != 0 for r in runs.values()) else 0

@@ -80,7 +80,8 @@ def relay(listen_port: int, upstream_port: int) -> None:
     uvloop.run(serve())
 
 
-async def measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, list[float]]:
+async def measure(args: argparse.Namespace, ports: dict[str, int], on_start: Any) -> dict[str, list[float]]:
+    """Every target's latencies (ms) after a second of warm-up; on_start() runs as measuring begins."""
     import aiohttp
 
     latency: dict[str, list[float]] = {t: [] for t in TARGETS}
@@ -100,6 +101,8 @@ async def measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, 
         loop = asyncio.get_running_loop()
         rate = args.rate * len(TARGETS)
         for keep, seconds in ((False, 1.0), (True, args.duration)):
+            if keep:
+                on_start()
             t0, tasks = loop.time(), []
             for i in range(round(rate * seconds)):
                 delay = t0 + i / rate - loop.time()
@@ -129,10 +132,16 @@ def main() -> int:
         relay_proc = run.stop_on_exit(subprocess.Popen(cmd, preexec_fn=bl.pdeathsig), "relay")
         bl.wait_port(ports["relay"], relay_proc, "relay")
         pids = {"relay": relay_proc.pid, "broker": broker.pid}
-        cpu0, machine0 = {t: bl.cpu_seconds(p) for t, p in pids.items()}, bl.machine_cpu_ticks()
-        latency = asyncio.run(measure(args, ports))
+        cpu0: dict[str, float | None] = {}
+        machine0: list[list[int] | None] = []
+
+        def on_start() -> None:  # after the warm-up
+            cpu0.update({t: bl.cpu_seconds(p) for t, p in pids.items()})
+            machine0.append(bl.machine_cpu_ticks())
+
+        latency = asyncio.run(measure(args, ports, on_start))
         cpu1, machine1 = {t: bl.cpu_seconds(p) for t, p in pids.items()}, bl.machine_cpu_ticks()
-        steal = bl.steal_fraction(machine0, machine1)
+        steal = bl.steal_fraction(machine0[0], machine1)
         stats = {t: bl.summarize_ms(v) for t, v in latency.items()}
         cpu_us: dict[str, float | None] = {}
         for t in pids:

@@ -197,6 +197,11 @@ async def measure(
         return runs, paired, cpu, steal
 
 
+def span(args: argparse.Namespace) -> str:
+    """How long each target is measured: all of it when they take turns per request."""
+    return f"{args.duration:g}s" + (" per target" if not args.block else " in all")
+
+
 def alternation(args: argparse.Namespace) -> str:
     return f"alternating {args.block:g}s blocks" if args.block else "alternating request by request"
 
@@ -232,7 +237,7 @@ def main() -> int:
         bl.sanity(ports)
 
         print(
-            f"open loop at {args.rate:g} req/s per target for {args.duration:g}s, {alternation(args)} ...",
+            f"open loop at {args.rate:g} req/s per target for {span(args)}, {alternation(args)} ...",
             file=sys.stderr,
         )
         runs, pair_diffs, broker_cpu_s, steal = asyncio.run(measure(args, ports, broker.pid))
@@ -267,7 +272,7 @@ def main() -> int:
         print()
         print(
             f"agentcard-broker latency bench: open loop GET {bl.BENCH_PATH} at {args.rate:g} req/s for "
-            f"{args.duration:g}s per target, {alternation(args)}, keep-alive "
+            f"{span(args)}, {alternation(args)}, keep-alive "
             f"({os.cpu_count()} CPUs, python {platform.python_version()}, aiohttp {aiohttp.__version__})"
         )
         print()

@@ -15,8 +15,9 @@ What it starts, all on 127.0.0.1 and all inside one temporary directory removed 
 Then wrk measures req/s and p50/p99 for direct, broker and nginx on /api/v1/cards, in `--rounds`
 rounds of one run per target (the order rotating), so a noisy minute of the machine lands in one
 round instead of in one target's only run; each target's row is its median round, the ratios are
-the median of the rounds' ratios (each round's shown too). Then the broker's
-RSS is read from /proc/PID/status idle, after the wrk runs and after streaming 200 MiB through it.
+the median of the rounds' own ratios (each round's shown too; so the rows need not divide to
+them). Then the broker's RSS is read from /proc/PID/status idle, after the wrk runs and after
+streaming 200 MiB through it.
 
 The key is an obviously fake sk_test_ key; nothing leaves 127.0.0.1. On a 2-core machine wrk and
 the server under test share the CPU: the numbers are what they are, compare them with each other.
@@ -25,7 +26,6 @@ the server under test share the CPU: the numbers are what they are, compare them
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import re
@@ -239,11 +239,11 @@ def main() -> int:
         bl.sanity(ports)  # still serving afterwards
 
         # each round's ratio is of two runs a few seconds apart; the median round's is reported
-        per_round = {
-            f"broker/{other}": [r["broker"].rps / r[other].rps if r[other].rps else math.nan for r in rounds]
+        per_round = {  # a round whose reference served nothing has no ratio
+            f"broker/{other}": [r["broker"].rps / r[other].rps for r in rounds if r[other].rps]
             for other in ("nginx", "direct")
         }
-        ratios = {k: round(statistics.median(v), 3) for k, v in per_round.items()}
+        ratios = {k: round(statistics.median(v), 3) if v else None for k, v in per_round.items()}
         # CPU time, unlike req/s, does not count the moments the broker waited for a CPU
         cpu_us = round(broker_cpu_s * 1e6 / broker_requests, 1) if broker_requests else None
         rss = {
@@ -279,7 +279,8 @@ def main() -> int:
         print("direct = nginx fast upstream, no proxy; nginx = nginx proxy injecting the header")
         for k, v in ratios.items():
             each = ", ".join(f"{x:.3f}" for x in per_round[k])
-            print(f"req/s {k:<14} {v:.3f}  (median of {args.rounds} rounds: {each})")
+            shown = "n/a" if v is None else f"{v:.3f}"
+            print(f"req/s {k:<14} {shown}  (median of the rounds' own ratios: {each})")
         if cpu_us is not None:
             print(
                 f"broker CPU per request under wrk: {cpu_us:.1f} µs (user + system, "
