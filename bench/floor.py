@@ -10,12 +10,12 @@ least a Python proxy can do (uvloop; per agent connection one upstream connectio
 both ways, the header spliced in; no parsing, no checks). It is a yardstick, not a proxy: it
 assumes each read holds whole requests.
 
-The load: open loop, the four targets taking turns request by request, each at `--rate`, one
-aiohttp session per target. Reported per target: p50 and p99, each minus direct's ("added"),
-each proxy's CPU per request (/proc), and the machine's steal time while measuring. On this VM
-with 10-15% steal the relay alone added about +4 ms at p99 while nginx added under 1 ms: what a
-Python process needs per request (the relay ~120 µs, the broker ~450 µs of CPU) is what the
-hypervisor interrupts. No target is judged here.
+The load: open loop, the four targets taking turns request by request (the order rotating each
+round), each at `--rate`, one aiohttp session per target. Reported per target: p50 and p99, each
+minus direct's ("added"), each Python proxy's CPU per request (/proc), and the machine's steal
+time while measuring. On this VM with 5-15% steal the relay alone added about +4 ms at p99 while
+nginx added under 1 ms: what a Python process needs per request (the relay ~120 µs, the broker
+~500 µs of CPU) is what the hypervisor interrupts. No target is judged here.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ async def measure(args: argparse.Namespace, ports: dict[str, int], on_start: Any
                 delay = t0 + i / rate - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(TARGETS[i % len(TARGETS)], keep)))
+                n = len(TARGETS)  # each round of n starts one target further on
+                tasks.append(asyncio.create_task(one(TARGETS[(i % n + i // n) % n], keep)))
             await asyncio.gather(*tasks)
     return latency
 

@@ -10,7 +10,8 @@ file backend in a temporary HOME, a fake sk_test_ key, warning-level log).
 
 The load is open-loop: request i is started at t0 + i/rate whether or not earlier ones are done
 (no coordinated omission from waiting on slow answers), at a rate far below what any target
-saturates at. The targets take turns request by request (each at `--rate`, so 3 x rate in all),
+saturates at. The targets take turns request by request (each at `--rate`, so 3 x rate in all;
+the order rotating each round, so none always follows the same other),
 so a stall of the machine (this VM's neighbours take the CPU for tens of ms at a time) delays the
 requests of all alike: with 1-second blocks, as this script had, one 40 ms stall in a broker block
 made ~8 slow broker requests and moved the broker's p99 alone. `--block S` brings the blocks back
@@ -112,13 +113,19 @@ def make_schedule(rate: float, duration: float, block: float) -> list[tuple[str,
     """(target, block number) per request, `rate` requests/s per target for `duration` seconds.
 
     block 0: the targets take turns request by request (a block is one request); else blocks of
-    `block` seconds take turns. Block b is TARGETS[b % len(TARGETS)]'s."""
+    `block` seconds take turns. Block b is block_target(b)'s: each round of len(TARGETS) blocks
+    starts one target further on, so none always runs right after the same other one."""
     n = len(TARGETS)
     if block == 0:
-        return [(TARGETS[i % n], i) for i in range(n * max(1, round(rate * duration)))]
+        return [(block_target(i), i) for i in range(n * max(1, round(rate * duration)))]
     per_block = max(1, round(rate * block))
     total = max(n * per_block, round(rate * duration))
-    return [(TARGETS[(i // per_block) % n], i // per_block) for i in range(total)]
+    return [(block_target(i // per_block), i // per_block) for i in range(total)]
+
+
+def block_target(b: int) -> str:
+    n = len(TARGETS)
+    return TARGETS[(b % n + b // n) % n]
 
 
 def schedule_rate(rate: float, block: float) -> float:
@@ -179,7 +186,7 @@ async def measure(
         cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
         steal = bl.steal_fraction(machine_before, machine_after)
         for blk, r in sorted(per_block.items()):
-            target = TARGETS[blk % len(TARGETS)]
+            target = block_target(blk)
             runs[target].latency_ms += r.latency_ms
             runs[target].lag_ms += r.lag_ms
             runs[target].at_s += [round(t - t_begin, 3) for t in r.at_s]
@@ -187,12 +194,14 @@ async def measure(
                 runs[target].failures[k] = runs[target].failures.get(k, 0) + v
             if r.latency_ms:
                 runs[target].block_medians.append(bl.summarize_ms(r.latency_ms)["p50"])
-        # blocks 3k (direct), 3k+1 (broker), 3k+2 (nginx) ran next to each other
-        medians = {b: bl.summarize_ms(r.latency_ms)["p50"] for b, r in per_block.items() if r.latency_ms}
+        # blocks 3k, 3k+1 and 3k+2 (one per target) ran next to each other: a round
+        rounds: dict[int, dict[str, float]] = {}
+        for b, r in per_block.items():
+            if r.latency_ms:
+                median = bl.summarize_ms(r.latency_ms)["p50"]
+                rounds.setdefault(b // len(TARGETS), {})[block_target(b)] = median
         paired = {
-            t: [medians[b + i] - medians[b] for b in medians if b % len(TARGETS) == 0 and b + i in medians]
-            for i, t in enumerate(TARGETS)
-            if i
+            t: [m[t] - m["direct"] for m in rounds.values() if t in m and "direct" in m] for t in PROXIES
         }
         return runs, paired, cpu, steal
 
