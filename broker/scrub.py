@@ -75,10 +75,15 @@ class SecretSet:
     def scrub_whole(self, body: bytes) -> bytes:
         """A whole body with every held secret masked, same length: what a scrubber fed the
         body in one chunk and then flushed returns, without looking for a split secret."""
-        for secret, mask in self._pairs:
-            if secret in body:
-                body = body.replace(secret, mask)
-        return body
+        return _masked(body, self._pairs)
+
+
+def _masked(buf: bytes, pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """`buf` with every whole secret replaced by its same-length mask (longest secrets first)."""
+    for secret, mask in pairs:
+        if secret in buf:
+            buf = buf.replace(secret, mask)
+    return buf
 
 
 class StreamScrubber:
@@ -93,10 +98,7 @@ class StreamScrubber:
     def feed(self, chunk: bytes) -> bytes:
         if not self._pairs:
             return chunk
-        buf = self._held + chunk if self._held else chunk
-        for secret, mask in self._pairs:
-            if secret in buf:
-                buf = buf.replace(secret, mask)
+        buf = _masked(self._held + chunk if self._held else chunk, self._pairs)
         hold = self._partial_tail(buf)
         if hold:
             self._held = buf[-hold:]
