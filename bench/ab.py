@@ -179,9 +179,7 @@ def main() -> int:
             k: statistics.median(t[k] / b[k] for b, t in zip(samples["base"], samples["this"], strict=True))
             for k in ("cpu_us", second)
         }
-        head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "broker").splitlines()
-        this = f"{head}" + (f" + {len(dirty)} uncommitted file(s) under broker/" if dirty else "")
+        this = bl.broker_code()
         load = (
             f"paced {args.rate:g} req/s each, taking turns"
             if args.rate

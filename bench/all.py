@@ -200,28 +200,6 @@ def run_script(name: str, json_path: Path, extra: list[str]) -> tuple[int, float
     return rc, time.monotonic() - started
 
 
-def broker_code() -> str:
-    """Which broker code ran: the commit, plus uncommitted changes under broker/ (editable install)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=HERE.parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "broker"],
-            cwd=HERE.parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return "broker code: unknown (no git)"
-    return f"broker code: {head}" + (f" + {len(dirty)} uncommitted file(s) under broker/" if dirty else "")
-
-
 def parse_args() -> argparse.Namespace:
     p = bl.arg_parser(__doc__)
     p.add_argument("--only", help=f"comma-separated subset of {','.join(SCRIPTS)}")
@@ -266,7 +244,7 @@ def main() -> int:
 
     print()
     print("=" * 100)
-    print(f"agentcard-broker benchmarks: summary ({broker_code()})")
+    print(f"agentcard-broker benchmarks: summary (broker code: {bl.broker_code()})")
     print("run time: " + ", ".join(f"{n} {r['seconds']:g}s (exit {r['exit']})" for n, r in runs.items()))
     print()
     cells = [

@@ -125,6 +125,21 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def broker_code() -> str:
+    """Which broker code this checkout runs: the commit, plus uncommitted changes under broker/
+    (an editable install runs them); "unknown (no git)" outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = capture(["git", "rev-parse", "--short", "HEAD"], cwd=repo)
+        dirty = capture(["git", "status", "--porcelain", "--", "broker"], cwd=repo)
+    except OSError:
+        return "unknown (no git)"
+    if head.returncode or dirty.returncode:
+        return "unknown (no git)"
+    changed = dirty.stdout.splitlines()
+    return head.stdout.strip() + (f" + {len(changed)} uncommitted file(s) under broker/" if changed else "")
+
+
 def machine_cpu_ticks() -> list[int] | None:
     """The machine's CPU time by kind (the `cpu` line of /proc/stat: user nice system idle iowait
     irq softirq steal ...), None off Linux."""
