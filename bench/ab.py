@@ -84,7 +84,8 @@ def paced_round(
     samples: dict[str, list[dict[str, float]]],
 ) -> None:
     cpu0 = {v: bl.cpu_seconds(brokers[v].pid) for v in VERSIONS}
-    latency = asyncio.run(paced(ports, args.rate, args.duration if n else 1.0))
+    with bl.client_collector_paused():
+        latency = asyncio.run(paced(ports, args.rate, args.duration if n else 1.0))
     cpu1 = {v: bl.cpu_seconds(brokers[v].pid) for v in VERSIONS}
     if not n:
         return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import http.client
 import inspect
 import json
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -156,6 +157,115 @@ def steal_fraction(before: list[int] | None, after: list[int] | None) -> float |
         return None
     total = sum(after[:8]) - sum(before[:8])
     return round((after[7] - before[7]) / total, 4) if total > 0 else None
+
+
+class _GetConnection(asyncio.Protocol):
+    """One keep-alive connection of LeanClient: a GET at a time, its answer read by Content-Length."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[int] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(buf[:end]).lower()
+        at = head.find(b"\r\ncontent-length:")
+        if at < 0:
+            self._fail(ConnectionError("an answer without Content-Length"))
+            return
+        stop = head.find(b"\r\n", at + 2)
+        length = int(head[at + 17 : stop if stop >= 0 else len(head)])
+        if len(buf) < end + 4 + length:
+            return
+        del buf[: end + 4 + length]
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(int(head[9:12]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._fail(ConnectionError("the connection closed"))
+
+    def _fail(self, exc: Exception) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class LeanClient:
+    """GET one path over keep-alive connections to one port, as little client work as can be.
+
+    Why not aiohttp for measuring: its ~450 µs of CPU per request (on the 2-core bench VM, at
+    a few hundred requests/s) made the client the busiest process of the latency bench, and its
+    own stalls (start lag p99 4-7 ms) landed in every target's tail alike. This one writes a
+    prepared request and reads the answer's head and Content-Length body, nothing else. A
+    request finding no idle connection opens one (counted in `opened`).
+    """
+
+    def __init__(self, port: int, path: str = BENCH_PATH, timeout: float = 10.0) -> None:
+        self.port = port
+        self.timeout = timeout
+        self.request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+        self.idle: list[_GetConnection] = []
+        self.opened = 0
+
+    async def get(self) -> int:
+        """One GET: the answer's status. ConnectionError or TimeoutError when it fails."""
+        loop = asyncio.get_running_loop()
+        conn = self.idle.pop() if self.idle else None
+        if conn is None or conn.transport is None:
+            _, conn = await loop.create_connection(_GetConnection, HOST, self.port)
+            self.opened += 1
+        waiter = conn.waiter = loop.create_future()
+        assert conn.transport is not None
+        conn.transport.write(self.request)
+        try:
+            async with asyncio.timeout(self.timeout):
+                status = await waiter
+        except BaseException:
+            conn._fail(ConnectionError("the request was abandoned"))  # never reused: closed
+            raise
+        self.idle.append(conn)
+        return status
+
+    def close(self) -> None:
+        for conn in self.idle:
+            if conn.transport is not None:
+                conn.transport.close()
+        self.idle.clear()
+
+
+@contextlib.contextmanager
+def client_collector_paused() -> Iterator[None]:
+    """The measuring client's own garbage collector off while it measures, so its pauses are not
+    counted as the targets' latency.
+
+    Why: a full collection walks every object the client holds (aiohttp, the schedule, the
+    samples so far), and it comes more often the more it holds. In the latency bench these
+    pauses were the client's start lag p99 of ~7 ms, and every request in flight during one, to
+    any target, took it as latency. What start-up and warm-up built is frozen first; the
+    measured run's garbage waits until the end (a few MB for 10 000 requests).
+    """
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
 
 
 def mib(kib: int) -> float:

@@ -15,11 +15,16 @@ the order rotating each round, so none always follows the same other),
 so a stall of the machine (this VM's neighbours take the CPU for tens of ms at a time) delays the
 requests of all alike: with 1-second blocks, as this script had, one 40 ms stall in a broker block
 made ~8 slow broker requests and moved the broker's p99 alone. `--block S` brings the blocks back
-(S seconds of each target in turn, for comparison). Each target has its own aiohttp ClientSession
-(keep-alive). Latency is from just before the request is sent until its whole body is read; how
-late each request started against its schedule is reported too (the client's own lag, the same
-for all targets), and so is the machine's steal time while measuring: the CPU time the hypervisor
-gave to other guests, which is what this VM's noise mostly is.
+(S seconds of each target in turn, for comparison). Each target has its own keep-alive client:
+benchlib.LeanClient, a prepared GET and a Content-Length read, ~10x less client CPU per request
+than the aiohttp ClientSession this bench used before (`--client aiohttp` brings it back). The
+client is an instrument on the same 2 CPUs: with aiohttp it was the busiest process of the run,
+and its own stalls (its garbage collector's full walks, 20-50 ms, were the longest) landed in
+every target's tail alike; its collector is now paused while measuring. Latency is from just
+before the request is sent until its whole body is read; how late each request started against
+its schedule is reported too (the client's own lag, the same for all targets), and so are the
+client's CPU per request and the machine's steal time while measuring: the CPU time the
+hypervisor gave to other guests.
 
 Added = target - direct at p50 and p99. Targets: the broker's added p50 < 0.5 ms, added p99 < 2 ms.
 nginx's added latency is printed beside it: a proxy hop's share of the machine's noise, in C.
@@ -30,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import platform
 import statistics
@@ -65,14 +69,47 @@ class Run:
         self.new_connections = 0
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, scheduled: float, run: Run | None) -> None:
+class AiohttpClient:
+    """GETs through an aiohttp ClientSession (keep-alive, no connection limit): the client this
+    bench used before LeanClient, kept to compare the two instruments (`--client aiohttp`)."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://{bl.HOST}:{port}{bl.BENCH_PATH}"
+        self.opened = 0
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        async def on_create(*_: Any) -> None:
+            self.opened += 1
+
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(on_create)
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=10),
+            connector=aiohttp.TCPConnector(limit=0),
+            trace_configs=[trace],
+        )
+
+    async def get(self) -> int:
+        assert self.session is not None
+        async with self.session.get(self.url) as resp:
+            await resp.read()
+            return resp.status
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+Client = bl.LeanClient | AiohttpClient
+
+
+async def one_request(client: Client, scheduled: float, run: Run | None) -> None:
     loop = asyncio.get_running_loop()
     lag = loop.time() - scheduled
     started = time.perf_counter()
     try:
-        async with session.get(url) as resp:
-            await resp.read()
-            status = resp.status
+        status = await client.get()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         if run is not None:
             key = type(exc).__name__
@@ -135,33 +172,22 @@ def schedule_rate(rate: float, block: float) -> float:
 
 async def measure(
     args: argparse.Namespace, ports: dict[str, int], broker_pid: int
-) -> tuple[dict[str, Run], dict[str, list[float]], float | None, float | None]:
+) -> tuple[dict[str, Run], dict[str, list[float]], dict[str, float | None], float | None]:
     """Samples per target, each proxy's (proxy - direct) differences of neighbouring block
-    medians, the broker's CPU seconds while measuring, and the machine's steal fraction."""
-    urls = {t: f"http://{bl.HOST}:{ports[t]}{bl.BENCH_PATH}" for t in TARGETS}
-    timeout = aiohttp.ClientTimeout(total=10)
+    medians, the broker's and this client's CPU seconds while measuring, and the machine's steal
+    fraction."""
     runs = {t: Run() for t in TARGETS}
-    measuring = False
-
-    def counter(target: str) -> aiohttp.TraceConfig:
-        async def on_create(*_: Any) -> None:
-            if measuring:
-                runs[target].new_connections += 1
-
-        tc = aiohttp.TraceConfig()
-        tc.on_connection_create_end.append(on_create)
-        return tc
-
-    def session(target: str) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=0)
-        return aiohttp.ClientSession(timeout=timeout, connector=connector, trace_configs=[counter(target)])
-
-    async with contextlib.AsyncExitStack() as stack:
-        sessions = {t: await stack.enter_async_context(session(t)) for t in TARGETS}
+    clients: dict[str, Client] = {
+        t: AiohttpClient(ports[t]) if args.client == "aiohttp" else bl.LeanClient(ports[t]) for t in TARGETS
+    }
+    try:
+        for c in clients.values():
+            if isinstance(c, AiohttpClient):
+                await c.start()
 
         # warm-up, not recorded: open the keep-alive connections (client -> broker -> nginx) at the rate
         async def untracked(target: str, _blk: int, scheduled: float) -> None:
-            await one_request(sessions[target], urls[target], scheduled, None)
+            await one_request(clients[target], scheduled, None)
 
         await open_loop(
             make_schedule(args.rate, args.warmup, args.block), schedule_rate(args.rate, args.block), untracked
@@ -172,38 +198,49 @@ async def measure(
         per_block: dict[int, Run] = {}
 
         async def tracked(target: str, blk: int, scheduled: float) -> None:
-            await one_request(sessions[target], urls[target], scheduled, per_block.setdefault(blk, Run()))
+            await one_request(clients[target], scheduled, per_block.setdefault(blk, Run()))
 
-        measuring = True
+        opened_before = {t: c.opened for t, c in clients.items()}
         cpu_before, machine_before = bl.cpu_seconds(broker_pid), bl.machine_cpu_ticks()
+        client_before = bl.cpu_seconds(os.getpid())
         t_begin = asyncio.get_running_loop().time()
-        await open_loop(
-            make_schedule(args.rate, args.duration, args.block),
-            schedule_rate(args.rate, args.block),
-            tracked,
-        )
+        with bl.client_collector_paused():
+            await open_loop(
+                make_schedule(args.rate, args.duration, args.block),
+                schedule_rate(args.rate, args.block),
+                tracked,
+            )
         cpu_after, machine_after = bl.cpu_seconds(broker_pid), bl.machine_cpu_ticks()
-        cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
-        steal = bl.steal_fraction(machine_before, machine_after)
-        for blk, r in sorted(per_block.items()):
-            target = block_target(blk)
-            runs[target].latency_ms += r.latency_ms
-            runs[target].lag_ms += r.lag_ms
-            runs[target].at_s += [round(t - t_begin, 3) for t in r.at_s]
-            for k, v in r.failures.items():
-                runs[target].failures[k] = runs[target].failures.get(k, 0) + v
-            if r.latency_ms:
-                runs[target].block_medians.append(bl.summarize_ms(r.latency_ms)["p50"])
-        # blocks 3k, 3k+1 and 3k+2 (one per target) ran next to each other: a round
-        rounds: dict[int, dict[str, float]] = {}
-        for b, r in per_block.items():
-            if r.latency_ms:
-                median = bl.summarize_ms(r.latency_ms)["p50"]
-                rounds.setdefault(b // len(TARGETS), {})[block_target(b)] = median
-        paired = {
-            t: [m[t] - m["direct"] for m in rounds.values() if t in m and "direct" in m] for t in PROXIES
-        }
-        return runs, paired, cpu, steal
+        client_after = bl.cpu_seconds(os.getpid())
+    finally:
+        for c in clients.values():
+            await c.close() if isinstance(c, AiohttpClient) else c.close()
+    cpu = {
+        "broker": cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None,
+        "client": client_after - client_before
+        if client_before is not None and client_after is not None
+        else None,
+    }
+    steal = bl.steal_fraction(machine_before, machine_after)
+    for t, c in clients.items():
+        runs[t].new_connections = c.opened - opened_before[t]
+    for blk, r in sorted(per_block.items()):
+        target = block_target(blk)
+        runs[target].latency_ms += r.latency_ms
+        runs[target].lag_ms += r.lag_ms
+        runs[target].at_s += [round(t - t_begin, 3) for t in r.at_s]
+        for k, v in r.failures.items():
+            runs[target].failures[k] = runs[target].failures.get(k, 0) + v
+        if r.latency_ms:
+            runs[target].block_medians.append(bl.summarize_ms(r.latency_ms)["p50"])
+    # blocks 3k, 3k+1 and 3k+2 (one per target) ran next to each other: a round
+    rounds: dict[int, dict[str, float]] = {}
+    for b, r in per_block.items():
+        if r.latency_ms:
+            median = bl.summarize_ms(r.latency_ms)["p50"]
+            rounds.setdefault(b // len(TARGETS), {})[block_target(b)] = median
+    paired = {t: [m[t] - m["direct"] for m in rounds.values() if t in m and "direct" in m] for t in PROXIES}
+    return runs, paired, cpu, steal
 
 
 def span(args: argparse.Namespace) -> str:
@@ -226,6 +263,13 @@ def parse_args() -> argparse.Namespace:
         help="seconds per alternating block; 0 (default) alternates request by request",
     )
     p.add_argument("--warmup", type=float, default=1.0, help="unrecorded seconds per target (default 1)")
+    p.add_argument(
+        "--client",
+        choices=("lean", "aiohttp"),
+        default="lean",
+        help="the measuring client: lean (default; benchlib.LeanClient, a prepared GET on keep-alive "
+        "connections) or aiohttp (what this bench used before, ~10x the client CPU per request)",
+    )
     bl.add_output_args(p)
     a = p.parse_args()
     if a.rate <= 0 or a.duration <= 0 or a.block < 0 or a.warmup < 0:
@@ -249,9 +293,12 @@ def main() -> int:
             f"open loop at {args.rate:g} req/s per target for {span(args)}, {alternation(args)} ...",
             file=sys.stderr,
         )
-        runs, pair_diffs, broker_cpu_s, steal = asyncio.run(measure(args, ports, broker.pid))
+        runs, pair_diffs, cpu_s, steal = asyncio.run(measure(args, ports, broker.pid))
         n_broker = len(runs["broker"].latency_ms) + sum(runs["broker"].failures.values())
+        n_all = sum(len(r.latency_ms) + sum(r.failures.values()) for r in runs.values())
+        broker_cpu_s, client_cpu_s = cpu_s["broker"], cpu_s["client"]
         cpu_us = round(broker_cpu_s * 1e6 / n_broker, 1) if broker_cpu_s is not None and n_broker else None
+        client_us = round(client_cpu_s * 1e6 / n_all, 1) if client_cpu_s is not None and n_all else None
         if broker.poll() is not None:
             raise RuntimeError(
                 f"broker died during the run (code {broker.returncode}):\n{bl.tail(broker_log)}"
@@ -282,7 +329,7 @@ def main() -> int:
         print(
             f"agentcard-broker latency bench: open loop GET {bl.BENCH_PATH} at {args.rate:g} req/s for "
             f"{span(args)}, {alternation(args)}, keep-alive "
-            f"({os.cpu_count()} CPUs, python {platform.python_version()}, aiohttp {aiohttp.__version__})"
+            f"({os.cpu_count()} CPUs, python {platform.python_version()}, client {args.client})"
         )
         print()
         ms = ">7.3f"
@@ -321,13 +368,18 @@ def main() -> int:
             )
         if cpu_us is not None:
             print(f"broker CPU per request at this rate: {cpu_us:.1f} µs (user + system over the run)")
+        if client_us is not None:
+            print(
+                f"client ({args.client}) CPU per request: {client_us:.1f} µs; its collector was paused while "
+                "measuring"
+            )
         print("lag = how late a request started against its schedule (the client's own delay)")
         for t in TARGETS:
             print(
                 f"  {t}: slowest at (s into the run: ms) {', '.join(f'{a:.2f}: {v:.1f}' for a, v in slow[t])}"
             )
         print(
-            "new connections opened while measuring (aiohttp pool): "
+            "new connections opened while measuring: "
             + ", ".join(f"{t} {runs[t].new_connections}" for t in TARGETS)
             + f"; TCP sockets on this machine: {table['entries']}, reading /proc/net/tcp takes "
             f"{table['read_ms']} ms"
@@ -355,6 +407,7 @@ def main() -> int:
                     "cpus": os.cpu_count(),
                     "python": platform.python_version(),
                     "aiohttp": aiohttp.__version__,
+                    "client": args.client,
                 },
                 "latency_ms": res,
                 "lag_ms": lag,
@@ -363,6 +416,7 @@ def main() -> int:
                 "added_by_nginx_ms": added_by["nginx"],
                 "steal_fraction": steal,
                 "broker_cpu_us_per_request": cpu_us,
+                "client_cpu_us_per_request": client_us,
                 "block_medians_ms": {t: runs[t].block_medians for t in TARGETS},
                 "slowest": {t: [{"at_s": a, "ms": round(v, 3)} for a, v in slow[t]] for t in TARGETS},
                 # every sample as [scheduled s into the run, ms], to see what the tails line up with

@@ -640,19 +640,20 @@ async def run_mode(
             t_calls = time.perf_counter()
             i = 0
             round_no = 0
-            while i < args.calls:
-                size = min(args.block, args.calls - i)
-                for target in rotated(targets, round_no):
-                    block = []
-                    for j in range(size):
-                        amount = seq * 1_000_000 + 1000 + i + j
-                        block.append(await one_call(clients[target], target, amount, args.call_timeout))
-                    samples[target].extend(block)
-                    blocks.append(
-                        {"round": round_no, "target": target, "median_ms": statistics.median(block)}
-                    )
-                i += size
-                round_no += 1
+            with bl.client_collector_paused():
+                while i < args.calls:
+                    size = min(args.block, args.calls - i)
+                    for target in rotated(targets, round_no):
+                        block = []
+                        for j in range(size):
+                            amount = seq * 1_000_000 + 1000 + i + j
+                            block.append(await one_call(clients[target], target, amount, args.call_timeout))
+                        samples[target].extend(block)
+                        blocks.append(
+                            {"round": round_no, "target": target, "median_ms": statistics.median(block)}
+                        )
+                    i += size
+                    round_no += 1
             cpu_after = {k: bl.cpu_seconds(pid) for k, pid in procs.items()}
             calls_wall_s = time.perf_counter() - t_calls
             if remote_proc:
