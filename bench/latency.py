@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -55,6 +58,9 @@ TARGETS = ("direct", "broker", "nginx")  # nginx: the same hop done in C, for re
 PROXIES = TARGETS[1:]
 ADDED_P50_TARGET_MS = 0.5
 ADDED_P99_TARGET_MS = 2.0
+PROBE_SLOW = 2.5  # a probe sample this many times its median marks a slow window of the machine
+NEAR_S = 0.02  # a request this close to a slow probe sample is counted as in the window
+SLOW_MS = 2.0  # the requests looked at: those taking longer than this
 
 
 class Run:
@@ -66,6 +72,7 @@ class Run:
         self.failures: dict[str, int] = {}
         self.block_medians: list[float] = []
         self.at_s: list[float] = []  # scheduled time of each sample, seconds since the measured run began
+        self.t0 = 0.0  # when the measured run began: the loop's clock, time.monotonic()
         self.new_connections = 0
 
 
@@ -229,6 +236,7 @@ async def measure(
         runs[target].latency_ms += r.latency_ms
         runs[target].lag_ms += r.lag_ms
         runs[target].at_s += [round(t - t_begin, 3) for t in r.at_s]
+        runs[target].t0 = t_begin
         for k, v in r.failures.items():
             runs[target].failures[k] = runs[target].failures.get(k, 0) + v
         if r.latency_ms:
@@ -241,6 +249,41 @@ async def measure(
             rounds.setdefault(b // len(TARGETS), {})[block_target(b)] = median
     paired = {t: [m[t] - m["direct"] for m in rounds.values() if t in m and "direct" in m] for t in PROXIES}
     return runs, paired, cpu, steal
+
+
+def probe_report(path: Path, runs: dict[str, Run]) -> dict[str, Any] | None:
+    """How often the machine was in a slow window while measuring, and how many of each target's
+    slow requests started in one (bench/probe.py's samples against the requests' start times)."""
+    try:
+        samples = json.loads(path.read_text())["samples"]
+    except (OSError, ValueError, KeyError):
+        return None
+    starts = {t: [runs[t].t0 + a for a in runs[t].at_s] for t in TARGETS}
+    first = min((min(v) for v in starts.values() if v), default=None)
+    last = max((max(v) for v in starts.values() if v), default=None)
+    if first is None or last is None:
+        return None
+    measured = [(t, ms) for t, ms in samples if first <= t <= last]
+    if len(measured) < 10:
+        return None
+    median = statistics.median(ms for _, ms in measured)
+    slow_at = [t for t, ms in measured if ms > PROBE_SLOW * median]
+
+    def near(t: float) -> bool:
+        i = bisect.bisect_left(slow_at, t - NEAR_S)
+        return i < len(slow_at) and slow_at[i] <= t + NEAR_S
+
+    report: dict[str, Any] = {"median_ms": round(median, 4), "slow_fraction": len(slow_at) / len(measured)}
+    report["targets"] = {}
+    n_all = n_near = 0
+    for t in TARGETS:
+        flags = [near(at) for at in starts[t]]
+        slow = [f for f, ms in zip(flags, runs[t].latency_ms, strict=True) if ms > SLOW_MS]
+        report["targets"][t] = {"slow": len(slow), "slow_near": sum(slow)}
+        n_all += len(flags)
+        n_near += sum(flags)
+    report["near_fraction"] = n_near / n_all if n_all else 0.0
+    return report
 
 
 def span(args: argparse.Namespace) -> str:
@@ -293,7 +336,20 @@ def main() -> int:
             f"open loop at {args.rate:g} req/s per target for {span(args)}, {alternation(args)} ...",
             file=sys.stderr,
         )
-        runs, pair_diffs, cpu_s, steal = asyncio.run(measure(args, ports, broker.pid))
+        probe_out = run.tmp / "probe.json"
+        probe = subprocess.Popen(
+            [
+                *(sys.executable, str(HERE / "probe.py")),
+                *("--seconds", str(args.warmup * 3 + args.duration + 30), "--out", str(probe_out)),
+            ],
+            stdin=subprocess.DEVNULL,
+            preexec_fn=bl.pdeathsig,
+        )
+        try:
+            runs, pair_diffs, cpu_s, steal = asyncio.run(measure(args, ports, broker.pid))
+        finally:
+            bl.stop_process(probe, "probe")
+        machine = probe_report(probe_out, runs)
         n_broker = len(runs["broker"].latency_ms) + sum(runs["broker"].failures.values())
         n_all = sum(len(r.latency_ms) + sum(r.failures.values()) for r in runs.values())
         broker_cpu_s, client_cpu_s = cpu_s["broker"], cpu_s["client"]
@@ -388,6 +444,18 @@ def main() -> int:
             "broker garbage collections since start (count, longest pause): "
             + ", ".join(f"gen{g} {v['count']:g}, {v['max_ms']:.2f} ms" for g, v in sorted(gc_pauses.items()))
         )
+        if machine is not None:
+            print(
+                f"machine probe (bench/probe.py, the same memory-bound work every 10 ms): median "
+                f"{machine['median_ms']:.3f} ms; {machine['slow_fraction'] * 100:.1f}% of samples over "
+                f"{PROBE_SLOW:g}x that (slow windows)"
+            )
+            print(
+                f"  requests over {SLOW_MS:g} ms, and how many started within {NEAR_S * 1000:g} ms of a slow "
+                "probe sample: "
+                + ", ".join(f"{t} {v['slow']} ({v['slow_near']})" for t, v in machine["targets"].items())
+                + f"; of all requests, {machine['near_fraction'] * 100:.1f}% started that close to one"
+            )
         bl.print_log_problems(problems)
 
         checks = [
@@ -428,6 +496,7 @@ def main() -> int:
                 "tcp_table_after": table,
                 "broker_log_problems": problems,
                 "broker_gc": gc_pauses,
+                "machine_probe": machine,
             },
         )
     return run.exit_code
