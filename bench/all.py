@@ -95,6 +95,13 @@ def latency_rows(doc: dict[str, Any]) -> list[Row]:
         out.append(row("latency", "steal time while measuring", round(doc["steal_fraction"] * 100, 1), "%"))
     if doc.get("broker_cpu_us_per_request") is not None:
         out.append(row("latency", "broker CPU per request", doc["broker_cpu_us_per_request"], "µs"))
+    probe = doc.get("machine_probe") or {}
+    for t, v in (probe.get("targets") or {}).items():
+        value = f"{v['slow']} ({v['slow_near']})"
+        out.append(row("latency", f"{t} requests over 2 ms (in the machine's slow windows)", value, ""))
+    if probe:
+        share = round(probe["near_fraction"] * 100, 1)
+        out.append(row("latency", "all requests in the machine's slow windows", share, "%"))
     return out + from_checks("latency", doc)
 
 
