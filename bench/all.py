@@ -102,6 +102,8 @@ def latency_rows(doc: dict[str, Any]) -> list[Row]:
     if probe:
         share = round(probe["near_fraction"] * 100, 1)
         out.append(row("latency", "all requests in the machine's slow windows", share, "%"))
+    for t, v in (probe.get("added_p99_outside_ms") or {}).items():
+        out.append(row("latency", f"added p99 by {t}, outside the slow windows", f"{v:+.3f}", "ms"))
     return out + from_checks("latency", doc)
 
 

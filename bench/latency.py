@@ -279,10 +279,21 @@ def probe_report(path: Path, runs: dict[str, Run]) -> dict[str, Any] | None:
     for t in TARGETS:
         flags = [near(at) for at in starts[t]]
         slow = [f for f, ms in zip(flags, runs[t].latency_ms, strict=True) if ms > SLOW_MS]
-        report["targets"][t] = {"slow": len(slow), "slow_near": sum(slow)}
+        outside = [ms for f, ms in zip(flags, runs[t].latency_ms, strict=True) if not f]
+        report["targets"][t] = {
+            "slow": len(slow),
+            "slow_near": sum(slow),
+            "p99_outside_ms": bl.summarize_ms(outside).get("p99"),
+        }
         n_all += len(flags)
         n_near += sum(flags)
     report["near_fraction"] = n_near / n_all if n_all else 0.0
+    p99_out = {t: report["targets"][t]["p99_outside_ms"] for t in TARGETS}
+    report["added_p99_outside_ms"] = {
+        t: round(p99_out[t] - p99_out["direct"], 4)
+        for t in PROXIES
+        if p99_out[t] is not None and p99_out["direct"] is not None
+    }
     return report
 
 
@@ -456,6 +467,12 @@ def main() -> int:
                 + ", ".join(f"{t} {v['slow']} ({v['slow_near']})" for t, v in machine["targets"].items())
                 + f"; of all requests, {machine['near_fraction'] * 100:.1f}% started that close to one"
             )
+            outside = machine["added_p99_outside_ms"]
+            if outside:
+                print(
+                    "  added p99 among the requests outside those windows: "
+                    + ", ".join(f"{t} {v:+.3f} ms" for t, v in outside.items())
+                )
         bl.print_log_problems(problems)
 
         checks = [
