@@ -98,7 +98,8 @@ def latency_rows(doc: dict[str, Any]) -> list[Row]:
     probe = doc.get("machine_probe") or {}
     for t, v in (probe.get("targets") or {}).items():
         value = f"{v['slow']} ({v['slow_near']})"
-        out.append(row("latency", f"{t} requests over 2 ms (in the machine's slow windows)", value, ""))
+        name = f"{t} requests over {probe.get('slow_ms', 2):g} ms (in the machine's slow windows)"
+        out.append(row("latency", name, value, ""))
     if probe:
         share = round(probe["near_fraction"] * 100, 1)
         out.append(row("latency", "all requests in the machine's slow windows", share, "%"))

@@ -14,9 +14,11 @@ The load: open loop, the four targets taking turns request by request (the order
 round), each at `--rate`, one benchlib.LeanClient per target (its collector paused while
 measuring). Reported per target: p50 and p99, each
 minus direct's ("added"), each Python proxy's CPU per request (/proc), and the machine's steal
-time while measuring. On this VM with 5-15% steal the relay alone added about +4 ms at p99 while
-nginx added under 1 ms: what a Python process needs per request (the relay ~120 µs, the broker
-~500 µs of CPU) is what the hypervisor interrupts. No target is judged here.
+time while measuring. On this VM, quiet (under 2% steal) and measured with the lean client, the
+relay (~100 µs of CPU per request) added about +0.5 ms at p99 and the broker (~500 µs) about
++3.5 ms; with 5-15% steal (and the earlier aiohttp client) the relay alone added about +4 ms.
+What a Python process needs per request is what the machine's slow windows multiply. No target
+is judged here.
 """
 
 from __future__ import annotations

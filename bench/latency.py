@@ -16,8 +16,8 @@ so a stall of the machine (this VM's neighbours take the CPU for tens of ms at a
 requests of all alike: with 1-second blocks, as this script had, one 40 ms stall in a broker block
 made ~8 slow broker requests and moved the broker's p99 alone. `--block S` brings the blocks back
 (S seconds of each target in turn, for comparison). Each target has its own keep-alive client:
-benchlib.LeanClient, a prepared GET and a Content-Length read, ~10x less client CPU per request
-than the aiohttp ClientSession this bench used before (`--client aiohttp` brings it back). The
+benchlib.LeanClient, a prepared GET and a Content-Length read, about half the client CPU per
+request of the aiohttp ClientSession this bench used before (`--client aiohttp` brings it back). The
 client is an instrument on the same 2 CPUs: with aiohttp it was the busiest process of the run,
 and its own stalls (its garbage collector's full walks, 20-50 ms, were the longest) landed in
 every target's tail alike; its collector is now paused while measuring. Latency is from just
@@ -209,16 +209,16 @@ async def measure(
 
         opened_before = {t: c.opened for t, c in clients.items()}
         cpu_before, machine_before = bl.cpu_seconds(broker_pid), bl.machine_cpu_ticks()
-        client_before = bl.cpu_seconds(os.getpid())
-        t_begin = asyncio.get_running_loop().time()
         with bl.client_collector_paused():
+            client_before = bl.cpu_seconds(os.getpid())
+            t_begin = asyncio.get_running_loop().time()
             await open_loop(
                 make_schedule(args.rate, args.duration, args.block),
                 schedule_rate(args.rate, args.block),
                 tracked,
             )
+            client_after = bl.cpu_seconds(os.getpid())
         cpu_after, machine_after = bl.cpu_seconds(broker_pid), bl.machine_cpu_ticks()
-        client_after = bl.cpu_seconds(os.getpid())
     finally:
         for c in clients.values():
             await c.close() if isinstance(c, AiohttpClient) else c.close()
@@ -258,31 +258,49 @@ def probe_report(path: Path, runs: dict[str, Run]) -> dict[str, Any] | None:
         samples = json.loads(path.read_text())["samples"]
     except (OSError, ValueError, KeyError):
         return None
-    starts = {t: [runs[t].t0 + a for a in runs[t].at_s] for t in TARGETS}
+    # when each request really started: its schedule plus the client's lag, which is largest in
+    # exactly these windows
+    starts = {
+        t: [runs[t].t0 + a + lag / 1000 for a, lag in zip(runs[t].at_s, runs[t].lag_ms, strict=True)]
+        for t in TARGETS
+    }
     first = min((min(v) for v in starts.values() if v), default=None)
     last = max((max(v) for v in starts.values() if v), default=None)
     if first is None or last is None:
         return None
-    measured = [(t, ms) for t, ms in samples if first <= t <= last]
+    measured = [(t, wall, cpu) for t, wall, cpu in samples if first <= t <= last]
     if len(measured) < 10:
         return None
-    median = statistics.median(ms for _, ms in measured)
-    slow_at = [t for t, ms in measured if ms > PROBE_SLOW * median]
+    median = statistics.median(wall for _, wall, _ in measured)
+    median_cpu = statistics.median(cpu for _, _, cpu in measured)
+    slow = [(t, cpu) for t, wall, cpu in measured if wall > PROBE_SLOW * median]
+    slow_at = [t for t, _ in slow]
 
     def near(t: float) -> bool:
         i = bisect.bisect_left(slow_at, t - NEAR_S)
         return i < len(slow_at) and slow_at[i] <= t + NEAR_S
 
-    report: dict[str, Any] = {"median_ms": round(median, 4), "slow_fraction": len(slow_at) / len(measured)}
-    report["targets"] = {}
+    report: dict[str, Any] = {
+        "median_ms": round(median, 4),
+        "slow_fraction": len(slow_at) / len(measured),
+        # of the slow samples, those whose CPU time was slow too: the work itself ran slower (the
+        # rest: the probe waited for a CPU, which the bench's own processes can cause)
+        "slow_in_cpu_fraction": (
+            sum(cpu > PROBE_SLOW * median_cpu for _, cpu in slow) / len(slow) if slow else None
+        ),
+        "slow_ms": SLOW_MS,
+        "near_s": NEAR_S,
+        "targets": {},
+    }
     n_all = n_near = 0
     for t in TARGETS:
         flags = [near(at) for at in starts[t]]
-        slow = [f for f, ms in zip(flags, runs[t].latency_ms, strict=True) if ms > SLOW_MS]
+        over = [f for f, ms in zip(flags, runs[t].latency_ms, strict=True) if ms > SLOW_MS]
         outside = [ms for f, ms in zip(flags, runs[t].latency_ms, strict=True) if not f]
         report["targets"][t] = {
-            "slow": len(slow),
-            "slow_near": sum(slow),
+            "slow": len(over),
+            "slow_near": sum(over),
+            "n_outside": len(outside),
             "p99_outside_ms": bl.summarize_ms(outside).get("p99"),
         }
         n_all += len(flags)
@@ -322,7 +340,7 @@ def parse_args() -> argparse.Namespace:
         choices=("lean", "aiohttp"),
         default="lean",
         help="the measuring client: lean (default; benchlib.LeanClient, a prepared GET on keep-alive "
-        "connections) or aiohttp (what this bench used before, ~10x the client CPU per request)",
+        "connections) or aiohttp (what this bench used before, about twice the client CPU per request)",
     )
     bl.add_output_args(p)
     a = p.parse_args()
@@ -348,14 +366,23 @@ def main() -> int:
             file=sys.stderr,
         )
         probe_out = run.tmp / "probe.json"
+        rate = schedule_rate(args.rate, args.block)
+        n_requests = len(make_schedule(args.rate, args.warmup, args.block)) + len(
+            make_schedule(args.rate, args.duration, args.block)
+        )
         probe = subprocess.Popen(
             [
                 *(sys.executable, str(HERE / "probe.py")),
-                *("--seconds", str(args.warmup * 3 + args.duration + 30), "--out", str(probe_out)),
+                *("--seconds", str(round(n_requests / rate + 60)), "--out", str(probe_out)),
             ],
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             preexec_fn=bl.pdeathsig,
         )
+        assert probe.stdout is not None
+        if probe.stdout.readline().strip() != b"ready":  # its list built: it samples from now on
+            bl.stop_process(probe, "probe")
+            raise RuntimeError("bench/probe.py did not start")
         try:
             runs, pair_diffs, cpu_s, steal = asyncio.run(measure(args, ports, broker.pid))
         finally:
@@ -456,22 +483,28 @@ def main() -> int:
             + ", ".join(f"gen{g} {v['count']:g}, {v['max_ms']:.2f} ms" for g, v in sorted(gc_pauses.items()))
         )
         if machine is not None:
+            in_cpu = machine["slow_in_cpu_fraction"]
             print(
                 f"machine probe (bench/probe.py, the same memory-bound work every 10 ms): median "
                 f"{machine['median_ms']:.3f} ms; {machine['slow_fraction'] * 100:.1f}% of samples over "
                 f"{PROBE_SLOW:g}x that (slow windows)"
+                + (f", {in_cpu * 100:.0f}% of those slow in CPU time too" if in_cpu is not None else "")
             )
             print(
                 f"  requests over {SLOW_MS:g} ms, and how many started within {NEAR_S * 1000:g} ms of a slow "
                 "probe sample: "
                 + ", ".join(f"{t} {v['slow']} ({v['slow_near']})" for t, v in machine["targets"].items())
-                + f"; of all requests, {machine['near_fraction'] * 100:.1f}% started that close to one"
+                + f"; of all requests, {machine['near_fraction'] * 100:.1f}% started that close to one "
+                "(the share by chance)"
             )
             outside = machine["added_p99_outside_ms"]
             if outside:
                 print(
                     "  added p99 among the requests outside those windows: "
                     + ", ".join(f"{t} {v:+.3f} ms" for t, v in outside.items())
+                    + " ("
+                    + ", ".join(f"{t} {v['n_outside']}" for t, v in machine["targets"].items())
+                    + " requests)"
                 )
         bl.print_log_problems(problems)
 
