@@ -53,26 +53,24 @@ def git(*args: str) -> str:
 async def paced(ports: dict[str, int], rate: float, seconds: float) -> dict[str, list[float]]:
     """Paced at `rate` requests/s per version, the two taking turns request by request, one
     keep-alive connection each, each request after the previous answer; every latency (ms)."""
-    streams = {v: await asyncio.open_connection(bl.HOST, ports[v]) for v in VERSIONS}
+    clients = {v: bl.LeanClient(ports[v]) for v in VERSIONS}
     latency: dict[str, list[float]] = {v: [] for v in VERSIONS}
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    for i in range(round(2 * rate * seconds)):
-        delay = t0 + i / (2 * rate) - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        v = VERSIONS[i % 2]
-        reader, writer = streams[v]
-        started = time.perf_counter()
-        writer.write(f"GET {bl.BENCH_PATH} HTTP/1.1\r\nHost: {bl.HOST}:{ports[v]}\r\n\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200 "):
-            raise RuntimeError(f"{v} answered {head[:40]!r}")
-        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
-        await reader.readexactly(length)
-        latency[v].append((time.perf_counter() - started) * 1000)
-    for _, writer in streams.values():
-        writer.close()
+    try:
+        for i in range(round(2 * rate * seconds)):
+            delay = t0 + i / (2 * rate) - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            v = VERSIONS[i % 2]
+            started = time.perf_counter()
+            status = await clients[v].get()
+            if status != 200:
+                raise RuntimeError(f"{v} answered {status}")
+            latency[v].append((time.perf_counter() - started) * 1000)
+    finally:
+        for c in clients.values():
+            c.close()
     return latency
 
 
