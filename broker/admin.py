@@ -97,9 +97,12 @@ async def handle(request: Request, rt: Runtime) -> StreamResponse:
             text=text, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
         )
     if path == "/_broker/reload":
-        # re-read config.yaml and the secret store (what `set-key` calls after storing a key)
+        # re-read config.yaml and the secret store (what `set-key`, `login` and `logout` call
+        # after changing the store); the store is read before the answer, so a `status` asked
+        # next shows the new credential (also when the config file has an error)
         _only(request, "POST")
         await rt.reload(reason="api")
+        await rt.reread_credentials()
         return _json({"reloaded": rt.config_error is None, "config": {"error": rt.config_error}})
     raise BrokerError("not_found", "unknown /_broker/ endpoint (health, status, metrics, reload)")
 

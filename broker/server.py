@@ -131,6 +131,18 @@ class Runtime:
         if task is not None and not task.done():
             await asyncio.wait((task,), timeout=STATUS_WAIT_S)  # never cancels it, never raises its error
 
+    async def reread_credentials(self) -> None:
+        """Read every route's credential from the store again, now (bounded like start-up's
+        read): after `set-key`, `login` or `logout` changed the store, so a `status` asked right
+        after shows the new credential, not what was read before."""
+        for cred in self.credentials.values():
+            cred.invalidate()
+        reads = [asyncio.ensure_future(cred.prepare()) for cred in self.credentials.values()]
+        for task in reads:  # a failed read is the credential's own state to show, never an error here
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if reads:
+            await asyncio.wait(reads, timeout=STATUS_WAIT_S)  # never cancels them
+
     async def close(self) -> None:
         if self._warmup is not None:
             self._warmup.cancel()

@@ -38,6 +38,7 @@ class ClientCredentialsCredential(Credential):
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self.refreshes = 0
+        self._stale = True  # prepare() looks whether a client secret is there
         self.reason = "no token minted yet"
         self.state = AuthState.READY
 
@@ -52,6 +53,26 @@ class ClientCredentialsCredential(Credential):
 
     def invalidate(self) -> None:
         self._expires_at = 0.0  # the secret may have changed: mint with it next time
+        self._stale = True
+
+    async def prepare(self) -> None:
+        """Whether a client secret is stored (no network: a token is minted on first use), so
+        `status` tells a missing secret, and one just stored by `set-key`, before any request."""
+        if not self._stale:
+            return
+        self._stale = False
+        found = await asyncio.to_thread(
+            resolve, self.auth.client_secret, SECRET_ACCOUNT.format(route=self.route), self._store
+        )
+        if found.value is None:
+            if self._token is None and self.state is not AuthState.REFRESHING:
+                self.state = AuthState.NO_CREDENTIAL
+                self.reason = f"no client secret: {found.reason}; {self._fix()}"
+            return
+        self._secrets.add(found.value)
+        if self.state is AuthState.NO_CREDENTIAL:
+            self.state = AuthState.READY
+            self.reason = "client secret stored; a token is minted on the first request"
 
     def _valid(self, now: float) -> bool:
         return self._token is not None and now < self._expires_at

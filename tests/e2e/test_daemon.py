@@ -140,6 +140,45 @@ async def test_run_forward_status_and_live_key_pickup(upstream: Upstream, daemon
     assert [a["status"] for a in audit] == [503, 200]
 
 
+async def test_status_right_after_set_key_shows_the_new_credential(
+    upstream: Upstream, daemon_factory: Any
+) -> None:
+    """`set-key` tells the running daemon, which reads the store before it answers: a `status`
+    asked next shows the new key, with no agent request in between to trigger a read."""
+    platform = {
+        "name": "platform",
+        "prefix": "/api/v2",
+        "upstream": upstream.url + "/api/v2",
+        "auth": {
+            "type": "client_credentials",
+            "token_url": upstream.url + "/api/v2/oauth/token",
+            "client_id": "test_client_1",
+            "client_secret": "keyring",
+        },
+    }
+    api = {"name": "api", "prefix": "/", "upstream": upstream.url, "auth": {"type": "api_key"}}
+    d: DaemonProc = daemon_factory(api_config(upstream.url, routes=[api, platform]))
+    await d.start()
+
+    async def states() -> dict[str, tuple[str, str | None]]:
+        rc, out, err = await cli("status", "--config", str(d.config), "--json")
+        assert rc == 0, err
+        return {r["name"]: (r["state"], r["mode"]) for r in json.loads(out)["routes"]}
+
+    assert await states() == {"api": ("no_credential", None), "platform": ("no_credential", None)}
+    rc, out, err = await cli("set-key", "api", "--config", str(d.config), "--stdin", stdin=TEST_KEY.encode())
+    assert rc == 0, err
+    assert "the running daemon picked it up" in out
+    assert await states() == {"api": ("ready", "test"), "platform": ("no_credential", None)}
+    rc, out, err = await cli(
+        "set-key", "platform", "--config", str(d.config), "--stdin", stdin=b"acs_FAKEclientSecret0123456789"
+    )
+    assert rc == 0, err
+    assert await states() == {"api": ("ready", "test"), "platform": ("ready", None)}
+    assert upstream.seen == []  # no token was minted, no request forwarded: the store was read
+    assert_no_secret(d.stderr)
+
+
 async def test_sigterm_drains_in_flight_requests(upstream: Upstream, daemon_factory: Any) -> None:
     store_key(TEST_KEY)
     started = asyncio.Event()

@@ -23,7 +23,7 @@ from mcp import Client, MCPError
 
 from broker.auth.oauth import OAuthError, discover
 from tests.conftest import Broker, BrokerFactory, assert_no_secret, write_config
-from tests.e2e.conftest import CLI, free_port
+from tests.e2e.conftest import CLI, cli, free_port
 from tests.mcp_upstream import McpUpstream, run_mcp_upstream
 
 MODES = ["legacy", "auto"]
@@ -162,6 +162,31 @@ async def test_login_then_mcp_tools_through_the_broker(
     assert route["scopes"] == ["cards"]
     assert route["subject"] is None or route["subject"] == "alice@example.test"
     assert route["expires_at"] is not None
+
+
+async def test_status_right_after_login_shows_the_login(
+    make_broker: BrokerFactory, upstream_mcp: McpUpstream, tmp_path: Path
+) -> None:
+    """`login` tells the running daemon, which reads the new tokens before it answers: `status`
+    right after shows the route ready, with no agent request in between."""
+    doc = mcp_config(upstream_mcp)
+    await make_broker(doc)
+    cfg_path = write_config(tmp_path / "c.yaml", doc)
+
+    async def route_status() -> dict[str, Any]:
+        rc, out, err = await cli("status", "--config", str(cfg_path), "--json")
+        assert rc == 0, err
+        return dict(json.loads(out)["routes"][0])
+
+    assert (await route_status())["state"] == "no_credential"
+    rc, _out, err = await login(cfg_path)
+    assert rc == 0, err
+    route = await route_status()
+    assert route["state"] == "ready", route
+    assert route["reason"] == f"logged in to {upstream_mcp.base}"
+    assert route["scopes"] == ["cards"]
+    assert route["expires_at"] is not None
+    assert upstream_mcp.recorder.calls.get(("POST", "/mcp"), 0) == 0  # no agent request came
 
 
 async def test_oauth_discovery_never_reaches_the_agent(
