@@ -129,10 +129,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(cfg.log.level, cfg.log.format, secrets)
     try:  # optional extra `fast`: a faster event loop for the hot path, same behaviour
         import uvloop
-
-        return int(uvloop.run(server.serve(cfg, secrets, hardening)))
     except ImportError:
+        # only the missing extra falls back: an ImportError raised while the daemon runs is a
+        # fault to report, never a reason to start it a second time
         return asyncio.run(server.serve(cfg, secrets, hardening))
+    return int(uvloop.run(server.serve(cfg, secrets, hardening)))
 
 
 # ---------------------------------------------------------------- check

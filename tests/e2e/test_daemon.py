@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,48 @@ async def test_run_refuses_bad_config_with_exit_78(tmp_path: Path) -> None:
     rc, out, err = await cli("run", "--config", str(cfg))
     assert rc == 78
     assert "chmod go-w" in err
+
+
+FAIL_ONE_IMPORT = """
+import importlib.abc, sys
+
+class FailOnce(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "broker.auth.api_key":  # imported when run builds the route's credential
+            sys.meta_path.remove(self)
+            raise ImportError("a module imported inside run is missing", name=name)
+        return None
+
+sys.meta_path.insert(0, FailOnce())
+from broker.cli import main
+sys.exit(main(["run", "--config", sys.argv[1]]))
+"""
+
+
+async def test_an_import_error_inside_run_is_not_a_second_start(upstream: Upstream, tmp_path: Path) -> None:
+    """Only the import of the optional uvloop falls back to asyncio: an ImportError from inside
+    the daemon is a fault that ends `run`, not a reason to start the daemon again."""
+    cfg = write_config(
+        tmp_path / "c.yaml", {**api_config(upstream.url), "listen": [f"127.0.0.1:{free_port()}"]}
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FAIL_ONE_IMPORT, str(cfg),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr
+    lines: list[str] = []
+    try:
+        while line := await asyncio.wait_for(proc.stderr.readline(), 30):
+            lines.append(line.decode())
+            assert "broker.ready" not in lines[-1], "the daemon was started again:\n" + "".join(lines)
+        rc = await asyncio.wait_for(proc.wait(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    err = "".join(lines)
+    assert rc == 1, err
+    assert err.count("ImportError: a module imported inside run is missing") == 1, err
 
 
 async def test_port_in_use_is_a_clear_error(upstream: Upstream, daemon_factory: Any) -> None:
