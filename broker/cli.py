@@ -433,7 +433,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             who = f"account {r['subject']}, " if r.get("subject") else ""
             scopes = " ".join(r.get("scopes") or []) or "-"
             print(f"{r['name']}: {who}scopes {scopes}, refreshes {r.get('refreshes', 0)}")
+    for r in doc["routes"]:
+        budget = r.get("budget")
+        if isinstance(budget, dict):
+            print(
+                f"{r['name']}: budget {_cents(budget.get('used'))} of {_cents(budget.get('amount_cents'))} "
+                f"cents used per {budget.get('per')}, {_cents(budget.get('left'))} left"
+            )
     return 0
+
+
+def _cents(value: Any) -> str:
+    """Cents as a whole number when they are whole (a daemon may send 3000.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 # ---------------------------------------------------------------- service files

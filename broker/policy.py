@@ -64,7 +64,11 @@ def path_segments(raw_path: str) -> tuple[str, ...]:
 
 
 class BudgetLedger:
-    """Amounts let through per route, with timestamps, in one JSON file (atomic replace)."""
+    """Amounts let through per route, with timestamps, in one JSON file (atomic replace).
+
+    Amounts are cents: kept (and written) as integers when whole, so `status` shows 3000, not
+    3000.0; a file written with floats (3000.0) is read the same.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -74,24 +78,33 @@ class BudgetLedger:
             raw = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(raw, dict):
                 self._entries = {
-                    str(k): [[float(e[0]), float(e[1])] for e in v if isinstance(e, list) and len(e) == 2]
+                    str(k): [
+                        [float(e[0]), self.cents(float(e[1]))]
+                        for e in v
+                        if isinstance(e, list) and len(e) == 2
+                    ]
                     for k, v in raw.items()
                     if isinstance(v, list)
                 }
         except (OSError, ValueError, TypeError):
             self._entries = {}
 
+    @staticmethod
+    def cents(amount: float) -> float:
+        """`amount` as an int when it is whole (3000.0 -> 3000): cents are shown as integers."""
+        return int(amount) if isinstance(amount, float) and amount.is_integer() else amount
+
     def used(self, route: str, window_s: float, now: float) -> float:
-        return sum(a for t, a in self._entries.get(route, []) if t > now - window_s)
+        return self.cents(sum(a for t, a in self._entries.get(route, []) if t > now - window_s))
 
     def reserve(self, route: str, amount: float, limit: float, window_s: float, now: float) -> float | None:
         """Record `amount` if it fits under `limit` in the window. Returns the amount used before."""
         with self._lock:
             entries = [e for e in self._entries.get(route, []) if e[0] > now - window_s]
-            used = sum(a for _, a in entries)
+            used = self.cents(sum(a for _, a in entries))
             if used + amount > limit:
                 return None
-            entries.append([now, amount])
+            entries.append([now, self.cents(amount)])
             self._entries[route] = entries
             self._save()
             return used
@@ -354,12 +367,12 @@ class RoutePolicy:
         p = self.policy
         now = time.time()
         if p.budget is not None:
-            used = self.ledger.used(self.route, p.budget.seconds, now)
+            used = self.ledger.used(self.route, p.budget.seconds, now)  # an int when whole
             out["budget"] = {
                 "amount_cents": p.budget.amount,
                 "per": p.budget.text,
                 "used": used,
-                "left": max(0.0, p.budget.amount - used),
+                "left": BudgetLedger.cents(max(0, p.budget.amount - used)),
             }
         if p.rate is not None:
             out["rate"] = {"requests": p.rate.amount, "per": p.rate.text}

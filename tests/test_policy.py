@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,10 +15,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client
 
-from broker.config import DEFAULT_AMOUNT_FIELDS, Policy
+from broker.config import DEFAULT_AMOUNT_FIELDS, Policy, state_dir
 from broker.errors import BrokerError
 from broker.policy import BudgetLedger, RoutePolicy, filter_tools_list
-from tests.conftest import LIVE_KEY, TEST_KEY, BrokerFactory, Upstream, api_config, store_key
+from tests.conftest import (
+    LIVE_KEY,
+    TEST_KEY,
+    BrokerFactory,
+    Upstream,
+    api_config,
+    store_key,
+    write_config,
+)
+from tests.e2e.conftest import cli
 from tests.mcp_upstream import McpUpstream, run_mcp_upstream
 
 
@@ -124,6 +135,42 @@ async def test_budget_survives_restart_and_refunds_failures(
     assert budget == {"amount_cents": 10000, "per": "24h", "used": 10000, "left": 0}
     async with second.request("POST", "/api/v1/cards", json={"amount_cents": 1}) as r:
         assert "budget" in (await r.json())["error"]["message"]
+
+
+async def test_budget_cents_are_whole_numbers_and_an_old_ledger_file_is_read(
+    make_broker: BrokerFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Cents show as integers (3000, never 3000.0) in /_broker/status, `status` and `status
+    --json`, and in refusals; a ledger file written with floats by earlier versions still counts."""
+    store_key(TEST_KEY)
+    ledger = state_dir() / "budgets.json"
+    ledger.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ledger.write_text(json.dumps({"api": [[time.time() - 60, 1000.0]]}))  # as earlier versions wrote it
+    doc = with_policy(upstream, {"budget": {"amount_cents": 20000, "per": "24h"}})
+    b = await make_broker(doc)
+    async with b.request("POST", "/api/v1/cards", json={"amount_cents": 2000}) as r:
+        assert r.status == 200
+    async with b.request("GET", "/_broker/status") as r:
+        raw = await r.text()
+    budget = json.loads(raw)["routes"][0]["budget"]
+    assert budget == {"amount_cents": 20000, "per": "24h", "used": 3000, "left": 17000}
+    assert '"used": 3000,' in raw and '"left": 17000' in raw
+    async with b.request("POST", "/api/v1/cards", json={"amount_cents": 18000}) as r:
+        assert r.status == 403
+        message = (await r.json())["error"]["message"]
+    assert "3000 of 20000 used in the last 24h; this request needs 18000" in message
+
+    cli_config = write_config(tmp_path / "cli.yaml", {**doc, "listen": [f"127.0.0.1:{b.port}"]})
+    rc, out, err = await cli("status", "--config", str(cli_config))
+    assert rc == 0, err
+    assert "api: budget 3000 of 20000 cents used per 24h, 17000 left" in out
+    rc, out, err = await cli("status", "--config", str(cli_config), "--json")
+    assert rc == 0, err
+    assert '"used": 3000,' in out and '"left": 17000' in out
+    assert ".0," not in out.split('"budget"')[1]
+    await b.daemon.stop()
+    assert [a for _, a in json.loads(ledger.read_text())["api"]] == [1000, 2000]
+    assert ".0]" not in ledger.read_text()
 
 
 async def test_concurrent_spending_stops_exactly_at_the_budget(
