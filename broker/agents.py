@@ -1,16 +1,16 @@
-"""The agents' side of the broker: an HTTP/1.1 server written on asyncio's Protocol API.
+"""The agents' side of the broker: an HTTP/1.1 server on asyncio's Protocol API, its framing
+parsed by llhttp (through httptools, as uvicorn's `httptools_impl` does).
 
-Owns: reading agents' requests (strict RFC 9112 parsing: one request line, field lines without
-obs-fold, bare CR/LF or NUL, a head size limit), request bodies with flow control (Content-Length
-or chunked; any other or ambiguous framing is refused), keep-alive and pipelined requests one at a
-time, writing answers (whole in one write, or streamed: chunked for HTTP/1.1, close-delimited for
-HTTP/1.0), `100 Continue` when asked, closing idle connections, and shutting down with in-flight
-requests given time to finish. Must never: guess a request's framing, leave an unread body on a
-connection that is reused, or put anything but the handler's answer on the wire.
-
-aiohttp's web server did this before; at the broker's request rates its per-request machinery was
-about a third of the broker's CPU, and at low rates (each request finding cold caches) every line
-run per request counts. What remains here is what the broker uses.
+Owns: reading agents' requests (llhttp's strict parse, and on top of it what the broker refuses
+that llhttp lets through: methods outside RFC 9110 + PATCH, targets that are not origin-form
+VCHARs, a `#fragment`, `%00`, HTTP/0.9 and 2.0 request lines, transfer codings other than exactly
+`chunked` or on HTTP/1.0, heads and trailers over the size limit), request bodies with flow control
+and an inactivity clock, keep-alive and pipelined requests answered one at a time, writing answers
+(whole in one write, or streamed: chunked for HTTP/1.1, close-delimited for HTTP/1.0) and holding
+every answer to the Content-Length it declared, `100 Continue` when asked, closing idle connections
+(a half-sent head gets 408 first), and shutting down with in-flight requests given time to finish.
+Must never: guess a request's framing, leave an unread body on a connection that is reused, or put
+anything but the handler's answer on the wire.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from typing import Any, cast
 
+import httptools
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 from yarl import URL
@@ -39,20 +40,26 @@ SWEEP_S = 5.0  # how often idle connections are looked for
 REQUEST_LINE_MAX = 8 * 1024  # allowed on top of limits.max_header_bytes for the request line
 BODY_HIGH = 256 * 1024  # request body bytes held before the agent's socket is paused
 BACKLOG = 1024
-NO_BODY_STATUS = frozenset({204, 304})
+NO_BODY_STATUS = http1.NO_BODY_STATUS
 REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-_REQUEST_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f]+) HTTP/1\.([01])(?=\r\n|$)")
-_CTL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters a field may not hold
+# RFC 9110 §9 plus PATCH (RFC 5789): the methods the broker reads at all. Of those, CONNECT (a
+# tunnel) and TRACE (an echo of the request, credential included) are never forwarded.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+# origin-form of VCHARs only (RFC 9112 §3.2.1): no fragment, no raw non-ASCII, no controls
+_ORIGIN_FORM = re.compile(r"/[!\"$-~]*")
+_METHOD_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ ")
 
 
 class BadRequest(Exception):
     """A request the broker cannot read: answered with `status` and the connection closed."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, code: str = "bad_request") -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 class AgentGone(ConnectionResetError):
@@ -70,98 +77,55 @@ def http_date() -> str:
     return _date_cache[1]
 
 
+def check_target(target: str) -> None:
+    """Refuse a request target the broker will not reason about (SPEC: origin-form VCHARs)."""
+    if _ORIGIN_FORM.fullmatch(target) is None:
+        if not target.startswith("/"):
+            raise BadRequest(
+                "absolute-form and asterisk-form request targets are refused; the destination comes "
+                "from the broker's config, send a plain path"
+            )
+        raise BadRequest("the request target must be a path of visible ASCII characters, without a #fragment")
+    if "%00" in target:
+        raise BadRequest("an encoded NUL (%00) is not allowed in the request target")
+
+
+def check_method(method: str) -> None:
+    if method not in FORWARDED_METHODS:
+        if method in REFUSED_METHODS:
+            raise BadRequest(f"{method} is not forwarded by the broker", 405, "method_not_allowed")
+        raise BadRequest(
+            "the broker forwards GET, HEAD, POST, PUT, DELETE, OPTIONS and PATCH", 501, "method_not_allowed"
+        )
+
+
 # ---------------------------------------------------------------- request bodies
 
 
 class Body:
-    """A request body as it arrives: `iter_any()` yields chunks, bounded by BODY_HIGH in memory."""
+    """A request body as llhttp hands it over: `iter_any()` yields chunks, bounded by BODY_HIGH
+    in memory, each wait for more bounded by the connection's inactivity timeout."""
 
-    __slots__ = (
-        "_chunked",
-        "_conn",
-        "_error",
-        "_held",
-        "_left",
-        "_line",
-        "_parts",
-        "_state",
-        "_waiter",
-        "done",
-    )
+    __slots__ = ("_conn", "_error", "_held", "_parts", "_waiter", "done", "received")
 
-    def __init__(self, conn: AgentConnection | None, length: int, chunked: bool) -> None:
+    def __init__(self, conn: AgentConnection | None, done: bool = False) -> None:
         self._conn = conn
-        self._left = length  # Content-Length bytes still to come, or the current chunk's rest
-        self._chunked = chunked
-        self._state = 0  # chunked: 0 size line, 1 data, 2 CRLF after data, 3 trailer lines
-        self._line = b""
         self._parts: deque[bytes] = deque()
         self._held = 0
-        self.done = not chunked and length == 0
+        self.received = 0  # body bytes llhttp handed over so far
+        self.done = done
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
-    def feed(self, data: bytes) -> bytes:
-        """Take this body's bytes from `data`; return what follows it (a pipelined request)."""
-        if not self._chunked:
-            n = self._left
-            take, rest = (data, b"") if len(data) <= n else (data[:n], data[n:])
-            self._left = n - len(take)
-            self._push(take)
-            if self._left == 0:
-                self._finish()
-            return rest
-        return self._feed_chunked(data)
+    def push(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._held += len(data)
+        self.received += len(data)
+        if self._held > BODY_HIGH and self._conn is not None:
+            self._conn.pause_reading()
+        self._wake()
 
-    def _feed_chunked(self, data: bytes) -> bytes:
-        pos = 0
-        end = len(data)
-        while pos < end and not self.done:
-            if self._state == 1:  # chunk data
-                take = min(self._left, end - pos)
-                self._push(data[pos : pos + take])
-                pos += take
-                self._left -= take
-                if self._left == 0:
-                    self._state = 2
-                continue
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                self._line += data[pos:]
-                if len(self._line) > http1.MAX_CHUNK_LINE:
-                    raise BadRequest("a chunk-size or trailer line is too long")
-                return b""
-            line = self._line + data[pos:nl]
-            self._line = b""
-            pos = nl + 1
-            if not line.endswith(b"\r") or b"\r" in line[:-1]:
-                raise BadRequest("a chunked body line does not end with CRLF")
-            line = line[:-1]
-            if len(line) > http1.MAX_CHUNK_LINE:
-                raise BadRequest("a chunk-size or trailer line is too long")
-            if self._state == 0:
-                size = line.split(b";", 1)[0]
-                if not size or len(size) > 16 or not set(size) <= http1.HEX:
-                    raise BadRequest("a chunk size is not hexadecimal")
-                self._left = int(size, 16)
-                self._state = 1 if self._left else 3
-            elif self._state == 2:
-                if line:
-                    raise BadRequest("a chunk is longer than its size says")
-                self._state = 0
-            elif not line:  # state 3: the empty line after the trailers ends the body
-                self._finish()
-        return data[pos:]
-
-    def _push(self, data: bytes) -> None:
-        if data:
-            self._parts.append(data)
-            self._held += len(data)
-            if self._held > BODY_HIGH and self._conn is not None:
-                self._conn.pause_reading()
-            self._wake()
-
-    def _finish(self) -> None:
+    def finish(self) -> None:
         self.done = True
         self._wake()
 
@@ -187,15 +151,29 @@ class Body:
                 return b""
             if self._error is not None:
                 raise self._error
-            if self._conn is not None:
-                self._conn.resume_reading()  # nothing is held: whatever paused reading, read now
-                self._conn.body_wanted()
-            loop = self._conn.server.loop if self._conn is not None else asyncio.get_running_loop()
-            self._waiter = loop.create_future()
+            conn = self._conn
+            if conn is None:
+                raise AgentGone("the body has no connection")
+            conn.resume_reading()  # nothing is held: whatever paused reading, read now
+            conn.body_wanted()
+            loop = conn.server.loop
+            waiter = self._waiter = loop.create_future()
+            idle = conn.server.body_idle()
+            timer = loop.call_later(idle, self._stalled, waiter, idle)
             try:
-                await self._waiter
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
+
+    def _stalled(self, waiter: asyncio.Future[None], idle: float) -> None:
+        if not waiter.done() and not self.done and not self._parts:
+            self._error = BrokerError(
+                "request_timeout", f"the request body stalled for over timeouts.idle ({idle:g}s)"
+            )
+            waiter.set_result(None)
+            if self._conn is not None:
+                self._conn.abandon_body()
 
     async def iter_any(self) -> AsyncIterator[bytes]:
         while chunk := await self.readany():
@@ -205,7 +183,7 @@ class Body:
         return b"".join([chunk async for chunk in self.iter_any()])
 
 
-_NO_BODY = Body(None, 0, False)
+_NO_BODY = Body(None, done=True)
 
 
 # ---------------------------------------------------------------- requests
@@ -236,6 +214,7 @@ class Request:
         raw_path: str,
         version: tuple[int, int],
         pairs: list[tuple[str, str]],
+        keep_alive: bool = True,
     ) -> None:
         self._conn = conn
         self.method = method
@@ -250,9 +229,8 @@ class Request:
         # called when the agent's connection is lost while this request is answered: a stream
         # waiting on a quiet upstream stops waiting
         self.on_gone: Callable[[], object] | None = None
-        listed = http1.tokens(self.headers.getall("Connection")) if "Connection" in self.headers else ()
-        # HTTP/1.1 stays open unless told `close`; HTTP/1.0 only when told `keep-alive`
-        self.keep_alive = "close" not in listed if version == (1, 1) else "keep-alive" in listed
+        # llhttp's reading: HTTP/1.1 stays open unless told `close`; 1.0 only when told `keep-alive`
+        self.keep_alive = keep_alive
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -287,42 +265,6 @@ class Request:
             self._conn.write(CONTINUE)
 
 
-def parse_head(conn: AgentConnection, head: bytes) -> Request:
-    """A request from its head (request line and field lines, without the final CRLF CRLF)."""
-    text = head.decode("latin-1")
-    m = _REQUEST_LINE.match(text)
-    if m is None:
-        raise BadRequest("the request line is not `METHOD target HTTP/1.x`")
-    pairs = http1.field_lines(text[m.end() :], _CTL)
-    if pairs is None:
-        raise BadRequest(
-            "a header line is malformed (obs-fold, a space before the colon, a bare CR or LF, a control"
-            " character)"
-        )
-    req = Request(conn, m.group(1), m.group(2), (1, int(m.group(3))), pairs)
-    headers = req.headers
-    te = headers.getall("Transfer-Encoding", None)
-    lengths = headers.getall("Content-Length", None)
-    if te is not None:
-        if lengths is not None:
-            raise BadRequest("both Transfer-Encoding and Content-Length: the framing is ambiguous")
-        codings = http1.tokens(te)
-        if codings != ["chunked"] or req.version < (1, 1):
-            raise BadRequest(
-                "only Transfer-Encoding: chunked is accepted (HTTP/1.1)", 501 if codings else 400
-            )
-        req.content = Body(conn, 0, True)
-        req.body_exists = True
-    elif lengths is not None:
-        req.content_length = http1.content_length(lengths)
-        if req.content_length is None:
-            raise BadRequest("the Content-Length is invalid")
-        if req.content_length:
-            req.content = Body(conn, req.content_length, False)
-            req.body_exists = True
-    return req
-
-
 # ---------------------------------------------------------------- responses
 
 
@@ -343,6 +285,7 @@ class StreamResponse:
         self._no_body = False
         self._pending: bytes | None = None  # the head, when it waits for the first body bytes
         self._eof = False
+        self._left = -1  # body bytes the declared Content-Length still owes; -1: none declared
 
     async def prepare(self, request: Request) -> None:
         if self.prepared:
@@ -375,6 +318,10 @@ class StreamResponse:
             headers["Connection"] = "keep-alive"
         if "Date" not in headers:
             headers["Date"] = http_date()
+        if not self._no_body and not self._chunked:
+            declared = headers.get("Content-Length")
+            if declared is not None:
+                self._left = int(declared) if declared.isdigit() else 0
         reason = REASONS.get(status, "Unknown")
         lines = [f"HTTP/1.{request.version[1]} {status} {reason}\r\n"]  # 1.0 answered in 1.0
         lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
@@ -394,7 +341,23 @@ class StreamResponse:
     def _framed(self, data: bytes) -> bytes:
         if self._no_body or not data:
             return b""
-        return b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
+        if self._chunked:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        if self._left >= 0:
+            if len(data) > self._left:
+                self._cut("the answer is longer than its Content-Length")
+            self._left -= len(data)
+        return data
+
+    def _cut(self, why: str) -> None:
+        """End the connection: an answer that broke its own framing must not be read as whole, and
+        the agent's next request must never read this one's bytes as its answer."""
+        conn = self._conn
+        if conn is not None:
+            conn.closing = True
+            if conn.transport is not None:
+                conn.transport.abort()
+        raise AgentGone(why)
 
     async def write(self, data: bytes) -> None:
         conn = self._conn
@@ -415,6 +378,10 @@ class StreamResponse:
         out = self._framed(data)
         if self._chunked:
             out += b"0\r\n\r\n"
+        elif self._left > 0:
+            if self._pending is not None:  # nothing went out yet: the head is dropped with the rest
+                self._pending = None
+            self._cut("the answer is shorter than its Content-Length")
         if self._pending is not None:
             out, self._pending = self._pending + out, None
         if out:
@@ -457,25 +424,39 @@ class Response(HeadersWithBody):
 
 
 Handler = Callable[[Request], Awaitable[StreamResponse]]
+_HEAD, _BODY, _DONE = 0, 1, 2  # where llhttp is in the message it reads
+_CHUNK_LINE_MAX = 4096  # a chunk-size line with its extensions
 
 
 class AgentConnection(asyncio.Protocol):
-    """One agent connection: reads requests one at a time, writes each answer, keeps alive."""
+    """One agent connection: llhttp reads its requests, each is answered in turn, keeps alive.
+
+    llhttp calls the `on_*` methods below while `data_received` feeds it; a request that arrives
+    while another is answered (pipelining) waits in `_waiting`, with reading paused.
+    """
 
     def __init__(self, server: AgentServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.closing = False  # set at shutdown: close after the current answer
+        self.closing = False  # set at shutdown or after a framing error: close after the current answer
         self.idle_since = 0.0
-        self._buf = bytearray()
+        self._parser = httptools.HttpRequestParser(self)
+        self._phase = _DONE
+        self._url = b""
+        self._pairs: list[tuple[str, str]] = []
+        self._head_size = 0  # bytes of the head (or the trailers) read so far
+        self._framing = 0  # bytes fed in the body phase that were not body: chunk lines, trailers
+        self._chunks = 0
+        self._reading: Request | None = None  # the request llhttp is reading
         self._request: Request | None = None  # the request being answered
-        self._body: Body | None = None  # its body, while it is still arriving
+        self._waiting: deque[Request] = deque()  # pipelined requests, read and not yet answered
         self._task: asyncio.Task[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
         self._lost = False
         self._eof = False  # the agent sent all it will send
+        self._broken = False  # a framing error: nothing more is read from this connection
         self.answering = False  # the current answer's head went out
 
     # -- asyncio callbacks
@@ -492,35 +473,148 @@ class AgentConnection(asyncio.Protocol):
                 log.warning("broker.connection_lookup_failed", exc_info=True)
 
     def data_received(self, data: bytes) -> None:
-        body = self._body
-        if body is not None:
-            try:
-                rest = body.feed(data)
-            except BadRequest as exc:
-                # whoever reads the body answers 400 (a BrokerError); nothing after it is read
-                body.fail(BrokerError("bad_request", f"the request body cannot be read: {exc}"))
-                self._body = None
-                self._buf.clear()
-                self.closing = True
-                if self._request is not None:
-                    self._request.keep_alive = False
-                self.pause_reading()
-                return
-            if body.done:
-                self._body = None
-            if rest:
-                self._buf += rest
+        if self._broken:
             return
-        self._buf += data
+        phase = self._phase
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # CONNECT or `Upgrade:` (refused or answered as plain HTTP): llhttp stops reading here,
+            # so nothing after this request is read; the connection closes after its answer
+            self._stop_reading(None)
+            return
+        except httptools.HttpParserError as exc:
+            self._framing_error(_parse_error(exc, data if phase == _DONE else b""))
+            return
+        if self._phase == _HEAD and phase != _BODY:
+            self._head_size += len(data)  # llhttp holds a header being read: bound it as it grows
+            if self._head_size > self.server.max_head():
+                self._framing_error(BadRequest("the request head is too large", 431, "request_too_large"))
+        elif self._phase == _BODY:
+            self._framing += len(data)
+            if self._framing > (self._chunks + 1) * _CHUNK_LINE_MAX + self.server.max_head():
+                self._framing_error(
+                    BadRequest("chunk extensions or trailers are too large", 431, "request_too_large")
+                )
+
+    # -- llhttp callbacks
+    def on_message_begin(self) -> None:
+        self._phase = _HEAD
+        self._url = b""
+        self._pairs = []
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = self._head_size = self._head_size + len(name) + len(value) + 4
+        if size > self.server.max_head():
+            raise BadRequest("the request head is too large", 431, "request_too_large")
+        if self._phase == _HEAD:
+            # OWS around a field value is not part of it (RFC 9110 §5.5); llhttp keeps the trailing part
+            self._pairs.append((name.decode("latin-1"), value.decode("latin-1").rstrip(" \t")))
+        # else: a trailer field, read (and bounded) but never forwarded
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise BadRequest(f"HTTP/{version} is not served: send HTTP/1.1")
+        method = parser.get_method().decode("ascii")
+        check_method(method)
+        target = self._url.decode("latin-1")
+        check_target(target)
+        pairs = self._pairs
+        req = Request(
+            self, method, target, (1, 1) if version == "1.1" else (1, 0), pairs, parser.should_keep_alive()
+        )
+        headers = req.headers
+        if "Transfer-Encoding" in headers:
+            te = headers.getall("Transfer-Encoding")
+            if len(te) != 1 or te[0].lower() != "chunked" or req.version < (1, 1):
+                # RFC 9112 §6.1: a coding the server does not understand is 501
+                raise BadRequest(
+                    "only Transfer-Encoding: chunked is accepted (HTTP/1.1)",
+                    501 if req.version == (1, 1) else 400,
+                )
+            req.content = Body(self)
+            req.body_exists = True
+        elif "Content-Length" in headers:  # llhttp refused a second copy and anything but digits
+            length = int(headers["Content-Length"])
+            req.content_length = length
+            if length:
+                req.content = Body(self)
+                req.body_exists = True
+        if req.body_exists and parser.should_upgrade():
+            # llhttp would read no body after an Upgrade: the broker switches no protocols
+            raise BadRequest("a request with a body cannot ask to Upgrade: send it without Upgrade")
+        self._reading = req
+        self._phase = _BODY
+        self._framing = 0
+        self._chunks = 0
+        self._head_size = 0  # from here on it counts trailer bytes
         if self._request is None:
-            self._next_request()
-        elif len(self._buf) > self.server.max_head():
-            self.pause_reading()  # pipelined requests wait their turn: not held without bound
+            self._start(req)
+        else:
+            self._waiting.append(req)  # pipelined: answered after the one before it
+            self.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        self._framing -= len(body)
+        req = self._reading
+        if req is not None:
+            req.content.push(body)
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
+    def on_message_complete(self) -> None:
+        self._phase = _DONE
+        req, self._reading = self._reading, None
+        if req is not None:
+            req.content.finish()
+
+    # -- errors
+    def _framing_error(self, exc: BadRequest) -> None:
+        """Answer what cannot be read (when nothing else is being answered), then close: nothing
+        after it on this connection can be trusted."""
+        reading = self._reading
+        if reading is not None and reading is not self._request and reading not in self._waiting:
+            reading = None
+        if reading is not None:
+            # a body that broke its framing: whoever reads it answers, the connection closes after
+            reading.content.fail(
+                BrokerError(
+                    exc.code,
+                    f"the request body cannot be read: {exc}",
+                    http_status=exc.status if exc.status != 400 else None,
+                )
+            )
+            reading.keep_alive = False
+            self._stop_reading(exc)
+            return
+        self._stop_reading(exc)
+        if self._request is None:
+            self._reject(exc)
+
+    def _stop_reading(self, exc: BadRequest | None) -> None:
+        self._broken = True
+        self.closing = True
+        for req in (self._reading, *self._waiting):
+            if req is not None:
+                req.keep_alive = False
+        self.pause_reading()
+
+    def abandon_body(self) -> None:
+        """A body stalled past the inactivity timeout: read nothing more, close after the answer."""
+        self._stop_reading(None)
 
     def eof_received(self) -> bool | None:
         self._eof = True
-        if self._body is not None:
-            self._body.fail(AgentGone("the agent closed its connection before the body ended"))
+        reading = self._reading
+        if reading is not None and not reading.content.done:
+            reading.content.fail(AgentGone("the agent closed its connection before the body ended"))
             return None  # the transport closes itself
         if self._request is not None and not self.answering:
             # a half-close after a whole request (`nc -N`): answer it, then close. Once an
@@ -539,8 +633,9 @@ class AgentConnection(asyncio.Protocol):
                 req.on_gone()
             except Exception:  # the connection is gone either way
                 log.warning("broker.on_gone_failed", exc_info=True)
-        if self._body is not None:
-            self._body.fail(AgentGone("the agent closed its connection before the body ended"))
+        reading = self._reading
+        if reading is not None:
+            reading.content.fail(AgentGone("the agent closed its connection before the body ended"))
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(AgentGone("the agent closed its connection"))
             self._drain.exception()  # retrieved here: a writer awaiting it still gets it
@@ -575,7 +670,7 @@ class AgentConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._read_paused and self.transport is not None:
+        if self._read_paused and self.transport is not None and not self._broken and not self._waiting:
             self._read_paused = False
             self.transport.resume_reading()
 
@@ -596,38 +691,8 @@ class AgentConnection(asyncio.Protocol):
             self.transport.close()
 
     # -- requests
-    def _next_request(self) -> None:
-        buf = self._buf
-        while buf[:2] == b"\r\n":  # RFC 9112 §2.2: empty lines before a request line are ignored
-            del buf[:2]
-        if not buf:
-            return
-        end = buf.find(b"\r\n\r\n")
-        limit = self.server.max_head()
-        if end < 0:
-            if len(buf) > limit:
-                self._reject(BadRequest("the request head is too large", 431))
-            return
-        if end > limit:
-            self._reject(BadRequest("the request head is too large", 431))
-            return
-        head = bytes(buf[:end])
-        del buf[: end + 4]
-        try:
-            req = parse_head(self, head)
-        except BadRequest as exc:
-            self._reject(exc)
-            return
+    def _start(self, req: Request) -> None:
         self._request = req
-        body = req.content
-        if not body.done:
-            self._body = body
-            if buf:
-                data = bytes(buf)
-                buf.clear()
-                self.data_received(data)
-        if self._read_paused and (self._body is None or self._body._held <= BODY_HIGH):
-            self.resume_reading()
         self._task = self.server.loop.create_task(self._respond(req))
 
     async def _respond(self, req: Request) -> None:
@@ -659,41 +724,63 @@ class AgentConnection(asyncio.Protocol):
             self._after(req)
 
     def _after(self, req: Request) -> None:
-        """After an answer: close, or wait for (or read) the next request."""
+        """After an answer: close, or answer the next request (read already, or still to come)."""
         self.answering = False
         if not req.content.done:
-            req.keep_alive = False  # an unread body would be read as the next request
-            self._body = None
+            req.keep_alive = False  # the rest of an unread body would be read as the next request
         if not req.keep_alive or self.closing or self._lost or self._eof:
             self.close()
             return
         self.idle_since = self.server.loop.time()
-        if self._buf:
-            self._next_request()
+        if self._waiting:
+            nxt = self._waiting.popleft()
+            self._start(nxt)
+            if not self._waiting:
+                self.resume_reading()
         elif self._read_paused:
             self.resume_reading()
 
+    def expire(self) -> None:
+        """Idle past KEEPALIVE_S: a half-read head is answered 408 first."""
+        if self._phase == _HEAD and self._request is None:
+            self._reject(BadRequest("the request head was not sent in time", 408, "request_timeout"))
+        self.close()
+
     def _reject(self, exc: BadRequest) -> None:
         """Answer a request that cannot be read, then close: nothing after it can be trusted."""
-        code = "request_too_large" if exc.status == 431 else "bad_request"
-        body = error_body(BrokerError(code, str(exc)))
+        body = error_body(BrokerError(exc.code, str(exc), http_status=exc.status))
         reason = REASONS.get(exc.status, "Bad Request")
         head = (
             f"HTTP/1.1 {exc.status} {reason}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{ERROR_HEADER}: {code}\r\nCache-Control: no-store\r\n"
+            f"Content-Length: {len(body)}\r\n{ERROR_HEADER}: {exc.code}\r\nCache-Control: no-store\r\n"
             f"Date: {http_date()}\r\nConnection: close\r\n\r\n"
         )
-        self._buf.clear()
         self.closing = True
-        if self._request is None and self.transport is not None and not self.transport.is_closing():
+        self._broken = True
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.write(head.encode() + body)
         self.close()
 
 
+def _parse_error(exc: httptools.HttpParserError, start: bytes) -> BadRequest:
+    """What llhttp refused, as the answer to give: a check of ours raised inside a callback
+    comes back as the error's context. `start`: the bytes the message began with, if known."""
+    cause = exc.__context__
+    if isinstance(cause, BadRequest):
+        return cause
+    if isinstance(exc, httptools.HttpParserInvalidMethodError) and _METHOD_TOKEN.match(start.lstrip(b"\r\n")):
+        # a well-formed token that is no method llhttp knows (or not in upper case): 501
+        return BadRequest(
+            "the broker forwards GET, HEAD, POST, PUT, DELETE, OPTIONS and PATCH", 501, "method_not_allowed"
+        )
+    if isinstance(exc, httptools.HttpParserCallbackError):
+        return BadRequest("the request cannot be read")
+    return BadRequest(f"the request is malformed: {exc}")
+
+
 def _failed() -> Response:
-    """The answer to a request the handler failed on (500; SPEC has no internal-error code)."""
-    err = BrokerError("bad_request", "the broker failed to answer this request", http_status=500)
-    return error_response(err)
+    """The answer to a request the handler failed on."""
+    return error_response(BrokerError("internal_error", "the broker failed to answer this request"))
 
 
 class AgentServer:
@@ -704,8 +791,10 @@ class AgentServer:
         handler: Handler,
         max_header_bytes: Callable[[], int],
         on_connect: Callable[[asyncio.Transport], object] | None = None,
+        body_idle: Callable[[], float] = lambda: 300.0,
     ) -> None:
         self.handler = handler
+        self.body_idle = body_idle  # seconds a body the broker reads may stall (timeouts.idle)
         self.on_connect = on_connect
         self._max_header_bytes = max_header_bytes
         self.connections: set[AgentConnection] = set()
@@ -725,7 +814,7 @@ class AgentServer:
         now = self.loop.time()
         for conn in list(self.connections):
             if conn.idle and now - conn.idle_since > KEEPALIVE_S:
-                conn.close()
+                conn.expire()
         self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
 
     async def listen_tcp(self, host: str, port: int) -> asyncio.Server:

@@ -17,10 +17,11 @@ if TYPE_CHECKING:
 ERROR_HEADER = "X-Broker-Error"
 JSONRPC_BROKER_ERROR = -32001
 
-# code -> HTTP status (SPEC.md "What agents see", plus bad_request/not_found for malformed
-# requests and unknown /_broker/ paths).
+# code -> HTTP status (SPEC.md "What agents see", plus not_found for unknown /_broker/ paths
+# and peer_not_allowed for a unix-socket peer of another uid).
 STATUS_BY_CODE: dict[str, int] = {
     "bad_request": 400,
+    "request_timeout": 408,
     "host_not_allowed": 403,
     "origin_not_allowed": 403,
     "peer_not_allowed": 403,
@@ -31,7 +32,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "method_not_allowed": 405,
     "request_too_large": 413,
     "rate_limited": 429,
+    "internal_error": 500,
     "upstream_unreachable": 502,
+    "upstream_error": 502,
     "no_credential": 503,
     "needs_login": 503,
     "credential_rejected": 503,

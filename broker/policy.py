@@ -30,7 +30,7 @@ from broker.config import PathRule, Policy
 from broker.errors import BrokerError
 
 MAX_FILTERED_RESPONSE = 16 * 1024 * 1024
-_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
+_UNCHECKABLE = re.compile(r"%(2f|5c|25)", re.IGNORECASE)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -49,7 +49,7 @@ def _match(pattern: tuple[str, ...], path: tuple[str, ...]) -> bool:
         return any(_match(rest, path[i:]) for i in range(len(path) + 1))
     if not path:
         return False
-    return fnmatch.fnmatchcase(path[0], head) and _match(rest, path[1:])
+    return fnmatch.fnmatchcase(path[0], head.lower()) and _match(rest, path[1:])
 
 
 def rule_matches(rule: PathRule, method: str, path_segments: tuple[str, ...]) -> bool:
@@ -57,7 +57,24 @@ def rule_matches(rule: PathRule, method: str, path_segments: tuple[str, ...]) ->
 
 
 def path_segments(raw_path: str) -> tuple[str, ...]:
-    return tuple(unquote(s) for s in raw_path.split("/") if s)
+    """The segments rules are matched against: decoded, in lower case, empty ones (a trailing
+    slash) left out. Upstream frameworks differ in all three (Express matches without regard to
+    case and to a trailing slash), so a rule matches every spelling any of them would serve."""
+    return tuple(unquote(s).lower() for s in raw_path.split("/") if s)
+
+
+def unmatchable(raw_path: str) -> str | None:
+    """Why a path cannot be checked against path rules, or None.
+
+    `;params` (Tomcat and Spring cut them off a segment, Express keeps them), `\\`, `%2F` and
+    `%5C` (read as separators by some servers and proxies) and `%25` (a second decoding turns
+    `det%2561ils` into `details`) each give a path that one upstream reads as another.
+    """
+    if ";" in raw_path:
+        return "path parameters (;) cannot be checked against path rules"
+    if "\\" in raw_path or _UNCHECKABLE.search(raw_path):
+        return "an encoded /, \\ or % in the path cannot be checked against path rules"
+    return None
 
 
 # ---------------------------------------------------------------- the budget ledger
@@ -68,12 +85,28 @@ class BudgetLedger:
 
     Amounts are cents: kept (and written) as integers when whole, so `status` shows 3000, not
     3000.0; a file written with floats (3000.0) is read the same.
+
+    Memory is the truth the next request checks against: a reservation counts the moment it is
+    made, so a concurrent burst never spends past the budget. The file is written by one writer
+    thread, never on the event loop (an fsync can take milliseconds, or seconds on a busy
+    disk, and every agent would wait on it). Each write is a whole snapshot to a temp file,
+    fsynced, renamed over the old one (a crash leaves the old file or the new one, never half
+    of one). A reservation waits, off the loop, until a write that holds it is on disk before
+    its request may be forwarded; changes that arrive meanwhile share the next write. A refund
+    does not wait (losing one in a crash only over-counts). `close()` writes what is pending.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # the writer waits on it for changes
         self._entries: dict[str, list[list[float]]] = {}
+        self._version = 0  # counts changes in memory
+        self._saved = 0  # the last version on disk
+        self._waiters: list[tuple[int, Any, Any]] = []  # (version, loop, future) until it is on disk
+        self._writer: threading.Thread | None = None
+        self._stopping = False
+        self._error: OSError | None = None  # the last write's failure, None once one succeeds
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(raw, dict):
@@ -95,19 +128,30 @@ class BudgetLedger:
         return int(amount) if isinstance(amount, float) and amount.is_integer() else amount
 
     def used(self, route: str, window_s: float, now: float) -> float:
-        return self.cents(sum(a for t, a in self._entries.get(route, []) if t > now - window_s))
-
-    def reserve(self, route: str, amount: float, limit: float, window_s: float, now: float) -> float | None:
-        """Record `amount` if it fits under `limit` in the window. Returns the amount used before."""
         with self._lock:
+            return self.cents(sum(a for t, a in self._entries.get(route, []) if t > now - window_s))
+
+    async def reserve(
+        self, route: str, amount: float, limit: float, window_s: float, now: float
+    ) -> float | None:
+        """Record `amount` if it fits under `limit` in the window. Returns the amount used before,
+        once the reservation is on disk; None (nothing recorded) when it does not fit.
+
+        Raises OSError when the file cannot be written; the reservation is then given back."""
+        with self._lock:  # check and record with no await in between: the next request sees it
             entries = [e for e in self._entries.get(route, []) if e[0] > now - window_s]
             used = self.cents(sum(a for _, a in entries))
             if used + amount > limit:
                 return None
             entries.append([now, self.cents(amount)])
             self._entries[route] = entries
-            self._save()
-            return used
+            version = self._changed()
+        try:
+            await self._on_disk(version)
+        except BaseException:  # not written, or the request was cancelled: it is not forwarded
+            self.refund(route, now, amount)
+            raise
+        return used
 
     def refund(self, route: str, when: float, amount: float) -> None:
         with self._lock:
@@ -115,21 +159,106 @@ class BudgetLedger:
             for i, (t, a) in enumerate(entries):
                 if t == when and a == amount:
                     del entries[i]
-                    self._save()
+                    self._changed()
                     return
 
-    def _save(self) -> None:
+    def close(self) -> OSError | None:
+        """Write what is pending and stop the writer thread (blocking: call it off the loop).
+        Returns the error when the state could not be written. The ledger stays usable."""
+        with self._lock:
+            writer = self._writer
+            self._stopping = True
+            self._wake.notify_all()
+        if writer is not None:
+            writer.join()
+        with self._lock:
+            self._stopping = False
+            return self._error if self._saved != self._version else None
+
+    def _changed(self) -> int:
+        """After a change in memory (lock held): wake the writer. Returns the change's version."""
+        self._version += 1
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="budget-ledger", daemon=True)
+            self._writer.start()
+        self._wake.notify_all()
+        return self._version
+
+    async def _on_disk(self, version: int) -> None:
+        """Wait until a write holding `version` has reached the disk."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        with self._lock:
+            if self._saved >= version:
+                return
+            self._waiters.append((version, loop, done))
+        await done
+
+    def _write_loop(self) -> None:
+        tried = self._saved  # the last version written, or tried and failed
+        while True:
+            with self._lock:
+                while self._version == tried and not self._stopping:
+                    self._wake.wait()
+                if self._version == tried:  # stopping, and nothing new to write
+                    self._writer = None
+                    return
+                version = self._version
+                snapshot = {route: list(entries) for route, entries in self._entries.items()}
+            tried = version
+            error: OSError | None = None
+            try:
+                self._write(snapshot)
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any failure
+                error = exc if isinstance(exc, OSError) else OSError(f"{type(exc).__name__}: {exc}")
+            settled: list[tuple[int, Any, Any]] = []
+            waiting: list[tuple[int, Any, Any]] = []
+            with self._lock:
+                self._error = error
+                if error is None:
+                    self._saved = version
+                for w in self._waiters:  # a failure fails every waiter: nothing they hold is on disk
+                    (settled if error is not None or w[0] <= version else waiting).append(w)
+                self._waiters = waiting
+            for _, loop, done in settled:
+                try:
+                    loop.call_soon_threadsafe(self._settle, done, error)
+                except RuntimeError:  # its loop is closed: nobody waits any more
+                    continue
+
+    @staticmethod
+    def _settle(done: Any, error: OSError | None) -> None:
+        if done.done():  # the waiting request was cancelled
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(OSError(error.errno, f"the budget ledger cannot be written: {error}"))
+
+    def _write(self, entries: dict[str, list[list[float]]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".budgets-", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self._entries, f)
+                json.dump(entries, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)  # a crash leaves the old file or the new one, never half
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        try:  # the rename itself on disk too
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass  # some file systems cannot fsync a directory; the file itself is on disk
+        finally:
+            os.close(dir_fd)
 
 
 # ---------------------------------------------------------------- reading bodies
@@ -296,11 +425,10 @@ class RoutePolicy:
         now = time.time()
         self._rate(now)
         p = self.policy
-        if (p.allow is not None or p.deny) and _ENCODED_SEPARATOR.search(forwarded_path):
-            # an upstream (or a proxy before it) that decodes %2F would see other segments
-            raise _deny(
-                self.route, "allow/deny", "encoded / or \\ in the path cannot be checked against path rules"
-            )
+        if p.allow is not None or p.deny:
+            why = unmatchable(forwarded_path)
+            if why is not None:
+                raise _deny(self.route, "allow/deny", why)
         self._paths(request.method, path_segments(forwarded_path), forwarded_path)
         if p.require_test_mode and (mode == "live" or (has_mode and mode is None)):
             why = (
@@ -341,7 +469,7 @@ class RoutePolicy:
                 raw, ctype, list_ids, self._tool_allowed
             )
         if p.budget is not None and total > 0:
-            used = self.ledger.reserve(self.route, total, p.budget.amount, p.budget.seconds, now)
+            used = await self.ledger.reserve(self.route, total, p.budget.amount, p.budget.seconds, now)
             if used is None:
                 used_now = self.ledger.used(self.route, p.budget.seconds, now)
                 raise _deny(

@@ -40,6 +40,10 @@ HOP_BY_HOP = frozenset({
 REQUEST_DROP = HOP_BY_HOP | {
     "authorization", "cookie", "host", "expect", "accept-encoding",
     "content-length",  # the upstream client frames the body it sends itself
+    # the broker is the edge: an agent does not get to say who or where the request came from
+    "forwarded", "x-real-ip",
+    # nor to make a framework read another method than the one the rules checked
+    "x-http-method-override", "x-http-method", "x-method-override",
 }  # fmt: skip
 RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "www-authenticate"}
 DECODED_DROP = RESPONSE_DROP | {"content-encoding", "content-length"}  # the body was decoded
@@ -50,7 +54,7 @@ SAFE_TO_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_FILTERED = 16 * 1024 * 1024  # an answer a policy rewrites is read whole, up to this
 REPLAY_LIMIT = 1024 * 1024  # bodies up to this are held so a 401 can be retried after a refresh
 WHOLE_LIMIT = 256 * 1024  # an answer already received whole, up to this decoded, goes out in one write
-NO_BODY_STATUS = frozenset({204, 304})
+NO_BODY_STATUS = http1.NO_BODY_STATUS
 
 
 @dataclass(slots=True)
@@ -87,7 +91,8 @@ def upstream_headers(agent: CIMultiDictProxy[str], credential: dict[str, str]) -
     drop = REQUEST_DROP | _connection_tokens(agent) if "Connection" in agent else REQUEST_DROP
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in agent.items():
-        if name.lower() not in drop:
+        lower = name.lower()
+        if lower not in drop and not lower.startswith("x-forwarded-"):
             out.add(name, value)
     out["Accept-Encoding"] = UPSTREAM_ACCEPT_ENCODING
     out.update(credential)  # after filtering: `Connection: Authorization` cannot remove it
@@ -95,14 +100,10 @@ def upstream_headers(agent: CIMultiDictProxy[str], credential: dict[str, str]) -
 
 
 def response_headers(up: upstream.Response, secrets: SecretSet, location: str | None) -> CIMultiDict[str]:
-    encoding = up.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity", *DECODED):
-        # bytes the broker cannot decode cannot be scrubbed: they never reach the agent
-        raise BrokerError(
-            "upstream_unreachable", f"the upstream used an unsupported Content-Encoding {encoding!r}"
-        )
-    # the client decoded the body: its length and encoding no longer describe it
-    drop = RESPONSE_DROP if encoding in ("", "identity") else DECODED_DROP
+    # the client refused any other coding (bytes it cannot decode cannot be scrubbed); a decoded
+    # body's length and encoding no longer describe it
+    encoding = up.headers.get("Content-Encoding", "identity").lower()
+    drop = DECODED_DROP if encoding in DECODED else RESPONSE_DROP
     if "Connection" in up.headers:
         drop = drop | _connection_tokens(up.headers)
     kept = []
@@ -186,6 +187,13 @@ async def _send(
                 raise _too_large(limit, route) from None
             if not exc.sent:
                 ex.maybe_sent = False  # no connection: nothing reached the upstream
+            if isinstance(exc, upstream.BadAnswer):
+                ex.error = "upstream_error"
+                raise BrokerError(
+                    "upstream_error",
+                    f"the upstream's answer is malformed or ambiguously framed: {exc}",
+                    route,
+                ) from None
             # most often a pooled keep-alive connection the upstream had just closed
             if isinstance(exc, upstream.Disconnected) and exc.reused and attempt + 1 < attempts:
                 continue
@@ -252,6 +260,11 @@ async def forward(
 
     try:
         ex.upstream_status = up.status
+        if up.failed:  # broken right after its head, before anything went to the agent
+            ex.error = "upstream_error"
+            raise BrokerError(
+                "upstream_error", "the upstream's answer is malformed or ambiguously framed", route
+            )
         credential.on_upstream_status(up.status)
         if up.status == 401:
             # an agent seeing 401/WWW-Authenticate would start its own OAuth against AgentCard

@@ -20,6 +20,7 @@ from broker.errors import BrokerError
 MAX_DECODES = 8
 TARGET_CACHE = 1024
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+_EMPTY_SEGMENTS = re.compile(r"/{2,}")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -30,12 +31,16 @@ def _normalize_pct(m: re.Match[str]) -> str:
 
 @functools.lru_cache(maxsize=4096)  # agents ask for the same few paths over and over
 def normalize_path(raw: str) -> str:
-    """RFC 3986 §6.2.2: decode percent-encoded unreserved characters, uppercase the rest.
+    """The one canonical path that routing, policies and the upstream all see: RFC 3986 §6.2.2
+    (percent-encoded unreserved characters decoded, the rest in upper case) and empty segments
+    collapsed.
 
     Raises BrokerError(bad_request) for any path that contains a dot-segment, in any encoding
     an upstream might decode (`..`, `%2e%2e`, `..%2f`, `%252e%252e`, backslashes).
     """
-    path = _PCT.sub(_normalize_pct, raw)
+    path = _PCT.sub(_normalize_pct, raw) if "%" in raw else raw
+    if "//" in path:
+        path = _EMPTY_SEGMENTS.sub("/", path)  # `/api//cards` is `/api/cards` to most upstreams
     probe = path
     for _ in range(MAX_DECODES):  # however many times an upstream might decode it
         decoded = unquote(probe)

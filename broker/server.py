@@ -150,6 +150,10 @@ class Runtime:
             self.pool.close()
         for cred in self.credentials.values():
             await cred.close()
+        # the budget ledger's pending writes (refunds) reach the disk before the daemon exits
+        failed = await asyncio.to_thread(self.policies.ledger.close)
+        if failed is not None:
+            log.error("budget.save_failed", path=str(self.policies.ledger.path), error=str(failed))
 
     # ------------------------------------------------------------ reload
 
@@ -202,6 +206,7 @@ class Runtime:
         ex = proxy.Exchange(request_id=rid)
         route_name: str | None = None
         status = 500
+        guarded = False  # refused by the guard: answered without reading a byte of the body
         self.in_flight += 1
         try:
             try:
@@ -209,6 +214,7 @@ class Runtime:
                     request, cfg, snap.hosts_for(guard.listener_port(request))
                 ) or guard.check_peer(request, cfg)
                 if err is not None:
+                    guarded = True
                     raise err
                 header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
                 if header_bytes > cfg.limits.max_header_bytes:
@@ -272,7 +278,7 @@ class Runtime:
                 ex.error = ex.error or err.code
                 if err.code in ("policy_denied", "rate_limited"):
                     ex.detail = err.message  # the audit line says which rule refused it
-                resp = await self._error(request, err, ex)
+                resp = await self._error(request, err, ex, peek=not guarded)
             if not resp.prepared:
                 resp.headers["X-Broker-Request-Id"] = rid
             status = resp.status
@@ -304,15 +310,19 @@ class Runtime:
             raise RuntimeError("Runtime.start() was not awaited")
         return self.pool
 
-    async def _error(self, request: agents.Request, err: BrokerError, ex: proxy.Exchange) -> agents.Response:
-        """The error response; a JSON-RPC error object when the request was JSON-RPC."""
+    async def _error(
+        self, request: agents.Request, err: BrokerError, ex: proxy.Exchange, peek: bool = True
+    ) -> agents.Response:
+        """The error response; a JSON-RPC error object when the request was JSON-RPC. `peek`: the
+        body may be read (bounded in size and by timeouts.idle) for the JSON-RPC id."""
         is_rpc, rpc_id = False, None
         if request.method == "POST" and request.content_type == "application/json":
             doc: Any = None
             length = request.content_length
             raw: bytes | None = ex.body  # held for a policy or a retry: already read
             small = length is None or length <= JSONRPC_PEEK_BYTES
-            if raw is None and ex.bytes_in == 0 and request.body_exists and small:
+            stalled = err.code in ("request_timeout", "bad_request", "request_too_large")
+            if raw is None and peek and not stalled and ex.bytes_in == 0 and request.body_exists and small:
                 raw = await _read_up_to(request, JSONRPC_PEEK_BYTES)
             if raw is not None:
                 with contextlib.suppress(ValueError, RecursionError):
@@ -334,7 +344,7 @@ async def _read_up_to(request: agents.Request, limit: int) -> bytes | None:
             if size > limit:
                 return None
             parts.append(chunk)
-    except ConnectionError:
+    except (ConnectionError, BrokerError):  # gone, stalled past timeouts.idle, or malformed
         return None
     return b"".join(parts)
 
@@ -472,7 +482,10 @@ class Daemon:
         rt = Runtime(config, secrets)
         await rt.start()
         server = agents.AgentServer(
-            rt.handle, lambda: rt.snapshot.config.limits.max_header_bytes, on_connect=_warm_connection
+            rt.handle,
+            lambda: rt.snapshot.config.limits.max_header_bytes,
+            on_connect=_warm_connection,
+            body_idle=lambda: rt.snapshot.config.timeouts.idle,
         )
         sites: dict[Listen, asyncio.Server] = {}
         try:

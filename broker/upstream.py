@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
 import socket
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
+import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -32,9 +32,8 @@ DECODE_STEP = 64 * 1024  # decoded bytes produced per step: a small gzip cannot 
 WRITE_STEP = 64 * 1024
 DRAIN_S = 1.0  # how long the end of an answer nobody reads is waited for, to keep its connection
 DRAIN_BYTES = 256 * 1024  # and how much of it
-NO_BODY_STATUS = frozenset({204, 304})
-_STATUS = re.compile(r"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [^\r\n]*)?(?=\r\n|$)")
-_NUL = re.compile("\x00")  # the one character refused in an answer's field lines
+MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
+NO_BODY_STATUS = http1.NO_BODY_STATUS
 
 
 class UpstreamError(Exception):
@@ -143,6 +142,11 @@ class Response:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+
+    @property
+    def failed(self) -> bool:
+        """The answer is known to be broken already (a malformed chunk right after the head)."""
+        return self._eof and self._exc is not None
 
     # -- read by the proxy
     async def iter_any(self) -> AsyncIterator[bytes]:
@@ -253,8 +257,13 @@ class Response:
             self._finish(BodyBroken("the answer was closed"))
 
 
+class _Stop(Exception):
+    """Raised in an llhttp callback to stop reading: what follows is not ours to read."""
+
+
 class _Conn(asyncio.Protocol):
-    """One connection to an upstream: a request at a time, its answer parsed as bytes arrive."""
+    """One connection to an upstream: a request at a time, its answer read by llhttp as bytes
+    arrive (the `on_*` methods are llhttp's callbacks), with the broker's own checks on top."""
 
     def __init__(self, pool: Pool, key: tuple[str, str, int]) -> None:
         self.pool = pool
@@ -265,13 +274,19 @@ class _Conn(asyncio.Protocol):
         self.reused = False
         self.writing = False  # a streamed upload is under way: an answer now spoils the framing
         self.idle_since = 0.0  # loop time it went back into the pool
-        self._buf = bytearray()
+        self._parser = httptools.HttpResponseParser(self)
+        # RFC 9112 §7.1.1 allows blanks (BWS) between a chunk size and its extensions
+        self._parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
         self._head: asyncio.Future[Response] | None = None
         self._head_request = False  # the request was HEAD: no body follows any answer
-        self._resp: Response | None = None
-        self._mode = ""  # "length", "chunked", "close" while a body is being read
-        self._left = 0  # bytes left of the body (length) or of the chunk (chunked)
-        self._chunk_state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
+        self._resp: Response | None = None  # the answer whose body is being read
+        self._pairs: list[tuple[str, str]] = []
+        self._in_head = False
+        self._head_size = 0  # bytes of the head (or trailers) read so far
+        self._framing = 0  # bytes fed while reading a body that were not body: chunk lines, trailers
+        self._chunks = 0
+        self._interim = False  # the message being read is a 1xx, skipped
+        self._close_delimited = False
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
 
@@ -293,7 +308,7 @@ class _Conn(asyncio.Protocol):
             )
         resp, self._resp = self._resp, None
         if resp is not None:
-            if self._mode == "close":
+            if self._close_delimited:
                 resp._finish()  # the close is the end of this body
             else:
                 resp._finish(BodyBroken("the upstream closed the connection mid-answer"))
@@ -307,17 +322,119 @@ class _Conn(asyncio.Protocol):
             self._drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self._resp is not None and not self._buf:
-            self._body(data)
+        if self.closed:
             return
-        self._buf += data
+        in_body = self._resp is not None
+        if not in_body and not self._in_head and data[:1] in (b"\r", b"\n"):
+            # llhttp skips blank lines before a status line; the broker takes none
+            self._fail(_bad("the upstream's answer does not begin with its status line"))
+            return
         try:
-            self._parse()
-        except UpstreamError as exc:
-            self._fail(exc)
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(_bad("the upstream switched protocols, which the broker never asked for"))
+            return
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Stop):
+                self.abort()  # the answer is whole; what came after it is nobody's
+            elif isinstance(cause, UpstreamError):
+                self._fail(cause)
+            elif self._resp is not None or in_body:
+                self._fail(BodyBroken(f"the upstream's answer body is malformed: {exc}"))
+            else:
+                self._fail(_bad(f"the upstream's answer is malformed: {exc}"))
+            return
+        if self._in_head:
+            self._head_size += len(data)  # llhttp holds a field being read: bound it as it grows
+            if self._head_size > MAX_HEAD:
+                self._fail(_bad("the upstream's answer head is too large"))
+        elif self._resp is not None:
+            self._framing += len(data)
+            if self._framing > (self._chunks + 1) * MAX_CHUNK_LINE + MAX_HEAD:
+                self._fail(BodyBroken("the upstream's chunk extensions or trailers are too large"))
 
     def eof_received(self) -> bool | None:
         return None  # a half-close ends the connection
+
+    # -- llhttp callbacks
+    def on_message_begin(self) -> None:
+        if self._head is None or self._head.done():
+            raise _Stop  # bytes nobody asked for: the connection is not used again
+        self._in_head = True
+        self._pairs = []
+        self._head_size = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = self._head_size = self._head_size + len(name) + len(value) + 4
+        if size > MAX_HEAD:
+            raise _bad("the upstream's answer head is too large")
+        if self._in_head:
+            self._pairs.append((name.decode("latin-1"), value.decode("latin-1").rstrip(" \t")))
+        # else: a trailer field, read and bounded, never passed on
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        status = parser.get_status_code()
+        if parser.get_http_version() not in ("1.1", "1.0") or status < 100:
+            raise _bad("the upstream's status line is not HTTP/1.x")
+        if status < 200:
+            if status == 101:
+                raise _bad("the upstream switched protocols, which the broker never asked for")
+            self._interim = True  # 100 Continue, 103 Early Hints: the real answer follows
+            return
+        headers = CIMultiDictProxy(CIMultiDict(self._pairs))
+        if "Transfer-Encoding" in headers:
+            te = headers.getall("Transfer-Encoding")
+            if len(te) != 1 or te[0].lower() != "chunked":
+                raise _bad("the upstream used a transfer coding other than exactly `chunked`")
+        if "Content-Encoding" in headers:
+            ce = headers.getall("Content-Encoding")
+            if len(ce) != 1 or ce[0].lower() not in ("gzip", "deflate", "identity"):
+                # bytes the broker cannot decode cannot be scrubbed: they never reach the agent
+                raise _bad("the upstream used several, empty or unknown Content-Encoding values")
+        if "Content-Length" in headers and len(headers["Content-Length"]) > 15:
+            raise _bad("the upstream's Content-Length is out of range")
+        # HTTP/1.0 connections are not kept, whatever they say: few servers of 1.0 mean it
+        keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
+        no_body = self._head_request or status in NO_BODY_STATUS
+        self._close_delimited = not no_body and not (
+            "Transfer-Encoding" in headers or "Content-Length" in headers
+        )
+        if self._close_delimited:
+            keep_alive = False
+        if self._head_request:
+            keep_alive = False  # llhttp would wait for the body a HEAD answer only describes
+        resp = Response(status, headers, keep_alive, self)
+        head_future, self._head = self._head, None
+        self._framing = 0
+        self._chunks = 0
+        self._resp = resp
+        if head_future is not None and not head_future.done():
+            head_future.set_result(resp)
+        if self.writing and self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)  # an upload waiting on a full socket: the answer came first
+        if self._head_request:
+            self._complete(resp)
+            raise _Stop
+
+    def on_body(self, body: bytes) -> None:
+        self._framing -= len(body)
+        resp = self._resp
+        if resp is not None:
+            resp._feed(body)
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        resp = self._resp
+        if resp is not None:
+            self._complete(resp)
 
     # -- used by the pool and the response
     def pause(self) -> None:
@@ -347,7 +464,6 @@ class _Conn(asyncio.Protocol):
         self._head_request = head_request
         return self._head
 
-    # -- parsing
     def _fail(self, exc: UpstreamError) -> None:
         if self._head is not None and not self._head.done():
             self._head.set_exception(exc)
@@ -356,154 +472,12 @@ class _Conn(asyncio.Protocol):
             resp._finish(BodyBroken(str(exc)) if not isinstance(exc, BodyBroken) else exc)
         self.abort()
 
-    def _parse(self) -> None:
-        while True:
-            if self._resp is None:
-                if self._head is None or self._head.done():
-                    if self._buf:
-                        raise _bad("the upstream sent bytes nobody asked for")
-                    return
-                end = self._buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-                if end < 0:
-                    if len(self._buf) > MAX_HEAD:  # however it arrived, in one read or many
-                        raise _bad("the upstream's answer head is too large")
-                    return
-                head = bytes(self._buf[:end])
-                del self._buf[: end + 4]
-                if not self._start(head):
-                    continue  # an informational (1xx) answer: the real one follows
-                if self._resp is None or not self._buf:
-                    return
-            data = bytes(self._buf)
-            self._buf.clear()
-            self._body(data)
-            return
-
-    def _start(self, head: bytes) -> bool:
-        """Parse an answer head. False for a 1xx to skip; True once the answer is handed over."""
-        text = head.decode("latin-1")
-        m = _STATUS.match(text)
-        if m is None:
-            raise _bad("the upstream's status line is not HTTP/1.x")
-        status = int(m.group(2))
-        pairs = http1.field_lines(text[m.end() :], _NUL)
-        if pairs is None:
-            raise _bad("the upstream sent a malformed header line")
-        if status < 200:
-            if status == 101:
-                raise _bad("the upstream switched protocols, which the broker never asked for")
-            return False
-        headers = CIMultiDictProxy(CIMultiDict(pairs))
-        keep_alive = m.group(1) == "1"
-        connection = headers.get("Connection")
-        if connection is not None and "close" in connection.lower():
-            keep_alive = keep_alive and not http1.has_token(headers.getall("Connection"), "close")
-        mode, left = "", 0
-        if not (self._head_request or status in NO_BODY_STATUS):
-            te = headers.getall("Transfer-Encoding", None)
-            lengths = headers.getall("Content-Length", None)
-            if te:
-                codings = http1.tokens(te)
-                if codings and codings[-1] == "chunked":
-                    mode = "chunked"
-                    if len(codings) > 1 or lengths:
-                        keep_alive = False  # framing others may read differently: not reused
-                else:
-                    mode, keep_alive = "close", False
-            elif lengths:
-                length = http1.content_length(lengths)
-                if length is None:
-                    raise _bad("the upstream's Content-Length is invalid")
-                mode, left = "length", length
-            else:
-                mode, keep_alive = "close", False
-        resp = Response(status, headers, keep_alive, self)
-        head_future, self._head = self._head, None
-        if mode == "length" and left == 0:
-            mode = ""
-        self._mode, self._left, self._chunk_state = mode, left, 0
-        if mode:
-            self._resp = resp
-        else:
-            self._complete(resp)
-        assert head_future is not None
-        if not head_future.done():
-            head_future.set_result(resp)
-        if self.writing and self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)  # an upload waiting on a full socket: the answer came first
-        return True
-
-    def _body(self, data: bytes) -> None:
-        resp = self._resp
-        assert resp is not None
-        mode = self._mode
-        if mode == "length":
-            n = self._left
-            if len(data) < n:
-                self._left = n - len(data)
-                resp._feed(data)
-                return
-            if len(data) > n:
-                self._fail(_bad("the upstream sent more than its Content-Length"))
-                return
-            resp._feed(data)
-            self._complete(resp)
-        elif mode == "close":
-            resp._feed(data)
-        else:
-            try:
-                self._chunked(resp, data)
-            except UpstreamError as exc:
-                self._fail(exc)
-
-    def _chunked(self, resp: Response, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        while True:
-            state = self._chunk_state
-            if state == 1:
-                if not buf:
-                    return
-                take = min(self._left, len(buf))
-                resp._feed(bytes(buf[:take]))
-                del buf[:take]
-                self._left -= take
-                if self._left:
-                    return
-                self._chunk_state = 2
-                continue
-            end = buf.find(b"\r\n")
-            if end < 0:
-                if len(buf) > http1.MAX_CHUNK_LINE:
-                    raise BodyBroken("the upstream's chunked framing is malformed")
-                return
-            line = bytes(buf[:end])
-            del buf[: end + 2]
-            if state == 2:
-                if line:
-                    raise BodyBroken("the upstream's chunked framing is malformed")
-                self._chunk_state = 0
-            elif state == 0:
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not size or len(size) > 15 or not http1.HEX.issuperset(size):
-                    raise BodyBroken("the upstream's chunk size is malformed")
-                self._left = int(size, 16)
-                self._chunk_state = 1 if self._left else 3
-            elif line:  # state 3: a trailer field, dropped (it is not forwarded)
-                continue
-            else:
-                if buf:
-                    raise BodyBroken("the upstream sent bytes after its answer")
-                self._complete(resp)
-                return
-
     def _complete(self, resp: Response) -> None:
         """The answer was read to its end: hand the connection back (or close it)."""
         self._resp = None
-        self._mode = ""
         resp._finish()
-        # bytes past the answer, or an answer before the whole request went out: not reusable
-        if resp.keep_alive and not self.closed and not self._buf and not self.writing:
+        # an answer before the whole request went out: not reusable
+        if resp.keep_alive and not self.closed and not self.writing:
             self.resume()
             self.pool.put(self)
         else:
@@ -606,8 +580,9 @@ class Pool:
 
         `body`: bytes, or an iterator streamed with `length` as its Content-Length (chunked
         when None), or None for no body. `headers` must carry no framing or Host field.
-        `head_timeout`: seconds from now until the head must have arrived (connecting and sending
-        included); past it, TimedOut and the connection is closed.
+        `head_timeout`: seconds from the last byte of the request sent until the head must have
+        arrived (and the longest an upload may wait on an upstream not taking it); past it,
+        TimedOut and the connection is closed.
         """
         scheme = url.scheme
         host = url.raw_host or ""
@@ -636,8 +611,6 @@ class Pool:
         loop = self._loop()
         task = asyncio.current_task(loop)
         assert task is not None
-        if head_timeout is not None:
-            self._watch(task, loop.time() + head_timeout)
         conn: _Conn | None = None
         waiter: asyncio.Future[Response] | None = None
         try:
@@ -664,9 +637,14 @@ class Pool:
             if streamed:
                 assert body is not None and not isinstance(body, bytes)
                 conn.writing = True
-                await self._stream_body(conn, body, chunked=length is None, length=length, waiter=waiter)
+                await self._stream_body(
+                    conn, body, chunked=length is None, length=length, waiter=waiter, stall=head_timeout
+                )
                 if not waiter.done():
                     conn.writing = False  # all of it went out before any answer: reusable
+            if head_timeout is not None and not waiter.done():
+                # counted from the last byte sent: a slow, healthy upload is no slow upstream
+                self._watch(task, loop.time() + head_timeout)
             return await waiter
         except BaseException as exc:
             if conn is not None:
@@ -717,6 +695,7 @@ class Pool:
         chunked: bool,
         length: int | None,
         waiter: asyncio.Future[Response],
+        stall: float | None,
     ) -> None:
         assert conn.transport is not None
         sent = 0
@@ -730,7 +709,12 @@ class Pool:
                 raise UpstreamError("the agent sent more than its Content-Length")
             conn.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             try:
-                await conn.drain()
+                if conn._drain is not None:
+                    try:
+                        async with asyncio.timeout(stall):
+                            await conn.drain()
+                    except TimeoutError:
+                        raise TimedOut(f"the upstream took no request bytes for {stall:g}s") from None
             except Disconnected:
                 if waiter.done():
                     return  # it answered, then closed: the answer is what counts

@@ -377,7 +377,7 @@ async def test_chunked_answer_in_tiny_writes_with_extensions_and_trailers(serve:
     answer = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5;ext=1\r\nhello\r\n"
-        b'1 ; name="v"\r\n \r\n'
+        b'1 ;name="v"\r\n \r\n'  # BWS before the ';' (llhttp refuses it after)
         b"A\r\n0123456789\r\n"
         b"0;last\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n"
     )
@@ -413,16 +413,18 @@ async def test_answer_read_until_close_is_not_reused(serve: Serve, pool: Pool) -
     assert server.connections == 2
 
 
-async def test_head_answer_has_no_body_and_connection_is_reused(serve: Serve, pool: Pool) -> None:
+async def test_head_answer_has_no_body_and_its_connection_is_not_reused(serve: Serve, pool: Pool) -> None:
+    # llhttp cannot be told that an answer describes a body it does not carry: after a HEAD the
+    # connection is closed rather than risk reading the next answer from a misframed one
     server = await serve(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", OK))
     resp, body = await fetch(pool, server.url(), "HEAD")
     assert resp.status == 200
     assert resp.headers["Content-Length"] == "1234"
     assert body == b""
-    assert pool.idle_count() == 1
+    assert pool.idle_count() == 0
     _, again = await fetch(pool, server.url())
     assert again == b"ok"
-    assert pool.opened == 1
+    assert pool.opened == 2
     assert [r.line for r in server.requests] == [b"HEAD / HTTP/1.1", b"GET / HTTP/1.1"]
 
 
@@ -685,6 +687,11 @@ async def test_pool_close_closes_idle_connections(serve: Serve, pool: Pool) -> N
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nok", id="cl-superscript-two"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\nok", id="cl-empty"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 9999999999999999999\r\n\r\nok", id="cl-huge"),
+        # RFC 9110 §8.6 lets a recipient take equal copies as one; llhttp refuses them, and so does
+        # the broker: a framing two readers could read differently is no framing
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok", id="cl-copies"
+        ),
     ],
 )
 async def test_malformed_answer_head_is_a_bad_answer(serve: Serve, pool: Pool, answer: bytes) -> None:
@@ -694,12 +701,6 @@ async def test_malformed_answer_head_is_a_bad_answer(serve: Serve, pool: Pool, a
     assert caught.value.sent is True
     assert pool.idle_count() == 0
     await until(lambda: server.closed_by_client == [0])
-
-
-async def test_equal_content_length_values_are_accepted(serve: Serve, pool: Pool) -> None:
-    server = await serve(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok"))
-    _, body = await fetch(pool, server.url())
-    assert body == b"ok"
 
 
 async def test_oversized_head_trickled_is_a_bad_answer(serve: Serve, pool: Pool) -> None:
@@ -770,10 +771,14 @@ async def test_chunked_body_cut_short_by_close_is_broken(serve: Serve, pool: Poo
         await read_all(resp)
 
 
-async def test_more_bytes_than_content_length_is_an_error(serve: Serve, pool: Pool) -> None:
+async def test_more_bytes_than_content_length_end_the_connection_not_the_answer(
+    serve: Serve, pool: Pool
+) -> None:
+    # the answer is whole at its Content-Length; what follows is nobody's, so the connection is
+    # closed (never pooled, where those bytes would pass as the next request's answer)
     server = await serve(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n"))
-    with pytest.raises(UpstreamError):
-        await fetch(pool, server.url())
+    _, body = await fetch(pool, server.url())
+    assert body == b"ok"
     assert pool.idle_count() == 0
     await until(lambda: server.closed_by_client == [0])
 
