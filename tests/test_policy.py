@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -193,6 +195,86 @@ async def test_concurrent_spending_stops_exactly_at_the_budget(
     assert sorted(statuses) == [200] * 10 + [403] * 10
     spent = sum(json.loads(s.body)["amount_cents"] for s in upstream.seen)
     assert spent == 10000
+
+
+LEDGER_WRITES: list[tuple[str, int]] = []  # (file renamed into place, thread), budgets.json only
+_audit_hooked = False
+
+
+def _watch_ledger_writes() -> None:
+    """Record which thread puts budgets.json in place (os.replace raises the `os.rename` audit
+    event). An audit hook cannot be removed, so it is added once and filters on the name."""
+    global _audit_hooked
+    if _audit_hooked:
+        return
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event == "os.rename" and str(args[1]).endswith("budgets.json"):
+            LEDGER_WRITES.append((str(args[1]), threading.get_ident()))
+
+    sys.addaudithook(hook)
+    _audit_hooked = True
+
+
+async def test_budget_writes_leave_the_event_loop_and_land_before_forwarding(
+    make_broker: BrokerFactory, upstream: Upstream
+) -> None:
+    """The ledger's fsync'd write runs off the event loop, yet a reservation still counts at
+    once (no overspend in a burst) and is on disk before its request is forwarded; a refund is
+    on disk when the daemon has stopped; no temp file is left behind."""
+    store_key(TEST_KEY)
+    _watch_ledger_writes()
+    ledger = state_dir() / "budgets.json"
+    seen_on_disk: list[tuple[int, list[int]]] = []
+
+    async def create(request: web.Request) -> web.Response:
+        amount = (await request.json())["amount_cents"]
+        seen_on_disk.append((amount, [a for _, a in json.loads(ledger.read_text())["api"]]))
+        if amount == 1:
+            return web.json_response({"error": "declined"}, status=402)
+        await asyncio.sleep(0.05)
+        return web.json_response({"ok": True})
+
+    upstream.handlers["/api/v1/cards"] = create
+    b = await make_broker(with_policy(upstream, {"budget": {"amount_cents": 10000, "per": "1h"}}))
+    loop_thread = threading.get_ident()
+    first_write = len(LEDGER_WRITES)
+
+    async def post(amount: int) -> tuple[int, int]:
+        async with b.request("POST", "/api/v1/cards", json={"amount_cents": amount}) as r:
+            return amount, r.status
+
+    results = await asyncio.gather(*(post(1000 + i) for i in range(15)))
+    spent = [a for a, status in results if status == 200]
+    refused = [a for a, status in results if status == 403]
+    assert len(spent) + len(refused) == 15 and spent and refused
+    assert sum(spent) <= 10000 and all(sum(spent) + a > 10000 for a in refused)  # exactly at the budget
+    for amount, on_disk in seen_on_disk:
+        assert amount in on_disk  # its reservation was durable before the upstream saw it
+    assert await post(1) == (1, 402)  # declined upstream: given back
+    await b.daemon.stop()
+    assert sorted(a for _, a in json.loads(ledger.read_text())["api"]) == sorted(spent)
+    assert list(ledger.parent.glob(".budgets-*")) == []
+    writers = {thread for _, thread in LEDGER_WRITES[first_write:]}
+    assert writers, "the ledger was never written"
+    assert loop_thread not in writers, "budgets.json was written (and fsynced) on the event loop"
+
+
+async def test_a_reservation_that_cannot_be_written_is_refused_and_given_back(
+    make_broker: BrokerFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    """When budgets.json cannot be written, the request is not forwarded (its spend would not
+    survive a restart) and its reservation does not linger in memory; nothing hangs."""
+    store_key(TEST_KEY)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    doc = with_policy(upstream, {"budget": {"amount_cents": 10000, "per": "1h"}})
+    b = await make_broker({**doc, "state_dir": str(blocker / "state")})
+    async with b.request("POST", "/api/v1/cards", json={"amount_cents": 1000}) as r:
+        assert r.status == 500
+    assert upstream.seen == []
+    async with b.request("GET", "/_broker/status") as r:
+        assert (await r.json())["routes"][0]["budget"]["used"] == 0
 
 
 async def test_rate_limit(make_broker: BrokerFactory, upstream: Upstream) -> None:
