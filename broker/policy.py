@@ -357,7 +357,7 @@ class RoutePolicy:
                 raise _deny(
                     self.route,
                     "max_amount_cents",
-                    f"{rule_prefix}{name} {n:g} is over the cap {p.max_amount_cents}",
+                    f"{rule_prefix}{name} {BudgetLedger.cents(n)} is over the cap {p.max_amount_cents}",
                 )
             total += n
         return total
@@ -475,8 +475,8 @@ class RoutePolicy:
                 raise _deny(
                     self.route,
                     "budget",
-                    f"{used_now:g} of {p.budget.amount} used in the last {p.budget.text}; "
-                    f"this request needs {total:g}",
+                    f"{BudgetLedger.cents(used_now)} of {p.budget.amount} used in the last {p.budget.text}; "
+                    f"this request needs {BudgetLedger.cents(total)}",
                 )
             gate.reserved = (now, total)
         return gate

@@ -440,3 +440,25 @@ def test_policy_never_crashes_on_any_json(
     raw = json.dumps(doc, allow_nan=True).encode()
     for ctype in ("application/json", "text/event-stream"):
         assert isinstance(filter_tools_list(raw, ctype, {json.dumps(1)}, {"a"}.__contains__), bytes)
+
+
+async def test_refusals_name_millions_of_cents_in_whole_digits(
+    make_broker: BrokerFactory, upstream: Upstream
+) -> None:
+    """`:g` printed 2000000 as 2e+06: a person reading the refusal must see the number itself."""
+    store_key(TEST_KEY)
+    doc = with_policy(
+        upstream, {"budget": {"amount_cents": 5_000_000, "per": "24h"}, "max_amount_cents": 4_000_000}
+    )
+    b = await make_broker(doc)
+    async with b.request("POST", "/api/v1/cards", json={"amount_cents": 3_000_000}) as r:
+        assert r.status == 200
+    async with b.request("POST", "/api/v1/cards", json={"amount_cents": 2_500_000}) as r:
+        assert r.status == 403
+        message = (await r.json())["error"]["message"]
+    assert "3000000 of 5000000 used in the last 24h; this request needs 2500000" in message
+    async with b.request("POST", "/api/v1/cards", json={"amount_cents": 4_500_000}) as r:
+        assert r.status == 403
+        message = (await r.json())["error"]["message"]
+    assert "amount_cents 4500000 is over the cap 4000000" in message
+    assert len(upstream.seen) == 1
