@@ -423,6 +423,11 @@ class OAuthCredential(Credential):
         self._session: aiohttp.ClientSession | None = None
         self._refresh_failed_at = float("-inf")
         self._stale = True
+        # a store read that overlaps a refresh may hold the tokens that refresh just rotated
+        # out: bumped as a rotation starts and ends, and read while it runs, so that such a read
+        # is thrown away rather than put a dead refresh token back in memory
+        self._rotations = 0
+        self._rotating = False
         self.refreshes = 0
         self.scope = ""
         self.subject: str | None = None
@@ -469,12 +474,16 @@ class OAuthCredential(Credential):
     async def refresh_from_store(self) -> None:
         async with self._load_lock:
             self._stale = False  # an invalidate() during the read below sets it again
+            rotations = self._rotations
             try:
                 client, tokens = await asyncio.to_thread(self._load)
             except SecretStoreError as exc:
                 self._checked_at = time.monotonic()
                 self.state = AuthState.NO_CREDENTIAL
                 self.reason = str(exc)
+                return
+            if self._rotating or self._rotations != rotations:
+                self._stale = True  # read while a refresh rotated the tokens: read again later
                 return
             self._checked_at = time.monotonic()
             if tokens is not self._tokens or client is not self._client:
@@ -559,14 +568,19 @@ class OAuthCredential(Credential):
             self._secrets.add(new.access_token, new.refresh_token)
             if new.subject is None:
                 new.subject = seen.subject
+            self._rotating = True
+            self._rotations += 1
             try:
                 # the old refresh token is dead now: store the new one before using anything
                 await asyncio.to_thread(self._store.save_tokens, new)
             except SecretStoreError as exc:
                 self.reason = f"refreshed, but could not store the new tokens: {exc}"
+            finally:
+                self._remember(new, client)
+                self._rotations += 1
+                self._rotating = False
             self.refreshes += 1
             self.state = AuthState.READY
-            self._remember(new, client)
             return new
 
     async def _end_grant(self, why: str) -> BrokerError:

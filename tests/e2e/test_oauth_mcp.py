@@ -19,6 +19,7 @@ import aiohttp
 import keyring
 import pytest
 from aiohttp import web
+from keyrings.alt.file import PlaintextKeyring
 from mcp import Client, MCPError
 
 from broker.auth.oauth import OAuthError, discover
@@ -449,3 +450,46 @@ async def test_mcp_client_sees_the_fix_in_its_error(
             await agent.list_tools()
     assert info.group_contains(MCPError, match="run: agentcard-broker login mcp", depth=None)
     assert upstream_mcp.recorder.calls == {}
+
+
+class _SlowTokenReads(PlaintextKeyring):
+    """The real file keyring, except that a read of the OAuth tokens returns `delay` seconds
+    after it read the file: a keyring (D-Bus, a locked store) answering slowly."""
+
+    delay = 0.0
+
+    def get_password(self, service: str, username: str) -> str | None:
+        value = super().get_password(service, username)
+        if username.endswith(":oauth_tokens") and self.delay:
+            time.sleep(self.delay)
+        return value
+
+
+async def test_a_store_read_overlapping_a_refresh_never_brings_back_the_rotated_out_token(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    # `set-key`/`login` make the daemon re-read the store; a read that began before a refresh
+    # stored the rotated pair ends after it with the old pair, whose refresh token is now dead
+    async with run_mcp_upstream(access_ttl=2) as up:
+        b = await logged_in_broker(make_broker, up, tmp_path)
+        slow = _SlowTokenReads()
+        keyring.set_keyring(slow)
+        cred = b.daemon.rt.credentials["mcp"]
+        async with Client(f"{b.url}/mcp", mode="auto") as agent:
+            await agent.list_tools()
+            await asyncio.sleep(2.2)  # expired: the next call refreshes
+            slow.delay = 1.0
+            cred.invalidate()
+            reread = asyncio.create_task(cred.refresh_from_store())  # reads the old pair, then waits
+            await asyncio.sleep(0.2)
+            slow.delay = 0.0
+            assert not (await agent.call_tool("list_cards", {})).is_error  # refreshes meanwhile
+            await reread
+            stored = json.loads(keyring.get_password("agentcard-broker", "mcp:oauth_tokens") or "{}")
+            assert stored["refresh_token"] in up.provider.refresh_tokens  # the rotated one
+            await asyncio.sleep(2.2)  # expired again: this refresh must use the rotated token
+            assert not (await agent.call_tool("list_cards", {})).is_error
+        assert up.recorder.grants["refresh_token"] == 2
+        assert up.recorder.grants["authorization_code"] == 1  # never sent back to login
+        async with b.request("GET", "/_broker/status") as r:
+            assert (await r.json())["routes"][0]["state"] == "ready"
