@@ -490,6 +490,9 @@ class AgentConnection(asyncio.Protocol):
             self._head_size += len(data)  # llhttp holds a header being read: bound it as it grows
             if self._head_size > self.server.max_head():
                 self._framing_error(BadRequest("the request head is too large", 431, "request_too_large"))
+            elif phase == _DONE and _simple_request(data):
+                # llhttp would wait for a blank line after an HTTP/0.9 `GET /`: answer it now
+                self._framing_error(BadRequest("HTTP/0.9 is not served: send HTTP/1.1"))
         elif self._phase == _BODY:
             self._framing += len(data)
             if self._framing > (self._chunks + 1) * _CHUNK_LINE_MAX + self.server.max_head():
@@ -760,6 +763,12 @@ class AgentConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(head.encode() + body)
         self.close()
+
+
+def _simple_request(data: bytes) -> bool:
+    """`data` begins with a whole request line that names no HTTP version (HTTP/0.9)."""
+    line, crlf, _ = data.lstrip(b"\r\n").partition(b"\r\n")
+    return bool(crlf) and not line.endswith((b" HTTP/1.1", b" HTTP/1.0"))
 
 
 def _parse_error(exc: httptools.HttpParserError, start: bytes) -> BadRequest:
