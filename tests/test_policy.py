@@ -272,6 +272,7 @@ async def test_a_reservation_that_cannot_be_written_is_refused_and_given_back(
     b = await make_broker({**doc, "state_dir": str(blocker / "state")})
     async with b.request("POST", "/api/v1/cards", json={"amount_cents": 1000}) as r:
         assert r.status == 500
+        assert r.headers["X-Broker-Error"] == "internal_error"
     assert upstream.seen == []
     async with b.request("GET", "/_broker/status") as r:
         assert (await r.json())["routes"][0]["budget"]["used"] == 0
