@@ -522,3 +522,32 @@ async def test_an_answer_header_with_a_line_break_is_never_written() -> None:
             writer.close()
     finally:
         await server.shutdown(1.0)
+
+
+async def test_an_upgrade_is_answered_as_plain_http_and_never_with_a_body(
+    broker: Broker, upstream: Upstream
+) -> None:
+    # `curl --http2` over http:// asks to Upgrade to h2c: the broker switches no protocol, answers
+    # in HTTP/1.1 and closes (llhttp stops reading at an upgrade). With a body, llhttp would read
+    # none of it, so that request is refused rather than its body read as the next request.
+    upgrade = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+    reader, writer = await connect(broker)
+    writer.write(get(broker, "/plain", upgrade) + get(broker, "/after-upgrade"))
+    status, headers, body, version = await read_answer(reader)
+    assert (status, version) == (200, "HTTP/1.1")
+    assert json.loads(body)["path"] == "/plain"
+    assert headers["connection"] == "close"
+    assert await closed(reader)
+    seen = upstream.seen[-1]
+    assert "Upgrade" not in seen.headers and "HTTP2-Settings" not in seen.headers
+    writer.close()
+
+    reader, writer = await connect(broker)
+    hidden = get(broker, "/hidden")  # the body: a request, should anyone read it as one
+    head = f"POST /smuggle HTTP/1.1\r\nHost: 127.0.0.1:{broker.port}\r\n{upgrade}"
+    writer.write(f"{head}Content-Length: {len(hidden)}\r\n\r\n".encode() + hidden)
+    status, headers, _, _ = await read_answer(reader)
+    assert (status, headers["x-broker-error"]) == (400, "bad_request")
+    assert await closed(reader)
+    writer.close()
+    assert [s.raw_path for s in upstream.seen] == ["/plain"]
