@@ -444,7 +444,8 @@ class AgentConnection(asyncio.Protocol):
         self._phase = _DONE
         self._url = b""
         self._pairs: list[tuple[str, str]] = []
-        self._head_size = 0  # bytes of the head (or the trailers) read so far
+        self._head_size = 0  # bytes of the fields llhttp handed over, head or trailers: exact
+        self._head_fed = 0  # bytes fed while the head is incomplete: bounds a field llhttp still holds
         self._framing = 0  # bytes fed in the body phase that were not body: chunk lines, trailers
         self._chunks = 0
         self._reading: Request | None = None  # the request llhttp is reading
@@ -487,8 +488,8 @@ class AgentConnection(asyncio.Protocol):
             self._framing_error(_parse_error(exc, data if phase == _DONE else b""))
             return
         if self._phase == _HEAD and phase != _BODY:
-            self._head_size += len(data)  # llhttp holds a header being read: bound it as it grows
-            if self._head_size > self.server.max_head():
+            self._head_fed += len(data)  # llhttp holds a header being read: bound it as it grows
+            if self._head_fed > self.server.max_head():
                 self._framing_error(BadRequest("the request head is too large", 431, "request_too_large"))
             elif phase == _DONE and _simple_request(data):
                 # llhttp would wait for a blank line after an HTTP/0.9 `GET /`: answer it now
@@ -505,7 +506,7 @@ class AgentConnection(asyncio.Protocol):
         self._phase = _HEAD
         self._url = b""
         self._pairs = []
-        self._head_size = 0
+        self._head_size = self._head_fed = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url

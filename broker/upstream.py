@@ -282,7 +282,8 @@ class _Conn(asyncio.Protocol):
         self._resp: Response | None = None  # the answer whose body is being read
         self._pairs: list[tuple[str, str]] = []
         self._in_head = False
-        self._head_size = 0  # bytes of the head (or trailers) read so far
+        self._head_size = 0  # bytes of the fields llhttp handed over, head or trailers: exact
+        self._head_fed = 0  # bytes fed while the head is incomplete: bounds a field llhttp still holds
         self._framing = 0  # bytes fed while reading a body that were not body: chunk lines, trailers
         self._chunks = 0
         self._interim = False  # the message being read is a 1xx, skipped
@@ -346,8 +347,8 @@ class _Conn(asyncio.Protocol):
                 self._fail(_bad(f"the upstream's answer is malformed: {exc}"))
             return
         if self._in_head:
-            self._head_size += len(data)  # llhttp holds a field being read: bound it as it grows
-            if self._head_size > MAX_HEAD:
+            self._head_fed += len(data)  # llhttp holds a field being read: bound it as it grows
+            if self._head_fed > MAX_HEAD:
                 self._fail(_bad("the upstream's answer head is too large"))
         elif self._resp is not None:
             self._framing += len(data)
@@ -363,7 +364,7 @@ class _Conn(asyncio.Protocol):
             raise _Stop  # bytes nobody asked for: the connection is not used again
         self._in_head = True
         self._pairs = []
-        self._head_size = 0
+        self._head_size = self._head_fed = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = self._head_size = self._head_size + len(name) + len(value) + 4
