@@ -482,7 +482,7 @@ class AgentConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             # CONNECT or `Upgrade:` (refused or answered as plain HTTP): llhttp stops reading here,
             # so nothing after this request is read; the connection closes after its answer
-            self._stop_reading(None)
+            self._stop_reading()
             return
         except httptools.HttpParserError as exc:
             self._framing_error(_parse_error(exc, data if phase == _DONE else b""))
@@ -581,28 +581,19 @@ class AgentConnection(asyncio.Protocol):
 
     # -- errors
     def _framing_error(self, exc: BadRequest) -> None:
-        """Answer what cannot be read (when nothing else is being answered), then close: nothing
-        after it on this connection can be trusted."""
-        reading = self._reading
-        if reading is not None and reading is not self._request and reading not in self._waiting:
-            reading = None
+        """Answer what cannot be read, then close: nothing after it on this connection can be
+        trusted. A body that broke its framing is answered by whoever reads it; a head, at once
+        (after the answer under way, if any)."""
+        reading = self._reading  # a request whose body llhttp was reading: answered or waiting
+        self._stop_reading()
         if reading is not None:
-            # a body that broke its framing: whoever reads it answers, the connection closes after
             reading.content.fail(
-                BrokerError(
-                    exc.code,
-                    f"the request body cannot be read: {exc}",
-                    http_status=exc.status if exc.status != 400 else None,
-                )
+                BrokerError(exc.code, f"the request body cannot be read: {exc}", http_status=exc.status)
             )
-            reading.keep_alive = False
-            self._stop_reading(exc)
-            return
-        self._stop_reading(exc)
-        if self._request is None:
+        elif self._request is None:
             self._reject(exc)
 
-    def _stop_reading(self, exc: BadRequest | None) -> None:
+    def _stop_reading(self) -> None:
         self._broken = True
         self.closing = True
         for req in (self._reading, *self._waiting):
@@ -612,7 +603,7 @@ class AgentConnection(asyncio.Protocol):
 
     def abandon_body(self) -> None:
         """A body stalled past the inactivity timeout: read nothing more, close after the answer."""
-        self._stop_reading(None)
+        self._stop_reading()
 
     def eof_received(self) -> bool | None:
         self._eof = True
