@@ -289,7 +289,7 @@ def tail(path: Path, n: int = 20) -> str:
 def tcp_table_size() -> int | None:
     """Entries in /proc/net/tcp and tcp6 (TIME_WAIT included): what a per-connection lookup there reads.
 
-    The broker looks a loopback peer up there once per new agent connection (broker/peers.py), so
+    The broker looks a loopback peer up there once per new agent connection (broker/service/peers.py), so
     its cost grows with this count. None off Linux.
     """
     try:

@@ -3,7 +3,7 @@
     python bench/mcp_upstream_proc.py [--access-ttl 3600] [--nagle]
 
 The server of tests/mcp_upstream.py, assembled as its run_mcp_upstream does it: the MCP SDK's
-MCPServer with its card tools behind the SDK's own OAuth 2.1 authorization server (broker.sandbox's
+MCPServer with its card tools behind the SDK's own OAuth 2.1 authorization server (broker.tools.sandbox's
 provider: dynamic registration, PKCE S256, auto-approved /authorize), wrapped in the tests' Recorder,
 served by uvicorn on a 127.0.0.1 port of its own choosing, on uvloop when it is installed.
 
@@ -48,7 +48,7 @@ if str(REPO) not in sys.path:
 from starlette.responses import JSONResponse  # noqa: E402
 from starlette.types import Receive, Scope, Send  # noqa: E402
 
-from broker.sandbox import SandboxAuthServer, auth_settings, loopback_socket, serve_asgi  # noqa: E402
+from broker.tools.sandbox import SandboxAuthServer, auth_settings, loopback_socket, serve_asgi  # noqa: E402
 from tests.mcp_upstream import Recorder, build_server  # noqa: E402
 
 SUBJECT = "alice@example.test"  # as tests/mcp_upstream.py's run_mcp_upstream

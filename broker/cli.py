@@ -116,14 +116,15 @@ def _load(args: argparse.Namespace) -> Config | None:
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from broker import harden, logs
+    from broker import logs
     from broker.scrub import SecretSet
+    from broker.service import harden
 
     hardening = harden.apply()  # before anything is read or created
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG
-    from broker import server
+    from broker import daemon
 
     secrets = SecretSet()
     logs.configure(cfg.log.level, cfg.log.format, secrets)
@@ -132,8 +133,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ImportError:
         # only the missing extra falls back: an ImportError raised while the daemon runs is a
         # fault to report, never a reason to start it a second time
-        return asyncio.run(server.serve(cfg, secrets, hardening))
-    return int(uvloop.run(server.serve(cfg, secrets, hardening)))
+        return asyncio.run(daemon.serve(cfg, secrets, hardening))
+    return int(uvloop.run(daemon.serve(cfg, secrets, hardening)))
 
 
 # ---------------------------------------------------------------- check
@@ -149,8 +150,8 @@ def _credential_check(cfg: Config, route: Any, store: Any) -> tuple[str, str | N
     """(what is there, the problem or None) for one route's credential. Reads, never prints."""
     from broker.auth.api_key import fix_hint, key_mode
     from broker.auth.oauth import OAuthStore
+    from broker.auth.secret_store import SecretStoreError, resolve
     from broker.config import ApiKeyAuth, OAuthAuth
-    from broker.secrets import SecretStoreError, resolve
 
     r = route
     if isinstance(r.auth, ApiKeyAuth):
@@ -183,8 +184,8 @@ def _credential_check(cfg: Config, route: Any, store: Any) -> tuple[str, str | N
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from broker.auth.secret_store import open_store
     from broker.config import ConfigError, find_config, load
-    from broker.secrets import open_store
 
     try:
         cfg = load(find_config(args.config))
@@ -239,8 +240,8 @@ def cmd_set_key(args: argparse.Namespace) -> int:
     if cfg is None:
         return 1
     from broker.auth.api_key import key_mode
+    from broker.auth.secret_store import SecretStoreError, open_store
     from broker.config import ApiKeyAuth
-    from broker.secrets import SecretStoreError, open_store
 
     route = cfg.route(args.route)
     if route is None:
@@ -457,7 +458,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from broker import service
+    from broker.service import units as service
 
     drain = 30.0
     if args.system:
@@ -504,8 +505,8 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 def cmd_uninstall_service(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from broker import service
     from broker.config import ConfigError, find_config
+    from broker.service import units as service
 
     try:
         config_path = find_config(args.config)
@@ -553,7 +554,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from broker.auth.login import LoginError, login
-    from broker.secrets import SecretStoreError, open_store
+    from broker.auth.secret_store import SecretStoreError, open_store
 
     found = _oauth_route(args)
     if found is None:
@@ -587,7 +588,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
     import asyncio
 
     from broker.auth.login import logout
-    from broker.secrets import SecretStoreError, open_store
+    from broker.auth.secret_store import SecretStoreError, open_store
 
     found = _oauth_route(args)
     if found is None:
@@ -610,7 +611,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
 def cmd_stdio(args: argparse.Namespace) -> int:
     import asyncio
 
-    from broker import stdio
+    from broker.tools import stdio
 
     cfg = _load(args)
     if cfg is None:
@@ -638,8 +639,8 @@ def cmd_stdio(args: argparse.Namespace) -> int:
 def cmd_connect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from broker import connect
-    from broker.service import broker_command
+    from broker.service.units import broker_command
+    from broker.tools import connect
 
     cfg = _load(args)
     if cfg is None:
@@ -703,7 +704,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
     if not _needs_sandbox_extra():
         return 1
-    from broker import sandbox
+    from broker.tools import sandbox
 
     try:
         return asyncio.run(sandbox.serve_forever(args.port, lambda text: print(text, flush=True)))
@@ -717,7 +718,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if not _needs_sandbox_extra():
         return 1
-    from broker import demo
+    from broker.tools import demo
 
     try:
         return asyncio.run(demo.run(lambda text: print(text, flush=True)))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from broker.agents import Response
+    from broker.http.server import Response
 
 ERROR_HEADER = "X-Broker-Error"
 JSONRPC_BROKER_ERROR = -32001
@@ -83,7 +83,7 @@ def error_body(err: BrokerError, jsonrpc_id: Any = None, jsonrpc: bool = False) 
 
 def error_response(err: BrokerError, *, jsonrpc_id: Any = None, jsonrpc: bool = False) -> Response:
     """Build the response for `err` (status, X-Broker-Error, Retry-After, body)."""
-    from broker.agents import Response
+    from broker.http.server import Response
 
     headers = {ERROR_HEADER: err.code, "Cache-Control": "no-store"}
     if err.retry_after is not None:

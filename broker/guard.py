@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import weakref
 
-from broker import peers
-from broker.agents import Request
 from broker.config import Config
 from broker.errors import BrokerError
+from broker.http.server import Request
+from broker.service import peers
 
 _CROSS_SITE = frozenset({"cross-site", "same-site"})
 _UNSEEN = object()

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from broker.agents import Request
 from broker.config import PathRule, Policy
 from broker.errors import BrokerError
+from broker.http.server import Request
 
 MAX_FILTERED_RESPONSE = 16 * 1024 * 1024
 _UNCHECKABLE = re.compile(r"%(2f|5c|25)", re.IGNORECASE)

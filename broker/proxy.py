@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from broker import http1, upstream
-from broker.agents import Body, HeadersWithBody, Request, StreamResponse
 from broker.errors import BrokerError
+from broker.http import client as upstream
+from broker.http import framing
+from broker.http.server import Body, HeadersWithBody, Request, StreamResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -54,7 +55,7 @@ SAFE_TO_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_FILTERED = 16 * 1024 * 1024  # an answer a policy rewrites is read whole, up to this
 REPLAY_LIMIT = 1024 * 1024  # bodies up to this are held so a 401 can be retried after a refresh
 WHOLE_LIMIT = 256 * 1024  # an answer already received whole, up to this decoded, goes out in one write
-NO_BODY_STATUS = http1.NO_BODY_STATUS
+NO_BODY_STATUS = framing.NO_BODY_STATUS
 
 
 @dataclass(slots=True)
@@ -83,7 +84,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str] | frozenset[s
     values = headers.getall("Connection", [])
     if len(values) == 1 and values[0] in _PLAIN_CONNECTION:
         return frozenset()  # the usual `keep-alive` or `close`: names nothing not already dropped
-    return set(http1.tokens(values))
+    return set(framing.tokens(values))
 
 
 def upstream_headers(agent: CIMultiDictProxy[str], credential: dict[str, str]) -> CIMultiDict[str]:

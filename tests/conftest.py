@@ -26,8 +26,8 @@ from multidict import CIMultiDict
 
 from broker import config as config_mod
 from broker import logs
+from broker.daemon import Daemon
 from broker.scrub import SecretSet
-from broker.server import Daemon
 
 TEST_KEY = "sk_test_FAKEkey0123456789abcdefABCDEF"
 LIVE_KEY = "sk_live_FAKEkey0123456789abcdefABCDEF"

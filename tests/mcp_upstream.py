@@ -18,8 +18,8 @@ from urllib.parse import parse_qs
 from mcp.server.mcpserver import MCPServer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.sandbox import SandboxAuthServer as Provider
-from broker.sandbox import auth_settings, loopback_socket, serve_asgi
+from broker.tools.sandbox import SandboxAuthServer as Provider
+from broker.tools.sandbox import auth_settings, loopback_socket, serve_asgi
 
 
 def build_server(**kwargs: Any) -> MCPServer:

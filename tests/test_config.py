@@ -156,7 +156,7 @@ def test_a_config_remembers_the_file_version_it_was_read_from(cfg_path: Path) ->
     assert file_stamp(str(cfg_path)) != cfg.stamp
     assert load(cfg_path) == cfg  # the stamp is not part of what the config says
 
-    from broker.server import Runtime
+    from broker.daemon import Runtime
 
     assert Runtime(cfg).config_stamp == cfg.stamp  # not the edited file's: the edit is pending
 

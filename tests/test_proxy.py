@@ -757,8 +757,8 @@ async def test_expect_100_continue_answered_after_checks(broker: Broker, upstrea
 
 
 async def test_secret_store_file(make_broker: BrokerFactory, upstream: Upstream, isolated_env) -> None:  # type: ignore[no-untyped-def]
+    from broker.auth.secret_store import FileStore
     from broker.config import state_dir
-    from broker.secrets import FileStore
 
     store = FileStore(state_dir() / "secrets.json")
     store.set("api", TEST_KEY + "file")

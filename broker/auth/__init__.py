@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from broker.auth.base import AuthState, Credential
+from broker.auth.secret_store import SecretStore
 from broker.config import ApiKeyAuth, OAuthAuth, Route
 from broker.scrub import SecretSet
-from broker.secrets import SecretStore
 
 __all__ = ["AuthState", "Credential", "make_credential"]
 

@@ -11,9 +11,9 @@ import asyncio
 import time
 
 from broker.auth.base import AuthState, Credential
+from broker.auth.secret_store import Lookup, SecretStore, resolve
 from broker.config import ApiKeyAuth
 from broker.scrub import SecretSet
-from broker.secrets import Lookup, SecretStore, resolve
 
 RECHECK_READY_S = 30.0  # re-read a working key this often (picks up rotation in the store)
 RECHECK_MISSING_S = 1.0  # re-read a missing key at most this often (no hammering the keyring)

@@ -16,9 +16,9 @@ import aiohttp
 
 from broker.auth.base import AuthState, Credential
 from broker.auth.oauth import HTTP_TIMEOUT, MAX_SKEW_S, error_code
+from broker.auth.secret_store import SecretStore, resolve
 from broker.config import ClientCredentialsAuth
 from broker.scrub import SecretSet
-from broker.secrets import SecretStore, resolve
 
 SECRET_ACCOUNT = "{route}:client_secret"
 

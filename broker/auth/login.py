@@ -38,8 +38,8 @@ from broker.auth.oauth import (
     revoke,
     token_request,
 )
+from broker.auth.secret_store import SecretStore
 from broker.config import Config, OAuthAuth, Route
-from broker.secrets import SecretStore
 
 CALLBACK_PATH = "/callback"
 

@@ -25,10 +25,10 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from broker.auth.base import AuthState, Credential
+from broker.auth.secret_store import SecretStore, SecretStoreError, resolve
 from broker.config import OAuthAuth, Route
 from broker.errors import BrokerError
 from broker.scrub import SecretSet
-from broker.secrets import SecretStore, SecretStoreError, resolve
 
 _T = TypeVar("_T")
 CLIENT_ACCOUNT = "{route}:oauth_client"

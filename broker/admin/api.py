@@ -11,12 +11,12 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from broker import __version__, heap
-from broker.agents import Request, Response, StreamResponse
 from broker.auth.base import AuthState
 from broker.errors import BrokerError
+from broker.http.server import Request, Response, StreamResponse
 
 if TYPE_CHECKING:
-    from broker.server import Runtime
+    from broker.daemon import Runtime
 
 
 def status_document(rt: Runtime) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The agents' side of the daemon (broker/agents.py), spoken to in raw bytes over real sockets.
+"""The agents' side of the daemon (broker/http/server.py), spoken to in raw bytes over real sockets.
 
 What a hand-written HTTP/1.1 server must get right: framing (Content-Length, chunked, and the
 ambiguous or unsupported framings refused), keep-alive and pipelining, HTTP/1.0, an unread body
@@ -19,7 +19,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import agents
+from broker.http import server as agents
 from tests.conftest import (
     TEST_KEY,
     Broker,
@@ -462,7 +462,8 @@ async def test_control_characters_in_a_header_value_are_refused(broker: Broker, 
 async def test_peer_and_listener_are_looked_up_when_the_connection_opens(broker: Broker) -> None:
     # in a new-connection-per-request client (MCP legacy mode) these lookups then overlap with
     # the agent writing its request instead of delaying the answer
-    from broker import guard, peers
+    from broker import guard
+    from broker.service import peers
 
     reader, writer = await connect(broker)
     await asyncio.sleep(0.1)  # no request sent yet

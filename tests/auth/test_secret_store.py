@@ -1,4 +1,4 @@
-"""broker/secrets.py: the keyring (file backend here), env:/file: references, the 0600 file store."""
+"""broker/auth/secret_store.py: the keyring (file backend here), env:/file: references, 0600 file."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import keyring
 import keyring.backends.fail
 import pytest
 
-from broker.config import SecretRef
-from broker.secrets import (
+from broker.auth.secret_store import (
     SERVICE,
     FileStore,
     KeyringStore,
@@ -21,6 +20,7 @@ from broker.secrets import (
     open_store,
     resolve,
 )
+from broker.config import SecretRef
 from tests.conftest import FILE_BACKEND, LIVE_KEY, TEST_KEY, store_key
 
 # ---------------------------------------------------------------- KeyringStore

@@ -24,18 +24,22 @@ from typing import Any
 
 import structlog
 
-from broker import admin, agents, guard, heap, logs, peers, proxy, upstream
 from broker import config as config_mod
+from broker import guard, heap, logs, proxy
+from broker.admin import api as admin
 from broker.auth import Credential, make_credential
+from broker.auth.secret_store import SecretStore, open_store
 from broker.config import Config, ConfigError, Listen, file_stamp
 from broker.errors import BrokerError, error_response
+from broker.http import client as upstream
+from broker.http import server as agents
 from broker.logs import safe_path
 from broker.metrics import Metrics
 from broker.policy import BudgetLedger, PolicySet
 from broker.routing import RouteTable, normalize_path
 from broker.scrub import SecretSet
-from broker.sdnotify import Notifier
-from broker.secrets import SecretStore, open_store
+from broker.service import peers
+from broker.service.sdnotify import Notifier
 
 log = structlog.get_logger("broker")
 JSONRPC_PEEK_BYTES = 1024 * 1024

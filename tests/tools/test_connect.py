@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import TEST_KEY, store_key
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,4 @@
-"""The forwarding client (broker.upstream) against real scripted servers on 127.0.0.1.
+"""The forwarding client (broker.http.client) against real scripted servers on 127.0.0.1.
 
 The servers are asyncio.start_server peers that read each request, record the bytes they got
 and write exact raw answers back, so every framing case is on the wire byte for byte. TLS uses a
@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 from yarl import URL
 
-from broker.upstream import (
+from broker.http.client import (
     BadAnswer,
     BodyBroken,
     ConnectFailed,

@@ -24,7 +24,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from broker import http1
+from broker.http import framing
 
 MAX_HEAD = 128 * 1024  # status line and headers of one answer
 READ_HIGH = 256 * 1024  # body bytes held for a slow agent before the upstream is paused
@@ -33,7 +33,7 @@ WRITE_STEP = 64 * 1024
 DRAIN_S = 1.0  # how long the end of an answer nobody reads is waited for, to keep its connection
 DRAIN_BYTES = 256 * 1024  # and how much of it
 MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
-NO_BODY_STATUS = http1.NO_BODY_STATUS
+NO_BODY_STATUS = framing.NO_BODY_STATUS
 
 
 class UpstreamError(Exception):

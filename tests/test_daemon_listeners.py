@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.server import ListenError, _prepare_unix_path
+from broker.daemon import ListenError, _prepare_unix_path
 
 
 def test_symlink_is_refused(tmp_path: Path) -> None:

@@ -1,9 +1,9 @@
-"""HTTP/1.1 facts both sides of the broker share: agents' requests (agents.py) and upstream
-answers (upstream.py), whose framing llhttp parses.
+"""HTTP/1.1 facts both sides of the broker share: agents' requests (server.py) and upstream
+answers (client.py), whose framing llhttp parses.
 
 Owns: the statuses that never carry a body, and reading comma-separated list fields
 (Connection). Must never: parse framing itself: llhttp does, and the broker's stricter checks
-sit next to its callbacks in agents.py and upstream.py.
+sit next to its callbacks in server.py and client.py.
 """
 
 from __future__ import annotations

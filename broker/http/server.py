@@ -30,8 +30,8 @@ import structlog
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 from yarl import URL
 
-from broker import http1
 from broker.errors import ERROR_HEADER, BrokerError, error_body, error_response
+from broker.http import framing
 
 log = structlog.get_logger("broker")
 
@@ -40,7 +40,7 @@ SWEEP_S = 5.0  # how often idle connections are looked for
 REQUEST_LINE_MAX = 8 * 1024  # allowed on top of limits.max_header_bytes for the request line
 BODY_HIGH = 256 * 1024  # request body bytes held before the agent's socket is paused
 BACKLOG = 1024
-NO_BODY_STATUS = http1.NO_BODY_STATUS
+NO_BODY_STATUS = framing.NO_BODY_STATUS
 REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 

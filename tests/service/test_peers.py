@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from broker import peers
+from broker.service import peers
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 

@@ -24,9 +24,9 @@ import yaml
 from yarl import URL
 
 from broker import logs
+from broker.auth.secret_store import FileStore
 from broker.config import load
 from broker.scrub import SecretSet
-from broker.secrets import FileStore
 
 Say = Callable[[str], None]
 
@@ -71,9 +71,9 @@ async def _browser(url: str) -> None:
 async def run(say: Say) -> int:
     from mcp import Client
 
-    from broker import sandbox
     from broker.auth.login import login
-    from broker.server import Daemon
+    from broker.daemon import Daemon
+    from broker.tools import sandbox
 
     key = "sk_test_demo" + secrets.token_hex(12)
     with tempfile.TemporaryDirectory(prefix="agentcard-demo-") as tmp:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from broker import config as config_mod
-from broker import service
+from broker.service import units as service
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "broker"]
 needs_systemd = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None and not os.environ.get("CI"),

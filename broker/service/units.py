@@ -286,7 +286,7 @@ def uninstall(sf: ServiceFile) -> list[str]:
 def repo_files() -> dict[str, bytes]:
     """The example files kept in the repository, rendered from the templates above.
 
-    Regenerate with: python -c "import broker.service as s; s.write_repo_files('.')"
+    Regenerate with: python -c "import broker.service.units as s; s.write_repo_files('.')"
     """
     user_exec = "%h/.local/bin/agentcard-broker run --config %E/agentcard-broker/config.yaml"
     system_exec = f"/usr/local/bin/agentcard-broker run --config {SYSTEM_CONFIG}"

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 from yarl import URL
 
-from broker import sandbox
+from broker.tools import sandbox
 
 KEY = "sk_test_FAKEsandboxKey000000000000"
 
