@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from broker import jsonrpc
 from broker.config import PathRule, Policy
 from broker.errors import BrokerError
 from broker.http.server import Request
@@ -539,34 +540,7 @@ def _filter_message(msg: Any, ids: set[Any], allowed: Callable[[str], bool]) -> 
 
 def filter_tools_list(raw: bytes, content_type: str, ids: set[Any], allowed: Callable[[str], bool]) -> bytes:
     """Remove tools the policy does not allow from tools/list answers, JSON or SSE."""
-    if "text/event-stream" in content_type:
-        events = raw.replace(b"\r\n", b"\n").split(b"\n\n")
-        out = []
-        for event in events:
-            lines = event.split(b"\n")
-            data = [ln[5:].removeprefix(b" ") for ln in lines if ln.startswith(b"data:")]
-            if not data:
-                out.append(event)
-                continue
-            try:
-                doc = json.loads(b"\n".join(data))
-            except ValueError:
-                out.append(event)
-                continue
-            doc = _filter_message(doc, ids, allowed)
-            others = [ln for ln in lines if not ln.startswith(b"data:")]
-            out.append(b"\n".join([*others, b"data: " + json.dumps(doc).encode()]))
-        return b"\n\n".join(out)
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        return raw
-    doc = (
-        [_filter_message(m, ids, allowed) for m in doc]
-        if isinstance(doc, list)
-        else _filter_message(doc, ids, allowed)
-    )
-    return json.dumps(doc).encode()
+    return jsonrpc.rewrite(raw, content_type, lambda msg: _filter_message(msg, ids, allowed))
 
 
 class PolicySet:

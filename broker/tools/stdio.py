@@ -17,21 +17,11 @@ from typing import Any
 
 import aiohttp
 
+from broker import jsonrpc
+
 MODERN_META = "io.modelcontextprotocol/protocolVersion"
 ACCEPT = "application/json, text/event-stream"
 NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
-
-
-def _sse_messages(raw: bytes) -> list[Any]:
-    out = []
-    for event in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
-        data = [ln[5:].removeprefix(b" ") for ln in event.split(b"\n") if ln.startswith(b"data:")]
-        if data:
-            try:
-                out.append(json.loads(b"\n".join(data)))
-            except ValueError:
-                continue
-    return out
 
 
 class Relay:
@@ -107,17 +97,11 @@ class Relay:
             return
         if status == 202 or not body:
             return
-        messages = _sse_messages(body) if "text/event-stream" in ctype else None
-        if messages is None:
-            try:
-                doc = json.loads(body)
-            except ValueError:
-                if is_request:
-                    await self._error(
-                        rid, f"agentcard-broker answered HTTP {status} with no JSON-RPC message"
-                    )
-                return
-            messages = doc if isinstance(doc, list) else [doc]
+        messages = jsonrpc.messages(body, ctype)
+        if not messages:
+            if is_request:
+                await self._error(rid, f"agentcard-broker answered HTTP {status} with no JSON-RPC message")
+            return
         for m in messages:
             if isinstance(m, dict) and isinstance(m.get("result"), dict) and "protocolVersion" in m["result"]:
                 self.protocol_version = str(m["result"]["protocolVersion"])
