@@ -1,44 +1,54 @@
 """config.yaml -> an immutable `Config` snapshot: the names the rest of the broker imports.
 
-Owns: nothing of its own; it re-exports the package's public names so that callers write
-`from broker.config import Config, load`. Must never: hold logic, or import a name that no
-caller uses.
+The package, layer by layer (each imports only those above it):
+  issues.py     ConfigIssue / ConfigError: a problem named by its place and line
+  locations.py  where the config and the state live (platformdirs), a file's version stamp
+  model.py      the frozen dataclasses of the snapshot
+  checks.py     reading the file and checking every rule into the model
+
+Owns: nothing of its own; it re-exports the public names so that callers write
+`from broker.config import Config, load`. Must never: hold logic.
 """
 
-from broker.config.checks import (
+from broker.config.checks import _Checker, load, parse_listen
+from broker.config.issues import ConfigError, ConfigIssue
+from broker.config.locations import file_stamp, find_config, state_dir
+from broker.config.model import (
     DEFAULT_AMOUNT_FIELDS,
     ApiKeyAuth,
+    Auth,
     ClientCredentialsAuth,
     Config,
-    ConfigError,
-    ConfigIssue,
+    Limits,
     Listen,
+    LogConfig,
     OAuthAuth,
     PathRule,
     Policy,
     Route,
     SecretRef,
-    _Checker,
-    file_stamp,
-    find_config,
-    load,
-    parse_listen,
-    state_dir,
+    Timeouts,
+    Window,
 )
 
 __all__ = [
     "DEFAULT_AMOUNT_FIELDS",
     "ApiKeyAuth",
+    "Auth",
     "ClientCredentialsAuth",
     "Config",
     "ConfigError",
     "ConfigIssue",
+    "Limits",
     "Listen",
+    "LogConfig",
     "OAuthAuth",
     "PathRule",
     "Policy",
     "Route",
     "SecretRef",
+    "Timeouts",
+    "Window",
     "_Checker",
     "file_stamp",
     "find_config",

@@ -14,267 +14,43 @@ import os
 import re
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from broker.config.issues import ConfigError, ConfigIssue
+from broker.config.locations import file_stamp
+from broker.config.model import (
+    DEFAULT_ALLOWED_HOSTS,
+    DEFAULT_AMOUNT_FIELDS,
+    DEFAULT_REDIRECT_PORT,
+    ApiKeyAuth,
+    Auth,
+    ClientCredentialsAuth,
+    Config,
+    Limits,
+    Listen,
+    LogConfig,
+    OAuthAuth,
+    PathRule,
+    Policy,
+    Route,
+    SecretRef,
+    Timeouts,
+    Window,
+)
 from broker.scrub import SECRET_SHAPE as SECRET_LITERAL
-from broker.scrub import redact_shapes
 
-APP_NAME = "agentcard-broker"
-CONFIG_ENV = "AGENTCARD_BROKER_CONFIG"
 DEFAULT_PORT = 8765
-DEFAULT_REDIRECT_PORT = 8766
 
 SECRET_KEY_NAMES = frozenset({"key", "secret", "client_secret", "api_key", "token", "password"})
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_PREFIX = "/_broker"
-DEFAULT_ALLOWED_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-
-
-# ---------------------------------------------------------------- the snapshot
-
-
-@dataclass(frozen=True, slots=True)
-class SecretRef:
-    """Where a secret lives: the secret store, an environment variable, or a 0600 file."""
-
-    kind: Literal["keyring", "env", "file"]
-    name: str = ""  # env variable name or file path; "" for keyring
-
-    def describe(self) -> str:
-        if self.kind == "keyring":
-            return "keyring"
-        return f"{self.kind}:{self.name}"
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKeyAuth:
-    key: SecretRef = SecretRef("keyring")
-    allow_live: bool = False
-    type: Literal["api_key"] = "api_key"
-
-
-@dataclass(frozen=True, slots=True)
-class OAuthAuth:
-    client_id: str | None = None
-    client_secret: SecretRef | None = None
-    scopes: tuple[str, ...] = ()
-    redirect_port: int = DEFAULT_REDIRECT_PORT
-    type: Literal["oauth"] = "oauth"
-
-
-@dataclass(frozen=True, slots=True)
-class ClientCredentialsAuth:
-    token_url: str
-    client_id: str
-    client_secret: SecretRef = SecretRef("keyring")
-    scopes: tuple[str, ...] = ()
-    type: Literal["client_credentials"] = "client_credentials"
-
-
-Auth = ApiKeyAuth | OAuthAuth | ClientCredentialsAuth
-
-
-DEFAULT_AMOUNT_FIELDS = ("amount_cents", "spend_limit_cents", "amountCents", "spendLimitCents")
-
-
-@dataclass(frozen=True, slots=True)
-class PathRule:
-    """`METHOD /glob`: `*` is one path segment, `**` any number; METHOD may be `*`."""
-
-    method: str
-    segments: tuple[str, ...]
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    amount: int
-    seconds: float
-    text: str  # as written, e.g. "24h"
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    allow: tuple[PathRule, ...] | None = None  # None: everything not denied
-    deny: tuple[PathRule, ...] = ()
-    tools_allow: frozenset[str] | None = None
-    tools_deny: frozenset[str] = frozenset()
-    max_amount_cents: int | None = None
-    amount_fields: tuple[str, ...] = DEFAULT_AMOUNT_FIELDS
-    budget: Window | None = None  # amount_cents per window
-    rate: Window | None = None  # requests per window
-    require_test_mode: bool = False
-
-    @property
-    def reads_body(self) -> bool:
-        """Rules that can only be checked by reading a JSON body."""
-        return (
-            self.max_amount_cents is not None
-            or self.budget is not None
-            or self.tools_allow is not None
-            or bool(self.tools_deny)
-            or self.require_test_mode
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    name: str
-    prefix: str
-    upstream: str
-    auth: Auth
-    place: str = ""  # "routes[1]": where this route sits in the file
-    policy: Policy | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    kind: Literal["tcp", "unix"]
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_header_bytes: int = 32 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect: float = 10.0
-    first_byte: float = 60.0
-    idle: float = 300.0
-    drain: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    level: str = "info"
-    format: Literal["auto", "console", "json"] = "auto"
-    audit: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    path: str
-    listen: tuple[Listen, ...]
-    routes: tuple[Route, ...]
-    allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
-    allowed_origins: tuple[str, ...] = ()
-    allowed_uids: tuple[int, ...] = ()
-    allow_remote: bool = False
-    allow_insecure_upstream: bool = False
-    secret_store: Literal["keyring", "file"] = "keyring"
-    state_dir: str = ""  # "" = the platform's user state dir
-    socket_mode: int = 0o600  # unix listeners; 0o660 for the system-user setup (group access)
-    limits: Limits = field(default_factory=Limits)
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    log: LogConfig = field(default_factory=LogConfig)
-    lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
-    # the file's version as it was before load() read it (None when not loaded from a file): an
-    # edit made after that is a change to apply, however soon it came
-    stamp: tuple[int, int, int] | None = field(default=None, compare=False, hash=False, repr=False)
-
-    def state_path(self) -> Path:
-        """Where the daemon keeps state (file secret store, budgets): config or platform default."""
-        return Path(self.state_dir) if self.state_dir else state_dir()
-
-    def line_of(self, place: str) -> int | None:
-        return self.lines.get(place)
-
-    def route(self, name: str) -> Route | None:
-        return next((r for r in self.routes if r.name == name), None)
-
-
-# ---------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    place: str
-    message: str
-    line: int | None = None
-
-    def render(self, path: str) -> str:
-        where = f"{path}:{self.line}" if self.line else path
-        return f"{where}: {self.place}: {self.message}" if self.place else f"{where}: {self.message}"
-
-
-class ConfigError(Exception):
-    """Every problem found in one config file. Its text never contains a secret value."""
-
-    def __init__(self, path: str, issues: list[ConfigIssue]) -> None:
-        self.path = path
-        # A value that was a pasted secret can surface in a place (a key) or a message (a
-        # name, an address, YAML's own text): mask anything secret-shaped, whatever its role.
-        self.issues = [ConfigIssue(redact_shapes(i.place), redact_shapes(i.message), i.line) for i in issues]
-        super().__init__(self.render())
-
-    def lines(self) -> list[str]:
-        return [i.render(self.path) for i in self.issues]
-
-    def render(self) -> str:
-        return "\n".join(self.lines())
-
-
-# ---------------------------------------------------------------- finding the file
-
-
-def candidate_paths() -> list[Path]:
-    """Where the config is looked for when --config is not given, in order."""
-    import platformdirs
-
-    found: list[Path] = []
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        found.append(Path(env).expanduser())
-    found.append(Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "config.yaml")
-    found.append(Path.cwd() / "config.yaml")
-    return found
-
-
-def find_config(explicit: str | None) -> Path:
-    """The config path to use. Raises ConfigError naming every place looked at."""
-    if explicit:
-        return Path(explicit).expanduser()
-    paths = candidate_paths()
-    if os.environ.get(CONFIG_ENV):
-        return paths[0]  # an explicit environment choice is never silently skipped
-    for p in paths:
-        if p.exists():
-            return p
-    looked = ", ".join(str(p) for p in paths)
-    raise ConfigError(
-        str(paths[-1]),
-        [
-            ConfigIssue(
-                "",
-                f"no config file found (looked in: {looked}); pass --config PATH or copy "
-                "the example config.yaml from the project to one of those places",
-            )
-        ],
-    )
-
-
-def state_dir() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_state_dir(APP_NAME, appauthor=False))
 
 
 # ---------------------------------------------------------------- reading YAML safely
@@ -900,12 +676,3 @@ def load(path: Path) -> Config:
     if cfg is None:
         raise ConfigError(spath, issues)
     return replace(cfg, stamp=stamp)
-
-
-def file_stamp(path: str) -> tuple[int, int, int] | None:
-    """What identifies one version of a file: inode, mtime, size (a rename-save changes the inode)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
