@@ -4,6 +4,7 @@ The package, layer by layer (each imports only those above it):
   issues.py     ConfigIssue / ConfigError: a problem named by its place and line
   locations.py  where the config and the state live (platformdirs), a file's version stamp
   model.py      the frozen dataclasses of the snapshot
+  safe_yaml.py  YAML text -> plain values, with the line of every place
   checks.py     reading the file and checking every rule into the model
 
 Owns: nothing of its own; it re-exports the public names so that callers write
