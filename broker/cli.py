@@ -368,7 +368,7 @@ def _daemon_request(cfg: Config, method: str, path: str, timeout: float = 3.0) -
 def _config_for_status(args: argparse.Namespace) -> Config | None:
     """The config to find the daemon with. A broken file must not hide a running daemon (it
     still serves the previous config), so fall back to just the listen addresses in it."""
-    from broker.config import Config, ConfigError, Listen, _Checker, find_config, load, parse_listen
+    from broker.config import Checker, Config, ConfigError, Listen, find_config, load, parse_listen
 
     try:
         path = find_config(args.config)
@@ -386,7 +386,7 @@ def _config_for_status(args: argparse.Namespace) -> Config | None:
             items = None
         listens: list[Listen] = []
         for item in items if isinstance(items, list) else [f"127.0.0.1:{8765}"]:
-            found = parse_listen(item, "listen", True, _Checker({}, []))
+            found = parse_listen(item, "listen", True, Checker({}, []))
             if found is not None:
                 listens.append(found)
         if not listens:

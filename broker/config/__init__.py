@@ -5,13 +5,15 @@ The package, layer by layer (each imports only those above it):
   locations.py  where the config and the state live (platformdirs), a file's version stamp
   model.py      the frozen dataclasses of the snapshot
   safe_yaml.py  YAML text -> plain values, with the line of every place
+  checker.py    typed reads of plain values that turn each problem into an issue
   checks.py     reading the file and checking every rule into the model
 
 Owns: nothing of its own; it re-exports the public names so that callers write
 `from broker.config import Config, load`. Must never: hold logic.
 """
 
-from broker.config.checks import _Checker, load, parse_listen
+from broker.config.checker import Checker
+from broker.config.checks import load, parse_listen
 from broker.config.issues import ConfigError, ConfigIssue
 from broker.config.locations import file_stamp, find_config, state_dir
 from broker.config.model import (
@@ -36,6 +38,7 @@ __all__ = [
     "DEFAULT_AMOUNT_FIELDS",
     "ApiKeyAuth",
     "Auth",
+    "Checker",
     "ClientCredentialsAuth",
     "Config",
     "ConfigError",
@@ -50,7 +53,6 @@ __all__ = [
     "SecretRef",
     "Timeouts",
     "Window",
-    "_Checker",
     "file_stamp",
     "find_config",
     "load",

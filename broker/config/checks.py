@@ -13,12 +13,12 @@ import ipaddress
 import os
 import re
 import stat
-from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from broker.config.checker import Checker, child_place, kind_of
 from broker.config.issues import ConfigError, ConfigIssue
 from broker.config.locations import file_stamp
 from broker.config.model import (
@@ -51,114 +51,11 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_PREFIX = "/_broker"
 
 
-# ---------------------------------------------------------------- checking
-
-
-class _Checker:
-    def __init__(self, lines: dict[str, int], issues: list[ConfigIssue]) -> None:
-        self.lines = lines
-        self.issues = issues
-
-    def err(self, place: str, message: str) -> None:
-        line = self.lines.get(place)
-        if line is None:  # a missing key: point at its parent
-            parent = place
-            while parent and parent not in self.lines:
-                shorter = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", parent)
-                parent = "" if shorter == parent else shorter  # a top-level key: the file itself
-            line = self.lines.get(parent)
-        self.issues.append(ConfigIssue(place, message, line))
-
-    def mapping(self, value: Any, place: str, allowed: Iterable[str]) -> dict[str, Any] | None:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.err(place, f"must be a mapping, got {_kind(value)}")
-            return None
-        allowed_set = set(allowed)
-        for key in value:
-            if key not in allowed_set:
-                sub = f"{place}.{key}" if place else key
-                self.err(sub, f"unknown key (allowed here: {', '.join(sorted(allowed_set))})")
-        return value
-
-    def boolean(self, m: dict[str, Any], key: str, place: str, default: bool) -> bool:
-        v = m.get(key, default)
-        if not isinstance(v, bool):
-            self.err(_join(place, key), f"must be true or false, got {_kind(v)}")
-            return default
-        return v
-
-    def string(self, m: dict[str, Any], key: str, place: str, default: str | None = None) -> str | None:
-        v = m.get(key, default)
-        if v is None:
-            return None
-        if not isinstance(v, str) or not v:
-            self.err(_join(place, key), f"must be a non-empty string, got {_kind(v)}")
-            return default
-        return v
-
-    def number(self, m: dict[str, Any], key: str, place: str, default: float, minimum: float) -> float:
-        v = m.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            self.err(_join(place, key), f"must be a number, got {_kind(v)}")
-            return default
-        if v < minimum:
-            self.err(_join(place, key), f"must be at least {minimum}")
-            return default
-        return float(v)
-
-    def integer(self, m: dict[str, Any], key: str, place: str, default: int, lo: int, hi: int) -> int:
-        v = m.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int):
-            self.err(_join(place, key), f"must be a whole number, got {_kind(v)}")
-            return default
-        if not lo <= v <= hi:
-            self.err(_join(place, key), f"must be between {lo} and {hi}")
-            return default
-        return v
-
-    def strings(self, m: dict[str, Any], key: str, place: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        v = m.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, list):
-            self.err(_join(place, key), f"must be a list, got {_kind(v)}")
-            return default
-        out = []
-        for i, item in enumerate(v):
-            if not isinstance(item, str) or not item:
-                self.err(f"{_join(place, key)}[{i}]", f"must be a non-empty string, got {_kind(item)}")
-            else:
-                out.append(item)
-        return tuple(out)
-
-
-def _join(place: str, key: str) -> str:
-    return f"{place}.{key}" if place else key
-
-
-def _kind(v: Any) -> str:
-    if v is None:
-        return "nothing"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, int | float):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "a list"
-    if isinstance(v, dict):
-        return "a mapping"
-    return type(v).__name__
-
-
-def _find_literal_secrets(value: Any, place: str, key: str | None, c: _Checker) -> None:
+def _find_literal_secrets(value: Any, place: str, key: str | None, c: Checker) -> None:
     """Flag any string that looks like a secret, or that sits under a secret-named key."""
     if isinstance(value, dict):
         for k, v in value.items():
-            _find_literal_secrets(v, _join(place, k), k, c)
+            _find_literal_secrets(v, child_place(place, k), k, c)
     elif isinstance(value, list):
         for i, v in enumerate(value):
             _find_literal_secrets(v, f"{place}[{i}]", key, c)
@@ -172,11 +69,11 @@ def _find_literal_secrets(value: Any, place: str, key: str | None, c: _Checker) 
             )
 
 
-def parse_secret_ref(value: Any, place: str, c: _Checker, default: SecretRef) -> SecretRef:
+def parse_secret_ref(value: Any, place: str, c: Checker, default: SecretRef) -> SecretRef:
     if value is None:
         return default
     if not isinstance(value, str):
-        c.err(place, f"must be `keyring`, `env:NAME` or `file:PATH`, got {_kind(value)}")
+        c.err(place, f"must be `keyring`, `env:NAME` or `file:PATH`, got {kind_of(value)}")
         return default
     if value == "keyring":
         return SecretRef("keyring")
@@ -196,9 +93,9 @@ def parse_secret_ref(value: Any, place: str, c: _Checker, default: SecretRef) ->
     return default
 
 
-def parse_listen(value: Any, place: str, allow_remote: bool, c: _Checker) -> Listen | None:
+def parse_listen(value: Any, place: str, allow_remote: bool, c: Checker) -> Listen | None:
     if not isinstance(value, str) or not value:
-        c.err(place, f"must be `HOST:PORT` or `unix:PATH`, got {_kind(value)}")
+        c.err(place, f"must be `HOST:PORT` or `unix:PATH`, got {kind_of(value)}")
         return None
     if value.startswith("unix:"):
         path = value[5:]
@@ -234,9 +131,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def parse_upstream(value: Any, place: str, insecure_ok: bool, c: _Checker) -> str | None:
+def parse_upstream(value: Any, place: str, insecure_ok: bool, c: Checker) -> str | None:
     if not isinstance(value, str) or not value:
-        c.err(place, f"must be an https:// URL, got {_kind(value)}")
+        c.err(place, f"must be an https:// URL, got {kind_of(value)}")
         return None
     parts = urlsplit(value)
     if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -254,7 +151,7 @@ def parse_upstream(value: Any, place: str, insecure_ok: bool, c: _Checker) -> st
     return value
 
 
-def parse_prefix(value: Any, place: str, c: _Checker) -> str | None:
+def parse_prefix(value: Any, place: str, c: Checker) -> str | None:
     if not isinstance(value, str) or not value.startswith("/"):
         c.err(place, "must be a path starting with /")
         return None
@@ -272,7 +169,7 @@ def parse_prefix(value: Any, place: str, c: _Checker) -> str | None:
     return prefix
 
 
-def parse_auth(value: Any, place: str, insecure_ok: bool, c: _Checker) -> Auth | None:
+def parse_auth(value: Any, place: str, insecure_ok: bool, c: Checker) -> Auth | None:
     if not isinstance(value, dict):
         c.err(place, "must be a mapping with a `type` (api_key, oauth or client_credentials)")
         return None
@@ -282,7 +179,7 @@ def parse_auth(value: Any, place: str, insecure_ok: bool, c: _Checker) -> Auth |
         if m is None:
             return None
         return ApiKeyAuth(
-            key=parse_secret_ref(m.get("key"), _join(place, "key"), c, SecretRef("keyring")),
+            key=parse_secret_ref(m.get("key"), child_place(place, "key"), c, SecretRef("keyring")),
             allow_live=c.boolean(m, "allow_live", place, False),
         )
     if kind == "oauth":
@@ -293,7 +190,7 @@ def parse_auth(value: Any, place: str, insecure_ok: bool, c: _Checker) -> Auth |
         return OAuthAuth(
             client_id=c.string(m, "client_id", place),
             client_secret=(
-                parse_secret_ref(secret, _join(place, "client_secret"), c, SecretRef("keyring"))
+                parse_secret_ref(secret, child_place(place, "client_secret"), c, SecretRef("keyring"))
                 if secret is not None
                 else None
             ),
@@ -304,21 +201,21 @@ def parse_auth(value: Any, place: str, insecure_ok: bool, c: _Checker) -> Auth |
         m = c.mapping(value, place, {"type", "token_url", "client_id", "client_secret", "scopes"})
         if m is None:
             return None
-        token_url = parse_upstream(m.get("token_url"), _join(place, "token_url"), insecure_ok, c)
+        token_url = parse_upstream(m.get("token_url"), child_place(place, "token_url"), insecure_ok, c)
         client_id = c.string(m, "client_id", place)
         if client_id is None:
-            c.err(_join(place, "client_id"), "is required for client_credentials")
+            c.err(child_place(place, "client_id"), "is required for client_credentials")
         if token_url is None or client_id is None:
             return None
         return ClientCredentialsAuth(
             token_url=token_url,
             client_id=client_id,
             client_secret=parse_secret_ref(
-                m.get("client_secret"), _join(place, "client_secret"), c, SecretRef("keyring")
+                m.get("client_secret"), child_place(place, "client_secret"), c, SecretRef("keyring")
             ),
             scopes=c.strings(m, "scopes", place, ()),
         )
-    c.err(_join(place, "type"), "must be one of: api_key, oauth, client_credentials")
+    c.err(child_place(place, "type"), "must be one of: api_key, oauth, client_credentials")
     return None
 
 
@@ -327,7 +224,7 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"}
 
 
-def parse_duration(value: Any, place: str, c: _Checker) -> float | None:
+def parse_duration(value: Any, place: str, c: Checker) -> float | None:
     m = _DURATION.match(str(value).strip()) if isinstance(value, str | int) else None
     if m is None or float(m.group(1)) <= 0:
         c.err(place, "must be a duration like 30s, 1m, 24h or 7d")
@@ -335,7 +232,7 @@ def parse_duration(value: Any, place: str, c: _Checker) -> float | None:
     return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
-def parse_path_rule(value: Any, place: str, c: _Checker) -> PathRule | None:
+def parse_path_rule(value: Any, place: str, c: Checker) -> PathRule | None:
     if not isinstance(value, str) or " " not in value.strip():
         c.err(place, 'must be "METHOD /path/glob", e.g. "GET /api/v1/cards/*"')
         return None
@@ -351,19 +248,19 @@ def parse_path_rule(value: Any, place: str, c: _Checker) -> PathRule | None:
     return PathRule(method, segs, value.strip())
 
 
-def _window(value: Any, place: str, key: str, c: _Checker) -> Window | None:
+def _window(value: Any, place: str, key: str, c: Checker) -> Window | None:
     m = c.mapping(value, place, {key, "per"})
     if not m:
         c.err(place, f"must be a mapping {{{key}: N, per: DURATION}}")
         return None
     amount = c.integer(m, key, place, -1, 1, 2**53)
-    per = parse_duration(m.get("per"), _join(place, "per"), c)
+    per = parse_duration(m.get("per"), child_place(place, "per"), c)
     if amount < 1 or per is None:
         return None
     return Window(amount, per, str(m.get("per")))
 
 
-def parse_policy(value: Any, place: str, c: _Checker) -> Policy | None:
+def parse_policy(value: Any, place: str, c: Checker) -> Policy | None:
     keys = {
         "allow",
         "deny",
@@ -381,17 +278,17 @@ def parse_policy(value: Any, place: str, c: _Checker) -> Policy | None:
     def rules(key: str) -> tuple[PathRule, ...]:
         raw = m.get(key, [])
         if not isinstance(raw, list):
-            c.err(_join(place, key), 'must be a list of "METHOD /glob" rules')
+            c.err(child_place(place, key), 'must be a list of "METHOD /glob" rules')
             return ()
         return tuple(r for i, v in enumerate(raw) if (r := parse_path_rule(v, f"{place}.{key}[{i}]", c)))
 
     tools_allow: frozenset[str] | None = None
     tools_deny: frozenset[str] = frozenset()
     if "tools" in m:
-        t = c.mapping(m["tools"], _join(place, "tools"), {"allow", "deny"}) or {}
+        t = c.mapping(m["tools"], child_place(place, "tools"), {"allow", "deny"}) or {}
         if "allow" in t:
-            tools_allow = frozenset(c.strings(t, "allow", _join(place, "tools"), ()))
-        tools_deny = frozenset(c.strings(t, "deny", _join(place, "tools"), ()))
+            tools_allow = frozenset(c.strings(t, "allow", child_place(place, "tools"), ()))
+        tools_deny = frozenset(c.strings(t, "deny", child_place(place, "tools"), ()))
     max_amount = None
     if "max_amount_cents" in m:
         max_amount = c.integer(m, "max_amount_cents", place, 0, 0, 2**53)
@@ -402,8 +299,10 @@ def parse_policy(value: Any, place: str, c: _Checker) -> Policy | None:
         tools_deny=tools_deny,
         max_amount_cents=max_amount,
         amount_fields=c.strings(m, "amount_fields", place, DEFAULT_AMOUNT_FIELDS) or DEFAULT_AMOUNT_FIELDS,
-        budget=_window(m["budget"], _join(place, "budget"), "amount_cents", c) if "budget" in m else None,
-        rate=_window(m["rate"], _join(place, "rate"), "requests", c) if "rate" in m else None,
+        budget=_window(m["budget"], child_place(place, "budget"), "amount_cents", c)
+        if "budget" in m
+        else None,
+        rate=_window(m["rate"], child_place(place, "rate"), "requests", c) if "rate" in m else None,
         require_test_mode=c.boolean(m, "require_test_mode", place, False),
     )
 
@@ -417,7 +316,7 @@ TOP_KEYS = {
 
 def build_config(data: Any, lines: dict[str, int], path: str, issues: list[ConfigIssue]) -> Config | None:
     """Check plain values against every rule; return the snapshot, or None with `issues` filled."""
-    c = _Checker(lines, issues)
+    c = Checker(lines, issues)
     top = c.mapping(data, "", TOP_KEYS)
     if top is None:
         return None
@@ -449,7 +348,7 @@ def build_config(data: Any, lines: dict[str, int], path: str, issues: list[Confi
     uids: list[int] = []
     raw_uids = top.get("allowed_uids", ["self"])
     if not isinstance(raw_uids, list):
-        c.err("allowed_uids", f"must be a list, got {_kind(raw_uids)}")
+        c.err("allowed_uids", f"must be a list, got {kind_of(raw_uids)}")
     else:
         for i, u in enumerate(raw_uids):
             if u == "self":
@@ -511,20 +410,20 @@ def build_config(data: Any, lines: dict[str, int], path: str, issues: list[Confi
             continue
         name = m.get("name")
         if not isinstance(name, str) or not ROUTE_NAME.match(name):
-            c.err(_join(place, "name"), "must be a short name of letters, digits, -, _ or .")
+            c.err(child_place(place, "name"), "must be a short name of letters, digits, -, _ or .")
             name = None
         elif name in names:
-            c.err(_join(place, "name"), f"duplicate route name {name!r}")
-        prefix = parse_prefix(m.get("prefix"), _join(place, "prefix"), c)
+            c.err(child_place(place, "name"), f"duplicate route name {name!r}")
+        prefix = parse_prefix(m.get("prefix"), child_place(place, "prefix"), c)
         if prefix is not None:
             if prefix in prefixes:
-                c.err(_join(place, "prefix"), f"duplicate prefix {prefix!r}")
+                c.err(child_place(place, "prefix"), f"duplicate prefix {prefix!r}")
             prefixes.add(prefix)
-        upstream = parse_upstream(m.get("upstream"), _join(place, "upstream"), insecure, c)
+        upstream = parse_upstream(m.get("upstream"), child_place(place, "upstream"), insecure, c)
         if "auth" not in m:
-            c.err(_join(place, "auth"), "is required")
-        auth = parse_auth(m.get("auth"), _join(place, "auth"), insecure, c)
-        policy = parse_policy(m["policy"], _join(place, "policy"), c) if "policy" in m else None
+            c.err(child_place(place, "auth"), "is required")
+        auth = parse_auth(m.get("auth"), child_place(place, "auth"), insecure, c)
+        policy = parse_policy(m["policy"], child_place(place, "policy"), c) if "policy" in m else None
         if name and prefix and upstream and auth:
             names.add(name)
             routes.append(Route(name, prefix, upstream, auth, place, policy))
