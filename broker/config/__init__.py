@@ -6,15 +6,17 @@ The package, layer by layer (each imports only those above it):
   model.py      the frozen dataclasses of the snapshot
   safe_yaml.py  YAML text -> plain values, with the line of every place
   checker.py    typed reads of plain values that turn each problem into an issue
-  checks.py     reading the file and checking every rule into the model
+  checks.py     plain values -> the model, checking every rule of SPEC.md "Config file"
+  loading.py    the file on disk -> Config: file safety, read, parse, check
 
 Owns: nothing of its own; it re-exports the public names so that callers write
 `from broker.config import Config, load`. Must never: hold logic.
 """
 
 from broker.config.checker import Checker
-from broker.config.checks import load, parse_listen
+from broker.config.checks import parse_listen
 from broker.config.issues import ConfigError, ConfigIssue
+from broker.config.loading import load
 from broker.config.locations import file_stamp, find_config, state_dir
 from broker.config.model import (
     DEFAULT_AMOUNT_FIELDS,

@@ -1,10 +1,10 @@
-"""config.yaml -> an immutable `Config` snapshot.
+"""Plain values read from config.yaml -> the `Config` model, checking every rule.
 
-Owns: finding the config file, reading it safely (no object-building YAML tags, no aliases),
-checking every rule in SPEC.md "Config file", and naming each problem by its place in the
-file (`config.yaml:23: routes[1].auth.key: ...`). All problems are collected and reported
-together. Must never: echo a value that could be a secret in an error, build objects from YAML
-tags, or touch the secret store (a config is only a description of where secrets live).
+Owns: the rules of SPEC.md "Config file": which keys exist, loopback-only listeners, https
+upstreams without credentials, route names and prefixes, auth blocks, policies, and no literal
+secret anywhere (only `keyring`, `env:NAME` or `file:PATH`). Every problem is collected with
+its place, none stops the check. Must never: echo a value that could be a secret in an issue,
+read files, or touch the secret store (a config only describes where secrets live).
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import stat
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from broker.config.checker import Checker, child_place, kind_of
-from broker.config.issues import ConfigError, ConfigIssue
-from broker.config.locations import file_stamp
+from broker.config.issues import ConfigIssue
 from broker.config.model import (
     DEFAULT_ALLOWED_HOSTS,
     DEFAULT_AMOUNT_FIELDS,
@@ -40,7 +37,6 @@ from broker.config.model import (
     Timeouts,
     Window,
 )
-from broker.config.safe_yaml import parse_yaml
 from broker.scrub import SECRET_SHAPE as SECRET_LITERAL
 
 DEFAULT_PORT = 8765
@@ -447,42 +443,3 @@ def build_config(data: Any, lines: dict[str, int], path: str, issues: list[Confi
         log=log,
         lines=lines,
     )
-
-
-def check_file_safety(path: Path) -> list[ConfigIssue]:
-    """A config that others could edit would let them point our credentials elsewhere."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return [ConfigIssue("", "file not found")]
-    except OSError as exc:
-        return [ConfigIssue("", f"cannot read: {exc.strerror}")]
-    problems = []
-    if not stat.S_ISREG(st.st_mode):
-        problems.append(ConfigIssue("", "not a regular file"))
-    if st.st_mode & 0o022:
-        problems.append(ConfigIssue("", f"is group- or world-writable; run: chmod go-w {path}"))
-    if st.st_uid not in (os.getuid(), 0):  # root can rewrite anything anyway
-        owner = f"is owned by uid {st.st_uid}, not by this user ({os.getuid()}) or root"
-        problems.append(ConfigIssue("", owner))
-    return problems
-
-
-def load(path: Path) -> Config:
-    """Read and check the config at `path`. Raises ConfigError listing every problem."""
-    spath = str(path)
-    stamp = file_stamp(spath)  # before reading: an edit racing the read is seen as a change
-    issues = check_file_safety(path)
-    if issues:
-        raise ConfigError(spath, issues)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(spath, [ConfigIssue("", f"cannot read: {type(exc).__name__}")]) from None
-    data, lines = parse_yaml(text, issues)
-    if issues:
-        raise ConfigError(spath, issues)
-    cfg = build_config(data, lines, spath, issues)
-    if cfg is None:
-        raise ConfigError(spath, issues)
-    return replace(cfg, stamp=stamp)
