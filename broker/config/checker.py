@@ -39,12 +39,15 @@ class Checker:
         if not isinstance(value, dict):
             self.err(place, f"must be a mapping, got {kind_of(value)}")
             return None
-        allowed_set = set(allowed)
-        for key in value:
-            if key not in allowed_set:
-                sub = f"{place}.{key}" if place else key
-                self.err(sub, f"unknown key (allowed here: {', '.join(sorted(allowed_set))})")
+        self.only_keys(value, place, allowed)
         return value
+
+    def only_keys(self, m: dict[str, Any], place: str, allowed: Iterable[str]) -> None:
+        allowed_set = set(allowed)
+        listed = ", ".join(sorted(allowed_set))
+        for key in m:
+            if key not in allowed_set:
+                self.err(child_place(place, key), f"unknown key (allowed here: {listed})")
 
     def boolean(self, m: dict[str, Any], key: str, place: str, default: bool) -> bool:
         v = m.get(key, default)
@@ -53,13 +56,13 @@ class Checker:
             return default
         return v
 
-    def string(self, m: dict[str, Any], key: str, place: str, default: str | None = None) -> str | None:
-        v = m.get(key, default)
+    def string(self, m: dict[str, Any], key: str, place: str) -> str | None:
+        v = m.get(key)
         if v is None:
             return None
         if not isinstance(v, str) or not v:
             self.err(child_place(place, key), f"must be a non-empty string, got {kind_of(v)}")
-            return default
+            return None
         return v
 
     def number(self, m: dict[str, Any], key: str, place: str, default: float, minimum: float) -> float:

@@ -65,7 +65,9 @@ def _find_literal_secrets(value: Any, place: str, key: str | None, c: Checker) -
             )
 
 
-def parse_secret_ref(value: Any, place: str, c: Checker, default: SecretRef) -> SecretRef:
+def parse_secret_ref(value: Any, place: str, c: Checker) -> SecretRef:
+    """`keyring`, `env:NAME` or `file:PATH`; anything missing or wrong falls back to `keyring`."""
+    default = SecretRef("keyring")
     if value is None:
         return default
     if not isinstance(value, str):
@@ -105,7 +107,7 @@ def parse_listen(value: Any, place: str, allow_remote: bool, c: Checker) -> List
         return None
     host = m.group(1) or m.group(3)
     port = int(m.group(2) or m.group(4))
-    if not 0 <= port <= 65535:
+    if port > 65535:
         c.err(place, "port must be between 0 and 65535")
         return None
     if not allow_remote and not _is_loopback(host):
@@ -169,24 +171,21 @@ def parse_auth(value: Any, place: str, insecure_ok: bool, c: Checker) -> Auth | 
     if not isinstance(value, dict):
         c.err(place, "must be a mapping with a `type` (api_key, oauth or client_credentials)")
         return None
-    kind = value.get("type")
+    m: dict[str, Any] = value
+    kind = m.get("type")
     if kind == "api_key":
-        m = c.mapping(value, place, {"type", "key", "allow_live"})
-        if m is None:
-            return None
+        c.only_keys(m, place, {"type", "key", "allow_live"})
         return ApiKeyAuth(
-            key=parse_secret_ref(m.get("key"), child_place(place, "key"), c, SecretRef("keyring")),
+            key=parse_secret_ref(m.get("key"), child_place(place, "key"), c),
             allow_live=c.boolean(m, "allow_live", place, False),
         )
     if kind == "oauth":
-        m = c.mapping(value, place, {"type", "client_id", "client_secret", "scopes", "redirect_port"})
-        if m is None:
-            return None
+        c.only_keys(m, place, {"type", "client_id", "client_secret", "scopes", "redirect_port"})
         secret = m.get("client_secret")
         return OAuthAuth(
             client_id=c.string(m, "client_id", place),
             client_secret=(
-                parse_secret_ref(secret, child_place(place, "client_secret"), c, SecretRef("keyring"))
+                parse_secret_ref(secret, child_place(place, "client_secret"), c)
                 if secret is not None
                 else None
             ),
@@ -194,9 +193,7 @@ def parse_auth(value: Any, place: str, insecure_ok: bool, c: Checker) -> Auth | 
             redirect_port=c.integer(m, "redirect_port", place, DEFAULT_REDIRECT_PORT, 1, 65535),
         )
     if kind == "client_credentials":
-        m = c.mapping(value, place, {"type", "token_url", "client_id", "client_secret", "scopes"})
-        if m is None:
-            return None
+        c.only_keys(m, place, {"type", "token_url", "client_id", "client_secret", "scopes"})
         token_url = parse_upstream(m.get("token_url"), child_place(place, "token_url"), insecure_ok, c)
         client_id = c.string(m, "client_id", place)
         if client_id is None:
@@ -206,9 +203,7 @@ def parse_auth(value: Any, place: str, insecure_ok: bool, c: Checker) -> Auth | 
         return ClientCredentialsAuth(
             token_url=token_url,
             client_id=client_id,
-            client_secret=parse_secret_ref(
-                m.get("client_secret"), child_place(place, "client_secret"), c, SecretRef("keyring")
-            ),
+            client_secret=parse_secret_ref(m.get("client_secret"), child_place(place, "client_secret"), c),
             scopes=c.strings(m, "scopes", place, ()),
         )
     c.err(child_place(place, "type"), "must be one of: api_key, oauth, client_credentials")
@@ -221,7 +216,7 @@ _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"}
 
 
 def parse_duration(value: Any, place: str, c: Checker) -> float | None:
-    m = _DURATION.match(str(value).strip()) if isinstance(value, str | int) else None
+    m = _DURATION.match(value.strip()) if isinstance(value, str) else None
     if m is None or float(m.group(1)) <= 0:
         c.err(place, "must be a duration like 30s, 1m, 24h or 7d")
         return None
