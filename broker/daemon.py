@@ -1,363 +1,39 @@
-"""The daemon: listeners, the request walk, lifecycle, and the one reference reload swaps.
+"""The daemon's lifecycle: listeners, signals, config watching, sd_notify, drain.
 
-Owns: `Runtime` (the current config snapshot, credentials by route, the upstream session,
-metrics), the order of checks for every request (guard -> admin or route -> credential ->
-forward -> audit), binding listeners, signals (TERM/INT drain, HUP reload), and watching the
-config file. Must never: let a request pick its destination, or drop a login on reload.
+Owns: binding listeners (TCP and unix sockets, safely replacing a stale socket), rebinding on
+reload, SIGTERM/SIGINT drain and SIGHUP reload, watching the config file, the systemd
+watchdog. The request walk is `pipeline.py`; what the daemon holds is `runtime.py`. Must
+never: serve on an address the config does not name, or exit without draining.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import os
-import re
 import signal
 import socket
 import stat
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from broker import config as config_mod
-from broker import guard, heap, logs, proxy
-from broker.admin import api as admin
-from broker.auth import Credential, make_credential
-from broker.auth.secret_store import SecretStore, open_store
-from broker.config import Config, ConfigError, Listen, file_stamp
-from broker.errors import BrokerError, error_response
-from broker.http import client as upstream
+from broker import guard, heap
+from broker.config import Config, Listen, file_stamp
 from broker.http import server as agents
-from broker.logs import safe_path
-from broker.metrics import Metrics
-from broker.policy import BudgetLedger, PolicySet
-from broker.routing import RouteTable, normalize_path
+from broker.pipeline import Pipeline
+from broker.runtime import ListenError, Runtime
 from broker.scrub import SecretSet
 from broker.service import peers
 from broker.service.sdnotify import Notifier
 
+__all__ = ["Daemon", "ListenError", "Runtime", "serve"]
+
 log = structlog.get_logger("broker")
-JSONRPC_PEEK_BYTES = 1024 * 1024
 WATCH_AFTER_S = 1.0  # the config watcher starts this long after READY
 WATCH_STEP_MS = 500  # the watcher thread's wake-up period: an edit applies within about a second
 WATCH_FALLBACK_S = 5.0  # between stamp comparisons, for file systems without inotify
-STATUS_WAIT_S = 5.0  # status and metrics wait this long at most for start-up's credential read
-OAUTH_DISCOVERY = re.compile(
-    r"/\.well-known/(oauth-protected-resource|oauth-authorization-server|openid-configuration)", re.IGNORECASE
-)
-
-
-class Snapshot:
-    """One immutable config plus what is derived from it once (route table, Host allowlists)."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.table = RouteTable(config.routes)
-        self._hosts: dict[int | None, frozenset[str]] = {}
-
-    def hosts_for(self, port: int | None) -> frozenset[str]:
-        hosts = self._hosts.get(port)
-        if hosts is None:
-            hosts = self._hosts[port] = guard.allowed_host_values(self.config, port)
-        return hosts
-
-
-class Runtime:
-    """Everything the daemon holds. `snapshot` is the one reference a reload swaps."""
-
-    def __init__(
-        self, config: Config, secrets: SecretSet | None = None, store: SecretStore | None = None
-    ) -> None:
-        self.config_path = config.path
-        # the version of the file in force or refused: as load() found it before reading it
-        self.config_stamp = config.stamp if config.stamp is not None else file_stamp(config.path)
-        self.snapshot = Snapshot(config)
-        self.config_error: str | None = None
-        self.secrets = secrets if secrets is not None else SecretSet()
-        self.metrics = Metrics()
-        self.store = store or open_store(config.secret_store, config.state_path())
-        self.credentials: dict[str, Credential] = {
-            r.name: make_credential(r, self.store, self.secrets) for r in config.routes
-        }
-        self.policies = PolicySet(BudgetLedger(config.state_path() / "budgets.json"))
-        self.policies.update(config.routes)
-        self.pool: upstream.Pool | None = None
-        self._warmup: asyncio.Task[None] | None = None
-        self.listen_addresses: list[str] = []
-        self.in_flight = 0
-        self._started = time.monotonic()
-        self._reload_lock = asyncio.Lock()
-        # a random prefix per process and a counter: unique across restarts, and no getrandom
-        # system call per request (it was 2.5% of the daemon's CPU at 200 requests/s)
-        prefix = os.urandom(4).hex()
-        self._request_ids = (f"{prefix}{n:08x}" for n in itertools.count(1))
-        self.rebind: Callable[[Config], Awaitable[None]] | None = None  # set by Daemon
-
-    def uptime(self) -> float:
-        return time.monotonic() - self._started
-
-    async def start(self) -> None:
-        # No cap on upstream connections: each one serves an agent connection, so agents and the
-        # fd limit (raised at start) bound them. A cap here would park long-lived MCP streams
-        # behind each other and time out everything else to that upstream. No environment proxy
-        # either: credentials go straight to the upstream.
-        self.pool = upstream.Pool(keepalive=30.0)
-        if self.snapshot.config.secret_store == "file":
-            log.warning(
-                "secret_store.plaintext_file",
-                store=self.store.description,
-                note="secrets are kept in a 0600 file, not the OS keyring; anyone who can read "
-                "your files can read them",
-            )
-        # Credentials are read in the background: a keyring (D-Bus, backend discovery) must not
-        # delay readiness; a request that comes first reads its own route's credential.
-        self._warmup = asyncio.get_running_loop().create_task(self._read_credentials())
-
-    async def _read_credentials(self) -> None:
-        for cred in list(self.credentials.values()):
-            with contextlib.suppress(Exception):
-                await cred.prepare()
-        if heap.meter is not None and heap.settled and self.in_flight == 0:
-            # what reading them imported (keyring backends, D-Bus) lives as long as the process;
-            # the collection walks only what came after start-up's freeze. (Done before READY,
-            # READY's own freeze takes it.)
-            heap.settle()
-
-    async def credentials_read(self) -> None:
-        """Wait (bounded) for start-up's credential read, so status never says "not read yet" to
-        someone who asks a moment after start: a slow keyring still answers in STATUS_WAIT_S."""
-        task = self._warmup
-        if task is not None and not task.done():
-            await asyncio.wait((task,), timeout=STATUS_WAIT_S)  # never cancels it, never raises its error
-
-    async def reread_credentials(self) -> None:
-        """Read every route's credential from the store again, now (bounded like start-up's
-        read): after `set-key`, `login` or `logout` changed the store, so a `status` asked right
-        after shows the new credential, not what was read before."""
-        for cred in self.credentials.values():
-            cred.invalidate()
-        reads = [asyncio.ensure_future(cred.prepare()) for cred in self.credentials.values()]
-        for task in reads:  # a failed read is the credential's own state to show, never an error here
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        if reads:
-            await asyncio.wait(reads, timeout=STATUS_WAIT_S)  # never cancels them
-
-    async def close(self) -> None:
-        if self._warmup is not None:
-            self._warmup.cancel()
-        if self.pool is not None:
-            self.pool.close()
-        for cred in self.credentials.values():
-            await cred.close()
-        # the budget ledger's pending writes (refunds) reach the disk before the daemon exits
-        failed = await asyncio.to_thread(self.policies.ledger.close)
-        if failed is not None:
-            log.error("budget.save_failed", path=str(self.policies.ledger.path), error=str(failed))
-
-    # ------------------------------------------------------------ reload
-
-    async def reload(self, reason: str) -> None:
-        """Re-read the config file and the secret store; a bad config keeps the old one."""
-        async with self._reload_lock:
-            path = Path(self.config_path)
-            self.config_stamp = file_stamp(self.config_path)
-            try:
-                new = await asyncio.to_thread(config_mod.load, path)
-            except ConfigError as exc:
-                self.config_error = exc.render()
-                log.error("config.rejected", reason=reason, errors=exc.lines(), kept="previous config")
-                return
-            old = self.snapshot.config
-            if new.listen != old.listen and self.rebind is not None:
-                try:
-                    await self.rebind(new)
-                except ListenError as exc:
-                    self.config_error = f"{exc}; the previous config stays in force"
-                    log.error("config.rejected", reason=reason, errors=[str(exc)], kept="previous config")
-                    return
-            self.config_error = None
-            creds: dict[str, Credential] = {}
-            for r in new.routes:
-                prev_route = old.route(r.name)
-                prev = self.credentials.get(r.name)
-                if prev is not None and prev_route is not None and prev_route.auth == r.auth:
-                    creds[r.name] = prev  # unchanged auth: keep it (a reload never logs out)
-                else:
-                    creds[r.name] = make_credential(r, self.store, self.secrets)
-            for name, cred in self.credentials.items():
-                if creds.get(name) is not cred:
-                    await cred.close()
-            for cred in creds.values():
-                cred.invalidate()
-            self.credentials = creds
-            self.policies.update(new.routes)
-            self.snapshot = Snapshot(new)
-            logs.reconfigure(new.log.level, new.log.format)
-            log.info("config.reloaded", reason=reason, routes=[r.name for r in new.routes])
-
-    # ------------------------------------------------------------ the request walk
-
-    async def handle(self, request: agents.Request) -> agents.StreamResponse:
-        started = time.perf_counter()
-        snap = self.snapshot
-        cfg = snap.config
-        rid = next(self._request_ids)
-        ex = proxy.Exchange(request_id=rid)
-        route_name: str | None = None
-        status = 500
-        guarded = False  # refused by the guard: answered without reading a byte of the body
-        self.in_flight += 1
-        try:
-            try:
-                err = guard.check(
-                    request, cfg, snap.hosts_for(guard.listener_port(request))
-                ) or guard.check_peer(request, cfg)
-                if err is not None:
-                    guarded = True
-                    raise err
-                header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
-                if header_bytes > cfg.limits.max_header_bytes:
-                    raise BrokerError(
-                        "request_too_large",
-                        f"request headers are over limits.max_header_bytes ({cfg.limits.max_header_bytes})",
-                        http_status=431,
-                    )
-                # checked on the normalized path: `%2Ewell-known`, `%5Fbroker` are the same paths
-                path = normalize_path(request.raw_path.partition("?")[0])
-                if OAUTH_DISCOVERY.search(path):
-                    # the broker does OAuth for its agents; an agent that found metadata here
-                    # would start its own login against AgentCard
-                    raise BrokerError(
-                        "not_found", "agents need no OAuth here: the broker holds the credential"
-                    )
-                if path == "/_broker" or path.startswith("/_broker/"):
-                    route_name = "_broker"
-                    resp = await admin.handle(request, self)
-                else:
-                    target = snap.table.target(request.raw_path)
-                    route_name = target.route.name
-                    credential = self.credentials[route_name]
-                    rules = self.policies.by_route.get(route_name)
-                    if rules is not None:
-                        await credential.prepare()  # the rules may ask its mode (test or live)
-                    gate = (
-                        await rules.admit(
-                            request,
-                            target.url.raw_path,
-                            credential.mode,
-                            cfg.limits.max_body_bytes,
-                            ex.hold,
-                            has_mode=credential.has_mode,
-                        )
-                        if rules is not None
-                        else None
-                    )
-                    try:
-                        resp = await proxy.forward(
-                            request,
-                            target,
-                            credential,
-                            pool=self._pool(),
-                            config=cfg,
-                            table=snap.table,
-                            secrets=self.secrets,
-                            ex=ex,
-                            body=gate.body if gate else None,
-                            response_filter=gate.response_filter if gate else None,
-                        )
-                    finally:
-                        if rules is not None and gate is not None:
-                            rules.settle(gate, ex.upstream_status, ex.maybe_sent)
-            except BrokerError as err:
-                # a message can quote an upstream's words (a token endpoint's error): mask held secrets
-                route = err.route or (route_name if route_name not in (None, "_broker") else None)
-                err = BrokerError(
-                    err.code, self.secrets.redact(err.message), route, err.retry_after, err.http_status
-                )
-                ex.error = ex.error or err.code
-                if err.code in ("policy_denied", "rate_limited"):
-                    ex.detail = err.message  # the audit line says which rule refused it
-                resp = await self._error(request, err, ex, peek=not guarded)
-            if not resp.prepared:
-                resp.headers["X-Broker-Request-Id"] = rid
-            status = resp.status
-            return resp
-        finally:
-            self.in_flight -= 1
-            elapsed = time.perf_counter() - started
-            if route_name != "_broker":
-                self.metrics.observe(route_name or "-", status, elapsed)
-                if ex.error and ex.error.startswith(("upstream_", "stream_")):
-                    self.metrics.upstream_error(route_name or "-", ex.error)
-                if cfg.log.audit:
-                    logs.audit(
-                        request_id=rid,
-                        route=route_name,
-                        method=request.method,
-                        path=safe_path(request.raw_path),
-                        status=status,
-                        upstream_status=ex.upstream_status,
-                        error=ex.error,
-                        detail=ex.detail,
-                        bytes_in=ex.bytes_in,
-                        bytes_out=ex.bytes_out,
-                        duration_ms=round(elapsed * 1000, 2),
-                    )
-
-    def _pool(self) -> upstream.Pool:
-        if self.pool is None:
-            raise RuntimeError("Runtime.start() was not awaited")
-        return self.pool
-
-    async def _error(
-        self, request: agents.Request, err: BrokerError, ex: proxy.Exchange, peek: bool = True
-    ) -> agents.Response:
-        """The error response; a JSON-RPC error object when the request was JSON-RPC. `peek`: the
-        body may be read (bounded in size and by timeouts.idle) for the JSON-RPC id."""
-        is_rpc, rpc_id = False, None
-        if request.method == "POST" and request.content_type == "application/json":
-            doc: Any = None
-            length = request.content_length
-            raw: bytes | None = ex.body  # held for a policy or a retry: already read
-            small = length is None or length <= JSONRPC_PEEK_BYTES
-            stalled = err.code in ("request_timeout", "bad_request", "request_too_large")
-            if raw is None and peek and not stalled and ex.bytes_in == 0 and request.body_exists and small:
-                raw = await _read_up_to(request, JSONRPC_PEEK_BYTES)
-            if raw is not None:
-                with contextlib.suppress(ValueError, RecursionError):
-                    doc = json.loads(raw)
-            if isinstance(doc, dict) and doc.get("jsonrpc") == "2.0":
-                is_rpc, rpc_id = True, doc.get("id")
-            elif isinstance(doc, list) and doc and all(isinstance(d, dict) and "jsonrpc" in d for d in doc):
-                is_rpc = True
-        return error_response(err, jsonrpc_id=rpc_id, jsonrpc=is_rpc)
-
-
-async def _read_up_to(request: agents.Request, limit: int) -> bytes | None:
-    """The whole body if it is at most `limit` bytes (it may arrive in many chunks), else None."""
-    parts: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                return None
-            parts.append(chunk)
-    except (ConnectionError, BrokerError):  # gone, stalled past timeouts.idle, or malformed
-        return None
-    return b"".join(parts)
-
-
-# ---------------------------------------------------------------- listeners and lifecycle
-
-
-class ListenError(Exception):
-    pass
 
 
 def _prepare_unix_path(path: Path) -> None:
@@ -486,7 +162,7 @@ class Daemon:
         rt = Runtime(config, secrets)
         await rt.start()
         server = agents.AgentServer(
-            rt.handle,
+            Pipeline(rt).handle,
             lambda: rt.snapshot.config.limits.max_header_bytes,
             on_connect=_warm_connection,
             body_idle=lambda: rt.snapshot.config.timeouts.idle,

@@ -1,8 +1,9 @@
 """structlog setup: JSON lines or console, and the redaction processor.
 
-Owns: the processor pipeline, routing stdlib logging (aiohttp, asyncio) through the same
-pipeline, and query-string masking for audit paths. Must never: let a held secret, or
-anything shaped like one, reach the output at any level, tracebacks included.
+Owns: the processor pipeline, the audit line (`Audit`, a done hook), routing stdlib logging
+(aiohttp, asyncio) through the same pipeline, and query-string masking for audit paths.
+Must never: let a held secret, or anything shaped like one, reach the output at any level,
+tracebacks included.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import re
 import sys
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import parse_qsl, urlencode
 
 import structlog
 
 from broker.scrub import SecretSet
+
+if TYPE_CHECKING:
+    from broker.hooks import Outcome
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 SENSITIVE_QUERY = re.compile(r"token|key|secret|code|password|signature", re.IGNORECASE)
@@ -107,6 +111,28 @@ class AuditLine:
             self._out.flush()
         except (OSError, ValueError):  # a closed or full log must never fail a request
             pass
+
+
+class Audit:
+    """The audit line as a done hook: one line per answered request, written by the writer
+    `configure` chose (fast JSON, structlog's console renderer, or nothing above info)."""
+
+    __slots__ = ()
+
+    def done(self, outcome: Outcome) -> None:
+        audit(
+            request_id=outcome.id,
+            route=outcome.route,
+            method=outcome.method,
+            path=safe_path(outcome.raw_path),
+            status=outcome.status,
+            upstream_status=outcome.upstream_status,
+            error=outcome.error,
+            detail=outcome.detail,
+            bytes_in=outcome.bytes_in,
+            bytes_out=outcome.bytes_out,
+            duration_ms=round(outcome.elapsed * 1000, 2),
+        )
 
 
 def _structlog_audit(**fields: Any) -> None:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.hooks import Outcome
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -34,6 +38,14 @@ class Metrics:
 
     def upstream_error(self, route: str, kind: str) -> None:
         self.upstream_errors[(route, kind)] += 1
+
+    def done(self, outcome: Outcome) -> None:
+        """The metrics as a done hook: every answered request counted under its route ("-": none)."""
+        route = outcome.route or "-"
+        self.observe(route, outcome.status, outcome.elapsed)
+        error = outcome.error
+        if error is not None and error.startswith(("upstream_", "stream_")):
+            self.upstream_error(route, error)
 
     def render(self, auth_states: Iterable[tuple[str, str]], all_states: Iterable[str]) -> str:
         lines = [

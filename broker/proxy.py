@@ -1,35 +1,35 @@
 """Forwarding one request to its upstream and streaming the answer back.
 
 Owns: header hygiene both ways (agent credentials, cookies and hop-by-hop headers out; the
-route's credential in, added last), streaming bodies both ways with bounded memory, the
-request body limit, timeouts (connect, first byte, idle), redirects passed back (never
-followed) with Location rewritten into the broker, upstream 401 kept from the agent, and
-scrubbing of held secrets from every response. Must never: follow a redirect, retry a request
-that could spend money, buffer a whole body, or let a held secret through.
+route's credential in, added last), streaming bodies both ways with bounded memory, timeouts
+(connect, first byte, idle), the one refresh-and-retry after an upstream 401 (kept from the
+agent), redirects passed back (never followed) with Location rewritten into the broker, and
+passing every answer through the answer filter (the scrubber) and the rewrites hooks asked
+for. Knows nothing of policies: it is handed a body and rewrites. Must never: follow a
+redirect, retry a request that could spend money, buffer a whole body, or let a held secret
+through.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from broker.body import BodyTooLarge, RequestBody
 from broker.errors import BrokerError
 from broker.http import client as upstream
-from broker.http import framing
-from broker.http.server import Body, HeadersWithBody, Request, StreamResponse
+from broker.http.framing import NO_BODY_STATUS, tokens
+from broker.http.server import HeadersWithBody, Request, StreamResponse
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-    from broker.auth.base import Credential
-    from broker.config import Config
+    from broker.config import Timeouts
+    from broker.hooks import Call, Rewrite
     from broker.routing import RouteTable, Target
-    from broker.scrub import SecretSet
+    from broker.scrub import StreamScrubber
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones still seen in the wild.
 # All lower case: a name is compared as name.lower(), whatever case the sender wrote it in.
@@ -52,28 +52,54 @@ DECODED_DROP = RESPONSE_DROP | {"content-encoding", "content-length"}  # the bod
 UPSTREAM_ACCEPT_ENCODING = "gzip, deflate"
 DECODED = ("gzip", "deflate")  # exactly the encodings asked for above, which the client decodes
 SAFE_TO_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
-MAX_FILTERED = 16 * 1024 * 1024  # an answer a policy rewrites is read whole, up to this
+MAX_REWRITTEN = 16 * 1024 * 1024  # an answer a hook rewrites is read whole, up to this
 REPLAY_LIMIT = 1024 * 1024  # bodies up to this are held so a 401 can be retried after a refresh
 WHOLE_LIMIT = 256 * 1024  # an answer already received whole, up to this decoded, goes out in one write
-NO_BODY_STATUS = framing.NO_BODY_STATUS
 
 
-@dataclass(slots=True)
-class Exchange:
-    """What happened to one forwarded request, for the audit line and metrics."""
+class AnswerFilter(Protocol):
+    """What every answer passes through on its way to the agent (the scrubber of held secrets)."""
 
-    request_id: str = ""
-    detail: str | None = None
-    upstream_status: int | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    error: str | None = None
-    body_too_large: bool = field(default=False)
-    body: bytes | None = None  # the request body, when it was read whole (policy, retry)
-    maybe_sent: bool = False  # the upstream may have seen the request (so it may have acted on it)
+    def may_hold(self, text: str) -> bool: ...
+    def redact(self, text: str) -> str: ...
+    def scrub_whole(self, body: bytes) -> bytes: ...
+    def scrubber(self) -> StreamScrubber: ...
 
-    def hold(self, body: bytes) -> None:
-        self.body, self.bytes_in = body, len(body)
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """What forwarding takes from the snapshot in force."""
+
+    timeouts: Timeouts
+    table: RouteTable  # for Location headers pointing back into the broker
+    answer: AnswerFilter
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """How forwarding went: the answer sent, or the refusal for the pipeline to answer."""
+
+    response: StreamResponse | None
+    refusal: BrokerError | None
+    upstream_status: int | None
+    maybe_sent: bool  # the upstream may have seen the request (so it may have acted on it)
+    error: str | None  # what broke (an upstream or agent failure), for the audit line and metrics
+    bytes_out: int
+
+
+class _Trip:
+    """One forward's progress, private to this module; `forward` returns it as a Forwarded."""
+
+    __slots__ = ("bytes_out", "error", "maybe_sent", "upstream_status")
+
+    def __init__(self) -> None:
+        self.upstream_status: int | None = None
+        self.maybe_sent = False
+        self.error: str | None = None
+        self.bytes_out = 0
+
+    def result(self, response: StreamResponse | None, refusal: BrokerError | None = None) -> Forwarded:
+        return Forwarded(response, refusal, self.upstream_status, self.maybe_sent, self.error, self.bytes_out)
 
 
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "Keep-Alive", "Close", "keep-alive, close"})
@@ -84,7 +110,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str] | frozenset[s
     values = headers.getall("Connection", [])
     if len(values) == 1 and values[0] in _PLAIN_CONNECTION:
         return frozenset()  # the usual `keep-alive` or `close`: names nothing not already dropped
-    return set(framing.tokens(values))
+    return set(tokens(values))
 
 
 def upstream_headers(agent: CIMultiDictProxy[str], credential: dict[str, str]) -> CIMultiDict[str]:
@@ -100,7 +126,7 @@ def upstream_headers(agent: CIMultiDictProxy[str], credential: dict[str, str]) -
     return out
 
 
-def response_headers(up: upstream.Response, secrets: SecretSet, location: str | None) -> CIMultiDict[str]:
+def response_headers(up: upstream.Response, answer: AnswerFilter, location: str | None) -> CIMultiDict[str]:
     # the client refused any other coding (bytes it cannot decode cannot be scrubbed); a decoded
     # body's length and encoding no longer describe it
     encoding = up.headers.get("Content-Encoding", "identity").lower()
@@ -113,26 +139,9 @@ def response_headers(up: upstream.Response, secrets: SecretSet, location: str | 
         if lower in drop or lower.startswith("access-control-"):
             continue
         kept.append((name, location if lower == "location" and location is not None else value))
-    if secrets.may_hold("\n".join([v for _, v in kept])):  # one look at all values, usually enough
-        kept = [(name, secrets.redact(value)) for name, value in kept]
+    if answer.may_hold("\n".join([v for _, v in kept])):  # one look at all values, usually enough
+        kept = [(name, answer.redact(value)) for name, value in kept]
     return CIMultiDict(kept)
-
-
-async def _limited_body(content: Body, limit: int, ex: Exchange) -> AsyncIterator[bytes]:
-    async for chunk in content.iter_any():
-        ex.bytes_in += len(chunk)
-        if ex.bytes_in > limit:
-            ex.body_too_large = True
-            raise _BodyTooLarge
-        yield chunk
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-def _too_large(limit: int, route: str) -> BrokerError:
-    return BrokerError("request_too_large", f"request body is over limits.max_body_bytes ({limit})", route)
 
 
 def _rewrite_location(up: upstream.Response, target: Target, table: RouteTable, host: str) -> str | None:
@@ -147,93 +156,32 @@ def _rewrite_location(up: upstream.Response, target: Target, table: RouteTable, 
     return f"http://{host}{path}" if path is not None else None
 
 
-async def _send(
-    request: Request,
-    target: Target,
-    headers: CIMultiDict[str],
-    body: bytes | None,
-    *,
-    pool: upstream.Pool,
-    config: Config,
-    ex: Exchange,
-) -> upstream.Response:
-    """One upstream request. `body` is the buffered body, or None to stream the agent's."""
-    route = target.route.name
-    limit = config.limits.max_body_bytes
-    timeouts = config.timeouts
-    streamed = body is None and request.body_exists
-    # a pooled keep-alive connection the upstream had closed: requests that cannot spend try twice
-    attempts = 2 if request.method in SAFE_TO_RETRY and not request.body_exists else 1
-    for attempt in range(attempts):
-        ex.maybe_sent = True
-        try:
-            return await pool.request(
-                request.method,
-                target.url,
-                headers.items(),
-                _limited_body(request.content, limit, ex) if streamed else body,
-                length=request.content_length if streamed else None,
-                connect_timeout=timeouts.connect,
-                head_timeout=timeouts.first_byte,
-            )
-        except _BodyTooLarge:
-            raise _too_large(limit, route) from None
-        except upstream.TimedOut:
-            ex.error = "upstream_timeout"
-            raise BrokerError(
-                "upstream_timeout", f"the upstream did not answer within {timeouts.first_byte:g}s", route
-            ) from None
-        except upstream.UpstreamError as exc:
-            if ex.body_too_large:
-                raise _too_large(limit, route) from None
-            if not exc.sent:
-                ex.maybe_sent = False  # no connection: nothing reached the upstream
-            if isinstance(exc, upstream.BadAnswer):
-                ex.error = "upstream_error"
-                raise BrokerError(
-                    "upstream_error",
-                    f"the upstream's answer is malformed or ambiguously framed: {exc}",
-                    route,
-                ) from None
-            # most often a pooled keep-alive connection the upstream had just closed
-            if isinstance(exc, upstream.Disconnected) and exc.reused and attempt + 1 < attempts:
-                continue
-            ex.error = "upstream_unreachable"
-            raise BrokerError(
-                "upstream_unreachable", f"cannot reach the upstream: {type(exc).__name__}", route
-            ) from None
-    raise AssertionError("unreachable")
-
-
-async def _read_body(request: Request, limit: int, ex: Exchange) -> bytes:
-    parts = [chunk async for chunk in _limited_body(request.content, limit, ex)]
-    return b"".join(parts)
-
-
 async def forward(
-    request: Request,
-    target: Target,
-    credential: Credential,
-    *,
-    pool: upstream.Pool,
-    config: Config,
-    table: RouteTable,
-    secrets: SecretSet,
-    ex: Exchange,
-    body: bytes | None = None,
-    response_filter: Callable[[bytes, str], bytes] | None = None,
-) -> StreamResponse:
-    """Send `request` to `target` with `credential`, stream the answer back to the agent.
+    call: Call, body: RequestBody, rewrites: tuple[Rewrite, ...], out: Outbound, pool: upstream.Pool
+) -> Forwarded:
+    """Send the call upstream with its credential and stream the answer back to the agent.
 
-    `body`: the request body when a policy already read it (forwarded byte for byte).
-    `response_filter`: rewrites a (small) successful answer whole, e.g. a filtered tools/list.
+    `body`: what a hook already read of it is forwarded byte for byte; otherwise it streams.
+    `rewrites`: applied, in order, to a successful answer read whole (a filtered tools/list).
     """
-    route = target.route.name
-    limit = config.limits.max_body_bytes
-    length = request.content_length
-    if length is not None and length > limit:
-        raise _too_large(limit, route)
+    trip = _Trip()
+    try:
+        return trip.result(await _forward(call, body, rewrites, out, pool, trip))
+    except BrokerError as err:
+        return trip.result(None, err)
 
+
+async def _forward(
+    call: Call,
+    body: RequestBody,
+    rewrites: tuple[Rewrite, ...],
+    out: Outbound,
+    pool: upstream.Pool,
+    trip: _Trip,
+) -> StreamResponse:
+    request, credential = call.request, call.credential
+    if body.declared_too_large:
+        raise body.too_large()
     auth = credential.ready_authorization() or await credential.authorization()
     headers = upstream_headers(request.headers, auth)
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
@@ -241,127 +189,168 @@ async def forward(
         request.send_continue()
     # A credential that can be refreshed gets "401 -> refresh once -> retry once", which needs
     # the body twice: small bodies (JSON-RPC calls) are held; large ones stream without a retry.
-    replayable = body is not None or (
-        credential.can_refresh
-        and (not request.body_exists or (length is not None and length <= REPLAY_LIMIT))
+    length = request.content_length
+    replayable = body.held is not None or (
+        credential.can_refresh and (not body.exists or (length is not None and length <= REPLAY_LIMIT))
     )
-    if body is not None:
-        ex.body, ex.bytes_in = body, len(body)
-    elif replayable and request.body_exists:
-        try:
-            body = ex.body = await _read_body(request, limit, ex)
-        except _BodyTooLarge:
-            raise _too_large(limit, route) from None
-    up = await _send(request, target, headers, body, pool=pool, config=config, ex=ex)
+    if replayable and body.exists:
+        await body.read()
+    up = await _send(call, headers, body, out.timeouts, pool, trip)
     if up.status == 401 and replayable:
         up.release()
         if await credential.retry_after_rejection(auth):
             headers = upstream_headers(request.headers, await credential.authorization())
-            up = await _send(request, target, headers, body, pool=pool, config=config, ex=ex)
-
+            up = await _send(call, headers, body, out.timeouts, pool, trip)
     try:
-        ex.upstream_status = up.status
-        if up.failed:  # broken right after its head, before anything went to the agent
-            ex.error = "upstream_error"
-            raise BrokerError(
-                "upstream_error", "the upstream's answer is malformed or ambiguously framed", route
-            )
-        credential.on_upstream_status(up.status)
-        if up.status == 401:
-            # an agent seeing 401/WWW-Authenticate would start its own OAuth against AgentCard
-            code = "needs_login" if credential.state == "needs_login" else "credential_rejected"
-            raise BrokerError(code, f"AgentCard refused the broker's credential; {credential.reason}", route)
-        host = request.headers.get("Host", "127.0.0.1")
-        location = _rewrite_location(up, target, table, host)
-        headers_out = response_headers(up, secrets, location)
-        headers_out["X-Broker-Request-Id"] = ex.request_id
-        if response_filter is not None and up.status == 200:
-            return await _filtered(
-                request, up, headers_out, response_filter, secrets, ex, config.timeouts.idle
-            )
-        if request.method != "HEAD" and up.status not in NO_BODY_STATUS:
-            whole = up.whole(WHOLE_LIMIT)
-            if whole is not None:  # the usual small JSON answer, already here: one write, no timer
-                return await _send_whole(request, up.status, headers_out, whole, secrets, ex)
-        # A body of known length goes out with the headers in one write; an open-ended stream
-        # (SSE) gets its headers at once so the agent sees the answer start.
-        cls = HeadersWithBody if "Content-Length" in headers_out else StreamResponse
-        resp = cls(up.status, headers_out)  # the standard reason phrase: the upstream's could carry anything
-        try:
-            await resp.prepare(request)
-        except ConnectionError:  # the agent left before the answer: not an error of ours
-            ex.error = "agent_disconnected"
-            up.release()
-            return resp
-        if request.method == "HEAD":
-            await resp.write_eof()
-            return resp
-        # an agent that leaves mid-stream frees the upstream answer at once (drained briefly,
-        # then closed), rather than when the upstream next sends something
-        request.on_gone = up.release
-        try:
-            await _stream(request, up, resp, secrets, config.timeouts.idle, ex)
-        finally:
-            request.on_gone = None
-        return resp
+        return await _answer(call, up, rewrites, out, trip)
     finally:
         up.release()
 
 
-async def _send_whole(
-    request: Request,
-    status: int,
+async def _send(
+    call: Call,
     headers: CIMultiDict[str],
-    body: bytes,
-    secrets: SecretSet,
-    ex: Exchange,
+    body: RequestBody,
+    timeouts: Timeouts,
+    pool: upstream.Pool,
+    trip: _Trip,
+) -> upstream.Response:
+    """One upstream request, with the held body or else the agent's, streamed."""
+    request, route = call.request, call.route
+    streamed = body.held is None and body.exists
+    # a pooled keep-alive connection the upstream had closed: requests that cannot spend try twice
+    attempts = 2 if request.method in SAFE_TO_RETRY and not body.exists else 1
+    for attempt in range(attempts):
+        trip.maybe_sent = True
+        try:
+            return await pool.request(
+                request.method,
+                call.target.url,
+                headers.items(),
+                body.chunks() if streamed else body.held,
+                length=request.content_length if streamed else None,
+                connect_timeout=timeouts.connect,
+                head_timeout=timeouts.first_byte,
+            )
+        except BodyTooLarge:
+            raise body.too_large() from None
+        except upstream.TimedOut:
+            trip.error = "upstream_timeout"
+            raise BrokerError(
+                "upstream_timeout", f"the upstream did not answer within {timeouts.first_byte:g}s", route
+            ) from None
+        except upstream.UpstreamError as exc:
+            if body.exceeded:
+                raise body.too_large() from None
+            if not exc.sent:
+                trip.maybe_sent = False  # no connection: nothing reached the upstream
+            if isinstance(exc, upstream.BadAnswer):
+                raise _malformed(trip, route, f": {exc}") from None
+            # most often a pooled keep-alive connection the upstream had just closed
+            if isinstance(exc, upstream.Disconnected) and exc.reused and attempt + 1 < attempts:
+                continue
+            trip.error = "upstream_unreachable"
+            raise BrokerError(
+                "upstream_unreachable", f"cannot reach the upstream: {type(exc).__name__}", route
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def _malformed(trip: _Trip, route: str, why: str = "") -> BrokerError:
+    trip.error = "upstream_error"
+    return BrokerError(
+        "upstream_error", f"the upstream's answer is malformed or ambiguously framed{why}", route
+    )
+
+
+async def _answer(
+    call: Call, up: upstream.Response, rewrites: tuple[Rewrite, ...], out: Outbound, trip: _Trip
 ) -> StreamResponse:
-    out = secrets.scrub_whole(body)
-    headers["Content-Length"] = str(len(out))  # a decoded body's length, or the same one
-    resp = HeadersWithBody(status, headers)
+    """The upstream's answer, passed on: headers cleaned, body scrubbed, whole or streamed."""
+    request, credential, route = call.request, call.credential, call.route
+    trip.upstream_status = up.status
+    if up.failed:  # broken right after its head, before anything went to the agent
+        raise _malformed(trip, route)
+    credential.on_upstream_status(up.status)
+    if up.status == 401:
+        # an agent seeing 401/WWW-Authenticate would start its own OAuth against AgentCard
+        code = "needs_login" if credential.state == "needs_login" else "credential_rejected"
+        raise BrokerError(code, f"AgentCard refused the broker's credential; {credential.reason}", route)
+    location = _rewrite_location(up, call.target, out.table, request.headers.get("Host", "127.0.0.1"))
+    headers = response_headers(up, out.answer, location)
+    headers["X-Broker-Request-Id"] = call.id
+    if rewrites and up.status == 200:
+        rewritten = await _read_whole(up, out.timeouts.idle)
+        for rewrite in rewrites:
+            rewritten = rewrite(rewritten, up.headers.get("Content-Type", ""))
+        return await _send_whole(request, up.status, headers, rewritten, out.answer, trip)
+    if request.method != "HEAD" and up.status not in NO_BODY_STATUS:
+        whole = up.whole(WHOLE_LIMIT)
+        if whole is not None:  # the usual small JSON answer, already here: one write, no timer
+            return await _send_whole(request, up.status, headers, whole, out.answer, trip)
+    # A body of known length goes out with the headers in one write; an open-ended stream
+    # (SSE) gets its headers at once so the agent sees the answer start.
+    cls = HeadersWithBody if "Content-Length" in headers else StreamResponse
+    resp = cls(up.status, headers)  # the standard reason phrase: the upstream's could carry anything
     try:
         await resp.prepare(request)
-        await resp.write_eof(out)
-    except ConnectionError:
-        ex.error = "agent_disconnected"
+    except ConnectionError:  # the agent left before the answer: not an error of ours
+        trip.error = "agent_disconnected"
         return resp
-    ex.bytes_out = len(out)
+    if request.method == "HEAD":
+        await resp.write_eof()
+        return resp
+    # an agent that leaves mid-stream frees the upstream answer at once (drained briefly,
+    # then closed), rather than when the upstream next sends something
+    request.on_gone = up.release
+    try:
+        await _stream(request, up, resp, out.answer, out.timeouts.idle, trip)
+    finally:
+        request.on_gone = None
     return resp
 
 
-async def _filtered(
-    request: Request,
-    up: upstream.Response,
-    resp_headers: CIMultiDict[str],
-    response_filter: Callable[[bytes, str], bytes],
-    secrets: SecretSet,
-    ex: Exchange,
-    idle: float,
+async def _send_whole(
+    request: Request, status: int, headers: CIMultiDict[str], body: bytes, answer: AnswerFilter, trip: _Trip
 ) -> StreamResponse:
+    scrubbed = answer.scrub_whole(body)
+    headers["Content-Length"] = str(len(scrubbed))  # a decoded body's length, or the same one
+    resp = HeadersWithBody(status, headers)
+    try:
+        await resp.prepare(request)
+        await resp.write_eof(scrubbed)
+    except ConnectionError:
+        trip.error = "agent_disconnected"
+        return resp
+    trip.bytes_out = len(scrubbed)
+    return resp
+
+
+async def _read_whole(up: upstream.Response, idle: float) -> bytes:
+    """An answer a hook rewrites, read whole (bounded, and by timeouts.idle between chunks)."""
     parts: list[bytes] = []
     size = 0
-    async with asyncio.timeout(idle) as deadline:  # the whole answer is needed to filter it
+    async with asyncio.timeout(idle) as deadline:
         async for chunk in up.iter_any():
             size += len(chunk)
-            if size > MAX_FILTERED:
+            if size > MAX_REWRITTEN:
                 raise BrokerError(
                     "upstream_unreachable", "the upstream's answer is too large to filter", None
                 )
             parts.append(chunk)
             deadline.reschedule(asyncio.get_running_loop().time() + idle)
-    body = response_filter(b"".join(parts), up.headers.get("Content-Type", ""))
-    return await _send_whole(request, up.status, resp_headers, body, secrets, ex)
+    return b"".join(parts)
 
 
 async def _stream(
     request: Request,
     up: upstream.Response,
     resp: StreamResponse,
-    secrets: SecretSet,
+    answer: AnswerFilter,
     idle: float,
-    ex: Exchange,
+    trip: _Trip,
 ) -> None:
-    scrubber = secrets.scrubber()
+    scrubber = answer.scrubber()
     loop = request.loop
     task = asyncio.current_task(loop)
     assert task is not None
@@ -386,31 +375,31 @@ async def _stream(
             out = scrubber.feed(chunk)
             if out:
                 await resp.write(out)
-                ex.bytes_out += len(out)
+                trip.bytes_out += len(out)
             last = loop.time()
         tail = scrubber.flush()
         if tail:
             await resp.write(tail)
-            ex.bytes_out += len(tail)
+            trip.bytes_out += len(tail)
         timer.cancel()
         await resp.write_eof()
-        if request.gone and ex.error is None:
-            ex.error = "agent_disconnected"  # left after the last bytes went out, before the end
+        if request.gone and trip.error is None:
+            trip.error = "agent_disconnected"  # left after the last bytes went out, before the end
     except asyncio.CancelledError:
         if not expired or task.uncancel() > 0:
             raise  # a cancel of our own caller's, not the idle deadline's
-        ex.error = "stream_idle_timeout"
+        trip.error = "stream_idle_timeout"
         up.close()
         _abort(request)
     except upstream.UpstreamError:
         if request.gone:  # the agent left and the answer was released: it drains, maybe to be reused
-            ex.error = "agent_disconnected"
+            trip.error = "agent_disconnected"
         else:
-            ex.error = "upstream_stream_broken"
+            trip.error = "upstream_stream_broken"
             up.close()
             _abort(request)
     except ConnectionError:
-        ex.error = "agent_disconnected"
+        trip.error = "agent_disconnected"
         up.release()  # the rest of the answer is drained briefly: its connection may serve again
     finally:
         timer.cancel()

@@ -1,8 +1,9 @@
 """Which route a request belongs to, and the exact upstream URL it is forwarded to.
 
-Owns: path normalization (RFC 3986 unreserved decoding), dot-segment refusal, longest-prefix
-matching on whole segments, and building the forwarded URL with the query untouched. Must
-never: let a request choose its destination; only the config does.
+Owns: path normalization (RFC 3986 unreserved decoding), dot-segment refusal, the broker's own
+paths (`/_broker/`, and OAuth discovery refused), longest-prefix matching on whole segments,
+and building the forwarded URL with the query untouched. Must never: let a request choose its
+destination; only the config does.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 from yarl import URL
@@ -21,6 +23,9 @@ MAX_DECODES = 8
 TARGET_CACHE = 1024
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 _EMPTY_SEGMENTS = re.compile(r"/{2,}")
+OAUTH_DISCOVERY = re.compile(
+    r"/\.well-known/(oauth-protected-resource|oauth-authorization-server|openid-configuration)", re.IGNORECASE
+)
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -64,13 +69,16 @@ class Target:
     rest: str  # the path after the route's prefix (normalized)
 
 
+_MISS: Any = object()
+
+
 class RouteTable:
     """Routes ordered for longest-prefix matching on whole path segments."""
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
         self._bases = {r.name: URL(r.upstream) for r in routes}
-        self._targets: dict[str, Target] = {}  # by raw path and query: the same few, mostly
+        self._targets: dict[str, Target | None] = {}  # by raw path and query: the same few, mostly
 
     def match(self, path: str) -> Route | None:
         for r in self._routes:
@@ -79,18 +87,26 @@ class RouteTable:
                 return r
         return None
 
-    def target(self, raw_path_and_query: str) -> Target:
-        found = self._targets.get(raw_path_and_query)
-        if found is None:
-            found = self._target(raw_path_and_query)  # raises for a path no route takes
+    def target(self, raw_path_and_query: str) -> Target | None:
+        """Where a request goes; None for the broker's own endpoints (`/_broker/...`). Raises
+        BrokerError for a path no route takes, a bad path, or OAuth discovery."""
+        found: Target | None = self._targets.get(raw_path_and_query, _MISS)
+        if found is _MISS:
+            found = self._target(raw_path_and_query)
             if len(self._targets) >= TARGET_CACHE:
                 self._targets.clear()
             self._targets[raw_path_and_query] = found
         return found
 
-    def _target(self, raw_path_and_query: str) -> Target:
+    def _target(self, raw_path_and_query: str) -> Target | None:
         raw_path, sep, query = raw_path_and_query.partition("?")
-        path = normalize_path(raw_path)
+        path = normalize_path(raw_path)  # `%2Ewell-known`, `%5Fbroker` are the same paths
+        if OAUTH_DISCOVERY.search(path):
+            # the broker does OAuth for its agents; an agent that found metadata here would
+            # start its own login against AgentCard
+            raise BrokerError("not_found", "agents need no OAuth here: the broker holds the credential")
+        if path == "/_broker" or path.startswith("/_broker/"):
+            return None
         route = self.match(path)
         if route is None:
             raise BrokerError("no_route", "no route matches this path; see the routes in config.yaml")

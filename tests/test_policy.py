@@ -19,7 +19,8 @@ from mcp import Client
 
 from broker.config import DEFAULT_AMOUNT_FIELDS, Policy, state_dir
 from broker.errors import BrokerError
-from broker.policy import BudgetLedger, RoutePolicy, filter_tools_list
+from broker.policy.budget import BudgetLedger
+from broker.policy.route import RoutePolicy, filter_tools_list
 from tests.conftest import (
     LIVE_KEY,
     TEST_KEY,

@@ -16,11 +16,11 @@ from broker.errors import BrokerError
 from broker.http.server import Request, Response, StreamResponse
 
 if TYPE_CHECKING:
-    from broker.daemon import Runtime
+    from broker.runtime import Runtime
 
 
 def status_document(rt: Runtime) -> dict[str, Any]:
-    cfg = rt.snapshot.config
+    cfg, policies = rt.snapshot.config, rt.snapshot.policies
     routes = []
     for r in cfg.routes:
         cred = rt.credentials.get(r.name)
@@ -36,7 +36,7 @@ def status_document(rt: Runtime) -> dict[str, Any]:
                 "expires_at": cred.expires_at.isoformat() if cred and cred.expires_at else None,
                 "requests": rt.metrics.by_route.get(r.name, 0),
                 **(cred.details() if cred else {}),
-                **(rt.policies.by_route[r.name].status() if r.name in rt.policies.by_route else {}),
+                **(policies[r.name].status() if r.name in policies else {}),
             }
         )
     return {

@@ -1,0 +1,82 @@
+"""What a hook sees and returns: the small immutable values of one request's walk.
+
+A feature (a route's policy, the audit line, the metrics) is an object with `request` and/or
+`done` methods, registered in one place (`pipeline.register_hooks`). The forwarding core knows
+nothing about them: it is handed the body a hook read and the rewrites hooks asked for.
+
+Owns: `Call` (a request on its way: its id, the engine's request, where it goes, the credential
+that answers for it), `Verdict` (what one request hook decided), `Outcome` (what happened, for
+`done` hooks), and the hook protocols. Must never: hold state of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from broker.auth.base import Credential
+    from broker.body import RequestBody
+    from broker.http.server import Request
+    from broker.routing import Target
+
+Rewrite = Callable[[bytes, str], bytes]  # a whole 200 answer's body and Content-Type -> new body
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A request past the guard and the route table."""
+
+    id: str
+    request: Request
+    target: Target
+    credential: Credential
+
+    @property
+    def route(self) -> str:
+        return self.target.route.name
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A request hook's yes, with what it needs later.
+
+    `rewrite`: applied to a successful answer read whole (a filtered tools/list).
+    `settle`: called with the outcome once the answer is done (a budget reservation's refund).
+    """
+
+    rewrite: Rewrite | None = None
+    settle: Callable[[Outcome], None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One answered request, for the audit line, the metrics and settling hooks."""
+
+    id: str
+    route: str | None  # None: no route matched (or refused before routing)
+    method: str
+    raw_path: str
+    status: int
+    elapsed: float  # seconds, request to last byte
+    upstream_status: int | None = None
+    maybe_sent: bool = False  # the upstream may have seen the request (and acted on it)
+    error: str | None = None  # the broker error code, or what broke mid-answer
+    detail: str | None = None  # which rule refused it
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class RequestHook(Protocol):
+    async def request(self, call: Call, body: RequestBody) -> Verdict | None:
+        """Let the call through (None, or a Verdict) or raise BrokerError to refuse it. Read the
+        body only when a rule needs it: `await body.read()` (once, bounded; it is then forwarded
+        byte for byte)."""
+        ...
+
+
+class DoneHook(Protocol):
+    def done(self, outcome: Outcome) -> None:
+        """After the answer: never raises, never blocks."""
+        ...

@@ -1,0 +1,252 @@
+"""A route's policy as a request hook: the limits a user sets that an agent cannot talk its way past.
+
+Owns: REST allow/deny by method and path glob (on the normalized path forwarded), MCP tool
+allow/deny for `tools/call` (single and batch) and filtering of `tools/list` answers (JSON and
+SSE), amount caps, the route's rolling budget (reserved before forwarding, refunded when the
+upstream refused or never saw the request), its rate limit, and `require_test_mode`. A body a
+rule must read is read once, bounded, and forwarded byte for byte; one that cannot be parsed is
+refused, never forwarded unchecked. Must never: let a concurrent burst spend past the budget, or
+crash on any body an agent sends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker import jsonrpc
+from broker.body import RequestBody
+from broker.config import Policy
+from broker.errors import BrokerError
+from broker.hooks import Call, Outcome, Verdict
+from broker.policy.budget import BudgetLedger
+from broker.policy.rules import deny, find_amounts, number, path_segments, rule_matches, unmatchable
+
+
+@dataclass
+class RoutePolicy:
+    route: str
+    policy: Policy
+    ledger: BudgetLedger
+    _recent: deque[float] = field(default_factory=deque)
+
+    # -- rate
+
+    def _rate(self, now: float) -> None:
+        rate = self.policy.rate
+        if rate is None:
+            return
+        while self._recent and self._recent[0] <= now - rate.seconds:
+            self._recent.popleft()
+        if len(self._recent) >= rate.amount:
+            wait = max(1, math.ceil(self._recent[0] + rate.seconds - now))
+            raise BrokerError(
+                "rate_limited",
+                f"route {self.route!r} allows {rate.amount} requests per {rate.text}; try again in {wait}s",
+                self.route,
+                retry_after=wait,
+            )
+        self._recent.append(now)
+
+    # -- REST rules
+
+    def _paths(self, method: str, segments: tuple[str, ...], shown: str) -> None:
+        p = self.policy
+        for rule in p.deny:
+            if rule_matches(rule, method, segments):
+                raise deny(self.route, f'deny "{rule.text}"', f"{method} {shown}")
+        if p.allow is not None and not any(rule_matches(r, method, segments) for r in p.allow):
+            raise deny(self.route, "allow", f"{method} {shown} matches no allow rule")
+
+    # -- body rules
+
+    def _amounts(self, doc: Any, rule_prefix: str = "") -> float:
+        p = self.policy
+        total = 0.0
+        for name, raw in find_amounts(doc, p.amount_fields):
+            if raw is None:
+                continue
+            n = number(raw)
+            if n is None:
+                raise deny(self.route, "amount_fields", f"{rule_prefix}{name} is not a number")
+            if n < 0:
+                raise deny(self.route, "amount_fields", f"{rule_prefix}{name} is negative")
+            if p.max_amount_cents is not None and n > p.max_amount_cents:
+                raise deny(
+                    self.route,
+                    "max_amount_cents",
+                    f"{rule_prefix}{name} {BudgetLedger.cents(n)} is over the cap {p.max_amount_cents}",
+                )
+            total += n
+        return total
+
+    def _tool_allowed(self, name: str) -> bool:
+        p = self.policy
+        if name in p.tools_deny:
+            return False
+        return p.tools_allow is None or name in p.tools_allow
+
+    def _jsonrpc(self, messages: list[Any], mode: str | None) -> tuple[float, set[Any]]:
+        total = 0.0
+        list_ids: set[Any] = set()
+        for msg in messages:
+            if not isinstance(msg, dict):
+                raise deny(self.route, "body", "a JSON-RPC batch entry is not an object")
+            method = msg.get("method")
+            raw_params = msg.get("params")
+            params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
+            if method == "tools/list" and "id" in msg:
+                key = msg["id"]
+                list_ids.add(json.dumps(key, sort_keys=True))
+            if method != "tools/call":
+                continue
+            name = params.get("name")
+            if not isinstance(name, str):
+                raise deny(self.route, "tools", "tools/call without a tool name")
+            if not self._tool_allowed(name):
+                raise deny(self.route, "tools", f"tool {name!r} is not allowed")
+            args = params.get("arguments")
+            if args is None:
+                args = {}
+            if not isinstance(args, dict):
+                raise deny(self.route, "tools", f"tool {name!r} arguments are not an object")
+            if self.policy.require_test_mode and (args.get("sandbox") is False or mode == "live"):
+                raise deny(self.route, "require_test_mode", f"tool {name!r} would act outside the sandbox")
+            total += self._amounts(args, rule_prefix=f"{name}.")
+        return total, list_ids
+
+    def inspect(self, doc: Any, mode: str | None) -> tuple[float, set[Any]]:
+        """Check a parsed body: (the amount it spends, ids of tools/list requests in it).
+
+        Raises BrokerError(policy_denied) and nothing else, whatever the document.
+        """
+        if isinstance(doc, list) or (isinstance(doc, dict) and "jsonrpc" in doc):
+            return self._jsonrpc(doc if isinstance(doc, list) else [doc], mode)
+        return self._amounts(doc), set()
+
+    # -- the hook
+
+    async def request(self, call: Call, body: RequestBody) -> Verdict | None:
+        """Let the call through, or raise the refusal (BrokerError policy_denied / rate_limited)."""
+        now = time.time()
+        self._rate(now)
+        p = self.policy
+        request = call.request
+        forwarded_path = call.target.url.raw_path
+        if p.allow is not None or p.deny:
+            why = unmatchable(forwarded_path)
+            if why is not None:
+                raise deny(self.route, "allow/deny", why)
+        self._paths(request.method, path_segments(forwarded_path), forwarded_path)
+        mode: str | None = None
+        if p.require_test_mode:
+            credential = call.credential
+            await credential.prepare()  # only its mode (test or live) is asked here, never a token
+            mode = credential.mode
+            if mode == "live" or (credential.has_mode and mode is None):
+                why = (
+                    "the route's credential is live (real money)"
+                    if mode == "live"
+                    else "cannot tell test from live"
+                )
+                raise deny(self.route, "require_test_mode", why)
+        if p.max_amount_cents is not None or p.budget is not None:
+            wanted = {f.lower() for f in p.amount_fields}
+            if any(k.lower() in wanted for k in request.query):
+                raise deny(self.route, "amount_fields", "an amount in the query string")
+        if not p.reads_body or not body.exists:
+            return None
+        ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if not (
+            ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))
+        ):
+            raise deny(self.route, "body", "rules on this route read the body: send it as application/json")
+        if encoding not in ("", "identity"):
+            raise deny(
+                self.route, "body", "rules on this route read the body: send it without Content-Encoding"
+            )
+        try:
+            doc = json.loads(await body.read())
+        except (ValueError, RecursionError):
+            raise deny(
+                self.route, "body", "the body must be JSON for this route's rules and is not"
+            ) from None
+        total, list_ids = self.inspect(doc, mode)
+        rewrite = None
+        if list_ids and (p.tools_allow is not None or p.tools_deny):
+            rewrite = _ToolsListFilter(list_ids, self._tool_allowed)
+        if p.budget is None or total <= 0:
+            return Verdict(rewrite=rewrite) if rewrite is not None else None
+        used = await self.ledger.reserve(self.route, total, p.budget.amount, p.budget.seconds, now)
+        if used is None:
+            used_now = self.ledger.used(self.route, p.budget.seconds, now)
+            raise deny(
+                self.route,
+                "budget",
+                f"{BudgetLedger.cents(used_now)} of {p.budget.amount} used in the last {p.budget.text}; "
+                f"this request needs {BudgetLedger.cents(total)}",
+            )
+        return Verdict(rewrite=rewrite, settle=_Reservation(self.ledger, self.route, now, total).settle)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        p = self.policy
+        now = time.time()
+        if p.budget is not None:
+            used = self.ledger.used(self.route, p.budget.seconds, now)  # an int when whole
+            out["budget"] = {
+                "amount_cents": p.budget.amount,
+                "per": p.budget.text,
+                "used": used,
+                "left": BudgetLedger.cents(max(0, p.budget.amount - used)),
+            }
+        if p.rate is not None:
+            out["rate"] = {"requests": p.rate.amount, "per": p.rate.text}
+        return out
+
+
+def _filter_message(msg: Any, ids: set[Any], allowed: Callable[[str], bool]) -> Any:
+    # Every answer with a tools list is filtered, whatever its id: ids can be written many
+    # ways (1, 1.0, 1e0) and an upstream may echo them in another.
+    if not isinstance(msg, dict):
+        return msg
+    result = msg.get("result")
+    if isinstance(result, dict) and isinstance(result.get("tools"), list):
+        result["tools"] = [t for t in result["tools"] if isinstance(t, dict) and allowed(str(t.get("name")))]
+    return msg
+
+
+def filter_tools_list(raw: bytes, content_type: str, ids: set[Any], allowed: Callable[[str], bool]) -> bytes:
+    """Remove tools the policy does not allow from tools/list answers, JSON or SSE."""
+    return jsonrpc.rewrite(raw, content_type, lambda msg: _filter_message(msg, ids, allowed))
+
+
+@dataclass(frozen=True, slots=True)
+class _ToolsListFilter:
+    ids: set[Any]
+    allowed: Callable[[str], bool]
+
+    def __call__(self, raw: bytes, content_type: str) -> bytes:
+        return filter_tools_list(raw, content_type, self.ids, self.allowed)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reservation:
+    """A budget reservation: a request the upstream refused (4xx/5xx), or never saw, gives it
+    back. One that may have reached it without an answer (a timeout) keeps it: the card may exist."""
+
+    ledger: BudgetLedger
+    route: str
+    when: float
+    amount: float
+
+    def settle(self, outcome: Outcome) -> None:
+        refused = outcome.upstream_status is not None and outcome.upstream_status >= 400
+        if refused or not outcome.maybe_sent:
+            self.ledger.refund(self.route, self.when, self.amount)

@@ -1,0 +1,219 @@
+"""What the daemon holds while it runs, and the one reference a reload swaps.
+
+Owns: `Snapshot` (one config and everything derived from it: route table, credentials by
+route, policies, the hook registry, what forwarding needs) and `Runtime` (the snapshot in
+force, the secret store, the upstream pool, metrics, the budget ledger, reload). A reload
+builds a whole new snapshot and swaps it with one assignment; credentials and policy state
+outlive snapshots while their part of the config is unchanged. Must never: log anyone out on
+a reload, or let a half-built snapshot serve a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import structlog
+
+from broker import config as config_mod
+from broker import guard, heap, logs, proxy
+from broker.auth import Credential, make_credential
+from broker.auth.secret_store import SecretStore, open_store
+from broker.config import Config, ConfigError, file_stamp
+from broker.errors import BrokerError
+from broker.http import client as upstream
+from broker.http.server import Request
+from broker.metrics import Metrics
+from broker.pipeline import Hooks, register_hooks
+from broker.policy.budget import BudgetLedger
+from broker.policy.route import RoutePolicy
+from broker.routing import RouteTable
+from broker.scrub import SecretSet
+
+log = structlog.get_logger("broker")
+STATUS_WAIT_S = 5.0  # status and metrics wait this long at most for start-up's credential read
+
+
+class ListenError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One config and what is derived from it, never changed once built."""
+
+    config: Config
+    table: RouteTable
+    credentials: Mapping[str, Credential]
+    policies: Mapping[str, RoutePolicy]
+    hooks: Hooks
+    outbound: proxy.Outbound
+    _hosts: dict[int | None, frozenset[str]] = field(default_factory=dict, repr=False)  # a memo
+
+    def guard(self, request: Request) -> BrokerError | None:
+        cfg = self.config
+        port = guard.listener_port(request)
+        hosts = self._hosts.get(port)
+        if hosts is None:
+            hosts = self._hosts[port] = guard.allowed_host_values(cfg, port)
+        return guard.check(request, cfg, hosts) or guard.check_peer(request, cfg)
+
+
+class Runtime:
+    """Everything the daemon holds. `snapshot` is the one reference a reload swaps."""
+
+    def __init__(
+        self, config: Config, secrets: SecretSet | None = None, store: SecretStore | None = None
+    ) -> None:
+        self.config_path = config.path
+        # the version of the file in force or refused: as load() found it before reading it
+        self.config_stamp = config.stamp if config.stamp is not None else file_stamp(config.path)
+        self.config_error: str | None = None
+        self.secrets = secrets if secrets is not None else SecretSet()
+        self.metrics = Metrics()
+        self.store = store or open_store(config.secret_store, config.state_path())
+        self.ledger = BudgetLedger(config.state_path() / "budgets.json")
+        self.snapshot = self._build(config, None)
+        self.pool: upstream.Pool | None = None
+        self._warmup: asyncio.Task[None] | None = None
+        self.listen_addresses: list[str] = []
+        self.in_flight = 0
+        self._started = time.monotonic()
+        self._reload_lock = asyncio.Lock()
+        self.rebind: Callable[[Config], Awaitable[None]] | None = None  # set by Daemon
+
+    @property
+    def credentials(self) -> Mapping[str, Credential]:
+        return self.snapshot.credentials
+
+    def _build(self, config: Config, old: Snapshot | None) -> Snapshot:
+        """A snapshot of `config`, keeping the credentials and policies of `old` whose part of
+        the config is unchanged (a reload never logs out, and a rate window keeps counting)."""
+        creds: dict[str, Credential] = {}
+        policies: dict[str, RoutePolicy] = {}
+        for r in config.routes:
+            prev_route = old.config.route(r.name) if old is not None else None
+            prev = old.credentials.get(r.name) if old is not None else None
+            if prev is not None and prev_route is not None and prev_route.auth == r.auth:
+                creds[r.name] = prev
+            else:
+                creds[r.name] = make_credential(r, self.store, self.secrets)
+            if r.policy is not None:
+                kept = old.policies.get(r.name) if old is not None else None
+                if kept is not None and kept.policy == r.policy:
+                    policies[r.name] = kept
+                else:
+                    policies[r.name] = RoutePolicy(r.name, r.policy, self.ledger)
+        request_hooks = {r.name: (policies[r.name],) if r.name in policies else () for r in config.routes}
+        done = (self.metrics, logs.Audit()) if config.log.audit else (self.metrics,)
+        hooks = register_hooks(request_hooks, done)
+        table = RouteTable(config.routes)
+        return Snapshot(
+            config=config,
+            table=table,
+            credentials=MappingProxyType(creds),
+            policies=MappingProxyType(policies),
+            hooks=hooks,
+            outbound=proxy.Outbound(timeouts=config.timeouts, table=table, answer=self.secrets),
+        )
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._started
+
+    def upstream_pool(self) -> upstream.Pool:
+        if self.pool is None:
+            raise RuntimeError("Runtime.start() was not awaited")
+        return self.pool
+
+    async def start(self) -> None:
+        # No cap on upstream connections: each one serves an agent connection, so agents and the
+        # fd limit (raised at start) bound them. A cap here would park long-lived MCP streams
+        # behind each other and time out everything else to that upstream. No environment proxy
+        # either: credentials go straight to the upstream.
+        self.pool = upstream.Pool(keepalive=30.0)
+        if self.snapshot.config.secret_store == "file":
+            log.warning(
+                "secret_store.plaintext_file",
+                store=self.store.description,
+                note="secrets are kept in a 0600 file, not the OS keyring; anyone who can read "
+                "your files can read them",
+            )
+        # Credentials are read in the background: a keyring (D-Bus, backend discovery) must not
+        # delay readiness; a request that comes first reads its own route's credential.
+        self._warmup = asyncio.get_running_loop().create_task(self._read_credentials())
+
+    async def _read_credentials(self) -> None:
+        for cred in list(self.credentials.values()):
+            with contextlib.suppress(Exception):
+                await cred.prepare()
+        if heap.meter is not None and heap.settled and self.in_flight == 0:
+            # what reading them imported (keyring backends, D-Bus) lives as long as the process;
+            # the collection walks only what came after start-up's freeze. (Done before READY,
+            # READY's own freeze takes it.)
+            heap.settle()
+
+    async def credentials_read(self) -> None:
+        """Wait (bounded) for start-up's credential read, so status never says "not read yet" to
+        someone who asks a moment after start: a slow keyring still answers in STATUS_WAIT_S."""
+        task = self._warmup
+        if task is not None and not task.done():
+            await asyncio.wait((task,), timeout=STATUS_WAIT_S)  # never cancels it, never raises its error
+
+    async def reread_credentials(self) -> None:
+        """Read every route's credential from the store again, now (bounded like start-up's
+        read): after `set-key`, `login` or `logout` changed the store, so a `status` asked right
+        after shows the new credential, not what was read before."""
+        creds = list(self.credentials.values())
+        for cred in creds:
+            cred.invalidate()
+        reads = [asyncio.ensure_future(cred.prepare()) for cred in creds]
+        for task in reads:  # a failed read is the credential's own state to show, never an error here
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if reads:
+            await asyncio.wait(reads, timeout=STATUS_WAIT_S)  # never cancels them
+
+    async def close(self) -> None:
+        if self._warmup is not None:
+            self._warmup.cancel()
+        if self.pool is not None:
+            self.pool.close()
+        for cred in self.credentials.values():
+            await cred.close()
+        # the budget ledger's pending writes (refunds) reach the disk before the daemon exits
+        failed = await asyncio.to_thread(self.ledger.close)
+        if failed is not None:
+            log.error("budget.save_failed", path=str(self.ledger.path), error=str(failed))
+
+    async def reload(self, reason: str) -> None:
+        """Re-read the config file and the secret store; a bad config keeps the old one."""
+        async with self._reload_lock:
+            self.config_stamp = file_stamp(self.config_path)
+            try:
+                new = await asyncio.to_thread(config_mod.load, Path(self.config_path))
+            except ConfigError as exc:
+                self.config_error = exc.render()
+                log.error("config.rejected", reason=reason, errors=exc.lines(), kept="previous config")
+                return
+            old = self.snapshot
+            if new.listen != old.config.listen and self.rebind is not None:
+                try:
+                    await self.rebind(new)
+                except ListenError as exc:
+                    self.config_error = f"{exc}; the previous config stays in force"
+                    log.error("config.rejected", reason=reason, errors=[str(exc)], kept="previous config")
+                    return
+            self.config_error = None
+            fresh = self._build(new, old)
+            for cred in fresh.credentials.values():
+                cred.invalidate()  # kept ones re-read the store: the reload may follow a set-key
+            self.snapshot = fresh  # the swap: requests that arrive from now on see the new config
+            for name, cred in old.credentials.items():
+                if fresh.credentials.get(name) is not cred:
+                    await cred.close()
+            logs.reconfigure(new.log.level, new.log.format)
+            log.info("config.reloaded", reason=reason, routes=[r.name for r in new.routes])
