@@ -39,7 +39,9 @@ def install(b: Broker, *request_hooks: Any, done: tuple[Any, ...] = ()) -> None:
     rt.snapshot = dataclasses.replace(snap, hooks=hooks)
 
 
-async def test_hooks_get_frozen_values_and_the_outcome(make_broker: BrokerFactory, upstream: Upstream) -> None:
+async def test_hooks_get_frozen_values_and_the_outcome(
+    make_broker: BrokerFactory, upstream: Upstream
+) -> None:
     store_key(TEST_KEY)
     b = await make_broker(api_config(upstream.url))
     calls: list[Call] = []
@@ -63,7 +65,12 @@ async def test_hooks_get_frozen_values_and_the_outcome(make_broker: BrokerFactor
         call.id = "another"  # type: ignore[misc]
     [outcome] = recorder.outcomes
     assert settled == [outcome]  # the verdict settles with the same outcome done hooks see
-    assert (outcome.route, outcome.method, outcome.status, outcome.upstream_status) == ("api", "POST", 200, 200)
+    assert (outcome.route, outcome.method, outcome.status, outcome.upstream_status) == (
+        "api",
+        "POST",
+        200,
+        200,
+    )
     assert outcome.maybe_sent and outcome.error is None
     assert outcome.bytes_in == len(b'{"a": "b"}') and outcome.bytes_out == len(answer)
     assert outcome.id == r.headers["X-Broker-Request-Id"]
@@ -160,7 +167,9 @@ async def test_a_request_walks_the_snapshot_it_arrived_with(
         await other.stop()
 
 
-async def test_the_guard_answers_without_reading_the_body(make_broker: BrokerFactory, upstream: Upstream) -> None:
+async def test_the_guard_answers_without_reading_the_body(
+    make_broker: BrokerFactory, upstream: Upstream
+) -> None:
     store_key(TEST_KEY)
     b = await make_broker(api_config(upstream.url))
     recorder = Recorder()
