@@ -158,8 +158,10 @@ class Daemon:
         rt.rebind = self.rebind
 
     @classmethod
-    async def start(cls, config: Config, secrets: SecretSet | None = None) -> Daemon:
-        rt = Runtime(config, secrets)
+    async def start(
+        cls, config: Config, secrets: SecretSet | None = None, gc_meter: heap.PauseMeter | None = None
+    ) -> Daemon:
+        rt = Runtime(config, secrets, gc_meter=gc_meter)
         await rt.start()
         server = agents.AgentServer(
             Pipeline(rt).handle,
@@ -236,9 +238,9 @@ async def serve(config: Config, secrets: SecretSet, hardening: dict[str, bool] |
     key the daemon loads is masked in its logs from the moment it is read.
     """
     notifier = Notifier()
-    heap.install()
+    gc_meter = heap.install()
     try:
-        daemon = await Daemon.start(config, secrets)
+        daemon = await Daemon.start(config, secrets, gc_meter)
     except ListenError as exc:
         log.error("broker.listen_failed", error=str(exc))
         notifier.send(STATUS=f"cannot listen: {exc}")
@@ -275,7 +277,7 @@ async def serve(config: Config, secrets: SecretSet, hardening: dict[str, bool] |
         hardening=hardening or {},
         systemd_notify=notifier.enabled,
     )
-    heap.settle(collect=False)  # before READY, while no agent connection exists to freeze
+    heap.settle(gc_meter, collect=False)  # before READY, while no agent connection exists to freeze
     notifier.send(READY=1, STATUS=f"serving on {', '.join(rt.listen_addresses)}", MAINPID=os.getpid())
     await stop.wait()
     drain = rt.snapshot.config.timeouts.drain

@@ -74,20 +74,19 @@ class PauseMeter:
         return lines
 
 
-meter: PauseMeter | None = None  # set by install(): the daemon's, none in a library user's process
-settled = False  # settle() ran at least once
-
-
 def install() -> PauseMeter:
-    """Time every collection from now on (once per process)."""
-    global meter
-    if meter is None:
-        meter = PauseMeter()
-        gc.callbacks.append(meter)
+    """Time every collection from now on (the daemon calls it once, as it starts)."""
+    meter = PauseMeter()
+    gc.callbacks.append(meter)
     return meter
 
 
-def settle(collect: bool = True) -> int:
+def settled() -> bool:
+    """Start-up's objects were frozen (by `settle`) in this process."""
+    return gc.get_freeze_count() > 0
+
+
+def settle(meter: PauseMeter | None, collect: bool = True) -> int:
     """Collect what start-up left behind, then freeze the rest. Returns the objects frozen.
 
     `collect=False` only freezes: right after the imports a full collection walks ~43k objects
@@ -99,8 +98,6 @@ def settle(collect: bool = True) -> int:
         if collect:
             gc.collect()
         gc.freeze()
-        global settled
-        settled = True
     finally:
         if meter is not None:
             meter.counting = True

@@ -68,8 +68,13 @@ class Runtime:
     """Everything the daemon holds. `snapshot` is the one reference a reload swaps."""
 
     def __init__(
-        self, config: Config, secrets: SecretSet | None = None, store: SecretStore | None = None
+        self,
+        config: Config,
+        secrets: SecretSet | None = None,
+        store: SecretStore | None = None,
+        gc_meter: heap.PauseMeter | None = None,
     ) -> None:
+        self.gc_meter = gc_meter  # the daemon's collector timings; None in tests and library use
         self.config_path = config.path
         # the version of the file in force or refused: as load() found it before reading it
         self.config_stamp = config.stamp if config.stamp is not None else file_stamp(config.path)
@@ -151,11 +156,11 @@ class Runtime:
         for cred in list(self.credentials.values()):
             with contextlib.suppress(Exception):
                 await cred.prepare()
-        if heap.meter is not None and heap.settled and self.in_flight == 0:
+        if self.gc_meter is not None and heap.settled() and self.in_flight == 0:
             # what reading them imported (keyring backends, D-Bus) lives as long as the process;
             # the collection walks only what came after start-up's freeze. (Done before READY,
             # READY's own freeze takes it.)
-            heap.settle()
+            heap.settle(self.gc_meter)
 
     async def credentials_read(self) -> None:
         """Wait (bounded) for start-up's credential read, so status never says "not read yet" to

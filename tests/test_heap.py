@@ -32,13 +32,14 @@ def test_meter_times_each_generation(meter: heap.PauseMeter) -> None:
     assert f"agentcard_broker_gc_frozen_objects {gc.get_freeze_count()}" in lines
 
 
-def test_settle_freezes_and_is_not_counted_as_a_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settle_freezes_and_is_not_counted_as_a_pause() -> None:
     m = heap.PauseMeter()
-    monkeypatch.setattr(heap, "meter", m)
     gc.callbacks.append(m)
     try:
-        frozen = heap.settle()
+        assert not heap.settled()
+        frozen = heap.settle(m)
         assert frozen > 1000 and frozen == gc.get_freeze_count()
+        assert heap.settled()
         assert m.count == [0, 0, 0]  # the deliberate collection before serving is no pause
         assert m.counting
         gc.collect(2)

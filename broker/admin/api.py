@@ -10,7 +10,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from broker import __version__, heap
+from broker import __version__
 from broker.auth.base import AuthState
 from broker.errors import BrokerError
 from broker.http.server import Request, Response, StreamResponse
@@ -91,8 +91,8 @@ async def handle(request: Request, rt: Runtime) -> StreamResponse:
         for r in routes:
             rt.metrics.refreshes[r.name] = int(rt.credentials[r.name].details().get("refreshes", 0))
         text = rt.metrics.render(states, [str(s) for s in AuthState])
-        if heap.meter is not None:
-            text += "\n".join(heap.meter.render()) + "\n"
+        if rt.gc_meter is not None:
+            text += "\n".join(rt.gc_meter.render()) + "\n"
         return Response(
             text=text, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
         )
