@@ -19,13 +19,12 @@ from typing import Any
 
 import structlog
 
-from broker import guard, heap
+from broker import heap
 from broker.config import Config, Listen, file_stamp
 from broker.http import server as agents
 from broker.pipeline import Pipeline
 from broker.runtime import ListenError, Runtime
 from broker.scrub import SecretSet
-from broker.service import peers
 from broker.service.sdnotify import Notifier
 
 __all__ = ["Daemon", "ListenError", "Runtime", "serve"]
@@ -166,7 +165,7 @@ class Daemon:
         server = agents.AgentServer(
             Pipeline(rt).handle,
             lambda: rt.snapshot.config.limits.max_header_bytes,
-            on_connect=_warm_connection,
+            on_connect=rt.connections.opened,
             body_idle=lambda: rt.snapshot.config.timeouts.idle,
         )
         sites: dict[Listen, asyncio.Server] = {}
@@ -208,12 +207,6 @@ class Daemon:
         await self.rt.close()
         for listen in self.sites:
             _remove_socket(listen)
-
-
-def _warm_connection(transport: asyncio.Transport) -> None:
-    """What the guard asks of every connection, asked as it opens (both are cached per connection)."""
-    guard.transport_port(transport)
-    peers.peer_uid(transport)
 
 
 def _remove_socket(listen: Listen) -> None:

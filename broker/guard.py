@@ -13,28 +13,47 @@ import weakref
 from broker.config import Config
 from broker.errors import BrokerError
 from broker.http.server import Request
-from broker.service import peers
+from broker.service.peers import UNKNOWN, PeerLookup
 
 _CROSS_SITE = frozenset({"cross-site", "same-site"})
 _UNSEEN = object()
-_ports: weakref.WeakKeyDictionary[asyncio.BaseTransport, int | None] = weakref.WeakKeyDictionary()
 
 
-def listener_port(request: Request) -> int | None:
-    """The local TCP port the request arrived on; None for a unix socket."""
-    return transport_port(request.transport)
+class Connections:
+    """What the guard learns of each agent connection once (each costs a system call): the
+    local port it arrived on and the uid of the process at the other end. Kept as long as the
+    connection lives; one object for the daemon's life, across reloads."""
 
+    def __init__(self) -> None:
+        self._ports: weakref.WeakKeyDictionary[asyncio.BaseTransport, int | None] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.peers = PeerLookup()
 
-def transport_port(transport: asyncio.BaseTransport | None) -> int | None:
-    """The local TCP port of a connection, asked once per connection; None for a unix socket."""
-    if transport is None:
-        return None
-    port = _ports.get(transport, _UNSEEN)
-    if port is _UNSEEN:  # once per connection: asking costs a system call
-        sockname = transport.get_extra_info("sockname")
-        port = int(sockname[1]) if isinstance(sockname, tuple) and len(sockname) >= 2 else None
-        _ports[transport] = port
-    return port  # type: ignore[return-value]
+    def opened(self, transport: asyncio.BaseTransport) -> None:
+        """Ask both as the connection opens, before its first request waits on them."""
+        self.port(transport)
+        self.peers.peer_uid(transport)
+
+    def port(self, transport: asyncio.BaseTransport | None) -> int | None:
+        """The local TCP port of a connection; None for a unix socket."""
+        if transport is None:
+            return None
+        port = self._ports.get(transport, _UNSEEN)
+        if port is _UNSEEN:
+            sockname = transport.get_extra_info("sockname")
+            port = int(sockname[1]) if isinstance(sockname, tuple) and len(sockname) >= 2 else None
+            self._ports[transport] = port
+        return port  # type: ignore[return-value]
+
+    def check_peer(self, request: Request, cfg: Config) -> BrokerError | None:
+        """Refuse a peer process owned by a uid not in `allowed_uids` (unix sockets; Linux TCP)."""
+        uid = self.peers.peer_uid(request.transport)
+        if uid is None or uid in cfg.allowed_uids:
+            return None
+        if uid == UNKNOWN:
+            return BrokerError("peer_not_allowed", "cannot tell which user owns the connecting process")
+        return BrokerError("peer_not_allowed", f"processes of uid {uid} are not in allowed_uids")
 
 
 def allowed_host_values(cfg: Config, port: int | None) -> frozenset[str]:
@@ -73,13 +92,3 @@ def check(request: Request, cfg: Config, hosts: frozenset[str]) -> BrokerError |
             "broker's config, send a plain path",
         )
     return None
-
-
-def check_peer(request: Request, cfg: Config) -> BrokerError | None:
-    """Refuse a peer process owned by a uid not in `allowed_uids` (unix sockets; Linux TCP)."""
-    uid = peers.peer_uid(request.transport)
-    if uid is None or uid in cfg.allowed_uids:
-        return None
-    if uid == peers.UNKNOWN:
-        return BrokerError("peer_not_allowed", "cannot tell which user owns the connecting process")
-    return BrokerError("peer_not_allowed", f"processes of uid {uid} are not in allowed_uids")

@@ -48,6 +48,7 @@ class Snapshot:
     """One config and what is derived from it, never changed once built."""
 
     config: Config
+    connections: guard.Connections  # the daemon's one, across snapshots
     table: RouteTable
     credentials: Mapping[str, Credential]
     policies: Mapping[str, RoutePolicy]
@@ -57,11 +58,11 @@ class Snapshot:
 
     def guard(self, request: Request) -> BrokerError | None:
         cfg = self.config
-        port = guard.listener_port(request)
+        port = self.connections.port(request.transport)
         hosts = self._hosts.get(port)
         if hosts is None:
             hosts = self._hosts[port] = guard.allowed_host_values(cfg, port)
-        return guard.check(request, cfg, hosts) or guard.check_peer(request, cfg)
+        return guard.check(request, cfg, hosts) or self.connections.check_peer(request, cfg)
 
 
 class Runtime:
@@ -83,6 +84,7 @@ class Runtime:
         self.metrics = Metrics()
         self.store = store or open_store(config.secret_store, config.state_path())
         self.ledger = BudgetLedger(config.state_path() / "budgets.json")
+        self.connections = guard.Connections()
         self.snapshot = self._build(config, None)
         self.pool: upstream.Pool | None = None
         self._warmup: asyncio.Task[None] | None = None
@@ -120,6 +122,7 @@ class Runtime:
         table = RouteTable(config.routes)
         return Snapshot(
             config=config,
+            connections=self.connections,
             table=table,
             credentials=MappingProxyType(creds),
             policies=MappingProxyType(policies),
@@ -187,6 +190,7 @@ class Runtime:
             self._warmup.cancel()
         if self.pool is not None:
             self.pool.close()
+        self.connections.peers.close()
         for cred in self.credentials.values():
             await cred.close()
         # the budget ledger's pending writes (refunds) reach the disk before the daemon exits

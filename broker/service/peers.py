@@ -18,7 +18,6 @@ import weakref
 from pathlib import Path
 
 UNKNOWN = -1
-_cache: weakref.WeakKeyDictionary[asyncio.BaseTransport, int] = weakref.WeakKeyDictionary()
 PROC_TCP_READABLE = sys.platform.startswith("linux") and Path("/proc/net/tcp").exists()
 
 
@@ -52,10 +51,6 @@ INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _UID_OFFSET = 16 + 64  # nlmsghdr, then inet_diag_msg: 4 bytes, sockid (48), expires/rqueue/wqueue, uid
 
 
-_netlink: socket.socket | None = None  # one sock_diag socket, reused: used only from the event loop
-_netlink_seq = itertools.count(1)
-
-
 def _diag_request(local: tuple[str, int], peer: tuple[str, int], family: int, seq: int) -> bytes:
     """A sock_diag query, number `seq`, for the peer's socket: source the peer, destination us."""
 
@@ -68,47 +63,7 @@ def _diag_request(local: tuple[str, int], peer: tuple[str, int], family: int, se
     return struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + req
 
 
-def _netlink_uid(local: tuple[str, int], peer: tuple[str, int], family: int) -> int:
-    """One socket's owner through sock_diag (what `ss` uses): microseconds, whatever the table size.
-
-    One netlink socket serves every lookup (a socket per connection was two more system calls).
-    Replies carry the query's number, so one left unread by a query that timed out is skipped."""
-    global _netlink
-    seq = next(_netlink_seq) & 0xFFFFFFFF
-    msg = _diag_request(local, peer, family, seq)
-    try:
-        if _netlink is None:
-            _netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
-            _netlink.settimeout(1.0)
-        _netlink.send(msg)
-        for _ in range(8):
-            data = _netlink.recv(65536)
-            if len(data) >= 16 and struct.unpack_from("=I", data, 8)[0] == seq:
-                break
-        else:
-            return UNKNOWN
-    except OSError:
-        if _netlink is not None:
-            _netlink.close()
-            _netlink = None  # a fresh socket next time
-        raise
-    if len(data) < _UID_OFFSET + 4 or struct.unpack_from("=H", data, 4)[0] == NLMSG_ERROR:
-        return UNKNOWN
-    return int(struct.unpack_from("=I", data, _UID_OFFSET)[0])
-
-
-def tcp_peer_uid(local: tuple[str, int], peer: tuple[str, int], family: int) -> int:
-    """The uid owning the peer's end of a loopback TCP connection (Linux), or UNKNOWN."""
-    if family == socket.AF_INET6 and peer[0].startswith("::ffff:"):
-        family, local, peer = socket.AF_INET, (local[0][7:], local[1]), (peer[0][7:], peer[1])
-    try:
-        return _netlink_uid(local, peer, family)
-    except OSError:
-        # no AF_NETLINK here (a sandbox): read the table instead, slower with many sockets
-        return _proc_uid(local, peer, family)
-
-
-def _proc_uid(local: tuple[str, int], peer: tuple[str, int], family: int) -> int:
+def proc_uid(local: tuple[str, int], peer: tuple[str, int], family: int) -> int:
     fmt = _hex_v4 if family == socket.AF_INET else _hex_v6
     table = "/proc/net/tcp" if family == socket.AF_INET else "/proc/net/tcp6"
     # the peer's socket: its local address is the peer, its remote address is us
@@ -125,25 +80,78 @@ def _proc_uid(local: tuple[str, int], peer: tuple[str, int], family: int) -> int
     return int(fields[6]) if len(fields) > 6 and fields[6].isdigit() else UNKNOWN
 
 
-def peer_uid(transport: asyncio.BaseTransport | None) -> int | None:
-    """The peer's uid; None when this OS offers no way to tell; UNKNOWN when lookup failed."""
-    if transport is None:
-        return UNKNOWN
-    cached = _cache.get(transport)
-    if cached is not None:
-        return cached
-    sock: socket.socket | None = transport.get_extra_info("socket")
-    if sock is None:
-        return UNKNOWN
-    uid: int | None
-    if sock.family == socket.AF_UNIX:
-        uid = _unix_peer_uid(sock)
-    elif PROC_TCP_READABLE and sock.family in (socket.AF_INET, socket.AF_INET6):
-        local = transport.get_extra_info("sockname")
-        peer = transport.get_extra_info("peername")
-        uid = tcp_peer_uid(local[:2], peer[:2], sock.family) if local and peer else UNKNOWN
-    else:
-        uid = None
-    if uid is not None:
-        _cache[transport] = uid
-    return uid
+class PeerLookup:
+    """Asks, once per connection, whose process is on the other end; keeps the answer as long
+    as the connection lives. One netlink socket serves every lookup (a socket per connection
+    was two more system calls); it is used only from the event loop."""
+
+    def __init__(self) -> None:
+        self._uids: weakref.WeakKeyDictionary[asyncio.BaseTransport, int] = weakref.WeakKeyDictionary()
+        self._netlink: socket.socket | None = None
+        self._seq = itertools.count(1)
+
+    def close(self) -> None:
+        if self._netlink is not None:
+            self._netlink.close()
+            self._netlink = None
+
+    def known(self, transport: asyncio.BaseTransport) -> int | None:
+        """The uid already looked up for this connection, if any."""
+        return self._uids.get(transport)
+
+    def peer_uid(self, transport: asyncio.BaseTransport | None) -> int | None:
+        """The peer's uid; None when this OS offers no way to tell; UNKNOWN when lookup failed."""
+        if transport is None:
+            return UNKNOWN
+        cached = self._uids.get(transport)
+        if cached is not None:
+            return cached
+        sock: socket.socket | None = transport.get_extra_info("socket")
+        if sock is None:
+            return UNKNOWN
+        uid: int | None
+        if sock.family == socket.AF_UNIX:
+            uid = _unix_peer_uid(sock)
+        elif PROC_TCP_READABLE and sock.family in (socket.AF_INET, socket.AF_INET6):
+            local = transport.get_extra_info("sockname")
+            peer = transport.get_extra_info("peername")
+            uid = self.tcp_peer_uid(local[:2], peer[:2], sock.family) if local and peer else UNKNOWN
+        else:
+            uid = None
+        if uid is not None:
+            self._uids[transport] = uid
+        return uid
+
+    def tcp_peer_uid(self, local: tuple[str, int], peer: tuple[str, int], family: int) -> int:
+        """The uid owning the peer's end of a loopback TCP connection (Linux), or UNKNOWN."""
+        if family == socket.AF_INET6 and peer[0].startswith("::ffff:"):
+            family, local, peer = socket.AF_INET, (local[0][7:], local[1]), (peer[0][7:], peer[1])
+        try:
+            return self.netlink_uid(local, peer, family)
+        except OSError:
+            # no AF_NETLINK here (a sandbox): read the table instead, slower with many sockets
+            return proc_uid(local, peer, family)
+
+    def netlink_uid(self, local: tuple[str, int], peer: tuple[str, int], family: int) -> int:
+        """One socket's owner through sock_diag (what `ss` uses): microseconds, whatever the
+        table size. Replies carry the query's number, so one left unread by a query that timed
+        out is skipped."""
+        seq = next(self._seq) & 0xFFFFFFFF
+        msg = _diag_request(local, peer, family, seq)
+        try:
+            if self._netlink is None:
+                self._netlink = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+                self._netlink.settimeout(1.0)
+            self._netlink.send(msg)
+            for _ in range(8):
+                data = self._netlink.recv(65536)
+                if len(data) >= 16 and struct.unpack_from("=I", data, 8)[0] == seq:
+                    break
+            else:
+                return UNKNOWN
+        except OSError:
+            self.close()  # a fresh socket next time
+            raise
+        if len(data) < _UID_OFFSET + 4 or struct.unpack_from("=H", data, 4)[0] == NLMSG_ERROR:
+            return UNKNOWN
+        return int(struct.unpack_from("=I", data, _UID_OFFSET)[0])

@@ -26,13 +26,15 @@ def test_both_lookups_find_this_process(family: int, host: str) -> None:
     conn, _ = srv.accept()
     try:
         local, peer = conn.getsockname()[:2], conn.getpeername()[:2]
-        assert peers._netlink_uid(local, peer, family) == os.getuid()
-        assert peers._proc_uid(local, peer, family) == os.getuid()
-        assert peers.tcp_peer_uid(local, peer, family) == os.getuid()
+        lookup = peers.PeerLookup()
+        assert lookup.netlink_uid(local, peer, family) == os.getuid()
+        assert peers.proc_uid(local, peer, family) == os.getuid()
+        assert lookup.tcp_peer_uid(local, peer, family) == os.getuid()
         # a connection that does not exist is unknown, never someone's
         ghost = (peer[0], 1)
-        assert peers._netlink_uid(local, ghost, family) == peers.UNKNOWN
-        assert peers._proc_uid(local, ghost, family) == peers.UNKNOWN
+        assert lookup.netlink_uid(local, ghost, family) == peers.UNKNOWN
+        assert peers.proc_uid(local, ghost, family) == peers.UNKNOWN
+        lookup.close()
     finally:
         for s in (conn, client, srv):
             s.close()
@@ -47,13 +49,15 @@ def test_netlink_socket_is_reused_and_skips_a_stale_reply() -> None:
     conn, _ = srv.accept()
     try:
         local, peer = conn.getsockname(), conn.getpeername()
-        assert peers._netlink_uid(local, peer, socket.AF_INET) == os.getuid()
-        nl = peers._netlink
+        lookup = peers.PeerLookup()
+        assert lookup.netlink_uid(local, peer, socket.AF_INET) == os.getuid()
+        nl = lookup._netlink
         assert nl is not None
         # a reply nobody read (a query that timed out) waits in the socket: an error for a ghost
         nl.send(peers._diag_request(local, (peer[0], 1), socket.AF_INET, seq=0))
-        assert peers._netlink_uid(local, peer, socket.AF_INET) == os.getuid()  # not the ghost's
-        assert peers._netlink is nl  # one socket for every lookup, not one per connection
+        assert lookup.netlink_uid(local, peer, socket.AF_INET) == os.getuid()  # not the ghost's
+        assert lookup._netlink is nl  # one socket for every lookup, not one per connection
+        lookup.close()
     finally:
         for s in (conn, client, srv):
             s.close()
