@@ -22,6 +22,7 @@ import structlog
 from broker import heap
 from broker.config import Config, Listen, file_stamp
 from broker.http import server as agents
+from broker.logs import LogSetup
 from broker.pipeline import Pipeline
 from broker.runtime import ListenError, Runtime
 from broker.scrub import SecretSet
@@ -158,9 +159,13 @@ class Daemon:
 
     @classmethod
     async def start(
-        cls, config: Config, secrets: SecretSet | None = None, gc_meter: heap.PauseMeter | None = None
+        cls,
+        config: Config,
+        secrets: SecretSet | None = None,
+        gc_meter: heap.PauseMeter | None = None,
+        log_setup: LogSetup | None = None,
     ) -> Daemon:
-        rt = Runtime(config, secrets, gc_meter=gc_meter)
+        rt = Runtime(config, secrets, gc_meter=gc_meter, log_setup=log_setup)
         await rt.start()
         server = agents.AgentServer(
             Pipeline(rt).handle,
@@ -224,7 +229,12 @@ async def _watchdog(notifier: Notifier) -> None:
         await asyncio.sleep(notifier.watchdog_s / 2)
 
 
-async def serve(config: Config, secrets: SecretSet, hardening: dict[str, bool] | None = None) -> int:
+async def serve(
+    config: Config,
+    secrets: SecretSet,
+    hardening: dict[str, bool] | None = None,
+    log_setup: LogSetup | None = None,
+) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the process exit code.
 
     `secrets` is the set the log redaction processor already holds: the same object, so every
@@ -233,7 +243,7 @@ async def serve(config: Config, secrets: SecretSet, hardening: dict[str, bool] |
     notifier = Notifier()
     gc_meter = heap.install()
     try:
-        daemon = await Daemon.start(config, secrets, gc_meter)
+        daemon = await Daemon.start(config, secrets, gc_meter, log_setup)
     except ListenError as exc:
         log.error("broker.listen_failed", error=str(exc))
         notifier.send(STATUS=f"cannot listen: {exc}")

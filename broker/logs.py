@@ -113,14 +113,87 @@ class AuditLine:
             pass
 
 
-class Audit:
-    """The audit line as a done hook: one line per answered request, written by the writer
-    `configure` chose (fast JSON, structlog's console renderer, or nothing above info)."""
+def _structlog_audit(**fields: Any) -> None:
+    structlog.get_logger("broker").info("request", **fields)
 
-    __slots__ = ()
+
+def _no_audit(**fields: Any) -> None:
+    return None
+
+
+class LogSetup:
+    """The process's logging as `configure` set it (structlog and stdlib logging are
+    process-wide): the level and format in force, the stream and secrets it was given, and the
+    audit line's writer that goes with them."""
+
+    def __init__(self, level: str, fmt: str, secrets: SecretSet, stream: TextIO | None) -> None:
+        self.level, self.fmt, self.secrets, self.stream = level, fmt, secrets, stream
+        self.audit: Callable[..., None] = _structlog_audit
+
+    def reconfigure(self, level: str, fmt: str) -> bool:
+        """A reloaded config's log level and format, on the same stream and secrets; True if changed."""
+        if (self.level, self.fmt) == (level, fmt):
+            return False
+        self.level, self.fmt = level, fmt
+        self.apply()
+        return True
+
+    def apply(self) -> None:
+        level, secrets = self.level, self.secrets
+        out = self.stream or sys.stderr
+        fmt = ("console" if out.isatty() else "json") if self.fmt == "auto" else self.fmt
+        if LEVELS.get(level, logging.INFO) > logging.INFO:
+            self.audit = _no_audit  # an info line, filtered out at this level
+        elif fmt == "json":
+            self.audit = AuditLine(out, secrets)
+        else:
+            self.audit = _structlog_audit  # for people at a terminal: the console renderer
+        renderer: Any
+        if fmt == "console":
+            renderer = structlog.dev.ConsoleRenderer(
+                colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+            )
+        else:
+            renderer = structlog.processors.JSONRenderer(sort_keys=False)
+        structlog.configure(
+            processors=[
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+                Redact(secrets),
+                renderer,
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
+            logger_factory=structlog.PrintLoggerFactory(out),
+            cache_logger_on_first_use=False,
+        )
+        root = logging.getLogger()
+        root.handlers[:] = [_ToStructlog()]
+        root.setLevel(LEVELS.get(level, logging.INFO))
+        logging.getLogger("aiohttp.access").disabled = True  # the audit line replaces it
+
+
+def configure(level: str, fmt: str, secrets: SecretSet, stream: TextIO | None = None) -> LogSetup:
+    """Send every log line of this process through the redaction pipeline, as `fmt`, to `stream`
+    (stderr). The returned setup is what a reload reconfigures and the audit hook writes with."""
+    setup = LogSetup(level, fmt, secrets, stream)
+    setup.apply()
+    return setup
+
+
+class Audit:
+    """The audit line as a done hook: one line per answered request, written by the writer the
+    log setup chose (fast JSON, structlog's console renderer, or nothing above info)."""
+
+    __slots__ = ("_setup",)
+
+    def __init__(self, setup: LogSetup | None) -> None:
+        self._setup = setup
 
     def done(self, outcome: Outcome) -> None:
-        audit(
+        write = self._setup.audit if self._setup is not None else _structlog_audit
+        write(
             request_id=outcome.id,
             route=outcome.route,
             method=outcome.method,
@@ -133,63 +206,3 @@ class Audit:
             bytes_out=outcome.bytes_out,
             duration_ms=round(outcome.elapsed * 1000, 2),
         )
-
-
-def _structlog_audit(**fields: Any) -> None:
-    structlog.get_logger("broker").info("request", **fields)
-
-
-def _no_audit(**fields: Any) -> None:
-    return None
-
-
-audit: Callable[..., None] = _structlog_audit  # set by configure(): the audit line's writer
-
-
-_configured: tuple[str, str, SecretSet, TextIO | None] | None = None  # what configure() was given
-
-
-def reconfigure(level: str, fmt: str) -> bool:
-    """A reloaded config's log level and format, on the same stream and secrets; True if changed."""
-    if _configured is None or _configured[:2] == (level, fmt):
-        return False
-    configure(level, fmt, _configured[2], _configured[3])
-    return True
-
-
-def configure(level: str, fmt: str, secrets: SecretSet, stream: TextIO | None = None) -> None:
-    global audit, _configured
-    _configured = (level, fmt, secrets, stream)
-    out = stream or sys.stderr
-    if fmt == "auto":
-        fmt = "console" if out.isatty() else "json"
-    if LEVELS.get(level, logging.INFO) > logging.INFO:
-        audit = _no_audit  # an info line, filtered out at this level
-    elif fmt == "json":
-        audit = AuditLine(out, secrets)
-    else:
-        audit = _structlog_audit  # for people at a terminal: the console renderer
-    renderer: Any
-    if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(
-            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
-        )
-    else:
-        renderer = structlog.processors.JSONRenderer(sort_keys=False)
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            Redact(secrets),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=False,
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [_ToStructlog()]
-    root.setLevel(LEVELS.get(level, logging.INFO))
-    logging.getLogger("aiohttp.access").disabled = True  # the audit line replaces it

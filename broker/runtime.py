@@ -74,7 +74,9 @@ class Runtime:
         secrets: SecretSet | None = None,
         store: SecretStore | None = None,
         gc_meter: heap.PauseMeter | None = None,
+        log_setup: logs.LogSetup | None = None,
     ) -> None:
+        self.log_setup = log_setup  # what a reload reconfigures; None: logging left as it is
         self.gc_meter = gc_meter  # the daemon's collector timings; None in tests and library use
         self.config_path = config.path
         # the version of the file in force or refused: as load() found it before reading it
@@ -117,7 +119,7 @@ class Runtime:
                 else:
                     policies[r.name] = RoutePolicy(r.name, r.policy, self.ledger)
         request_hooks = {r.name: (policies[r.name],) if r.name in policies else () for r in config.routes}
-        done = (self.metrics, logs.Audit()) if config.log.audit else (self.metrics,)
+        done = (self.metrics, logs.Audit(self.log_setup)) if config.log.audit else (self.metrics,)
         hooks = register_hooks(request_hooks, done)
         table = RouteTable(config.routes)
         return Snapshot(
@@ -224,5 +226,6 @@ class Runtime:
             for name, cred in old.credentials.items():
                 if fresh.credentials.get(name) is not cred:
                     await cred.close()
-            logs.reconfigure(new.log.level, new.log.format)
+            if self.log_setup is not None:
+                self.log_setup.reconfigure(new.log.level, new.log.format)
             log.info("config.reloaded", reason=reason, routes=[r.name for r in new.routes])

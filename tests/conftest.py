@@ -217,8 +217,8 @@ async def make_broker(tmp_path: Path) -> AsyncIterator[BrokerFactory]:
         cfg = config_mod.load(path)
         secrets = SecretSet()
         buf = io.StringIO()
-        logs.configure(cfg.log.level, cfg.log.format, secrets, stream=buf)
-        daemon = await Daemon.start(cfg, secrets)
+        log_setup = logs.configure(cfg.log.level, cfg.log.format, secrets, stream=buf)
+        daemon = await Daemon.start(cfg, secrets, log_setup=log_setup)
         b = Broker(daemon, buf, aiohttp.ClientSession(auto_decompress=False))
         started.append(b)
         return b
