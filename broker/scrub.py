@@ -66,9 +66,6 @@ class SecretSet:
         """False only when redact(text) would return it unchanged: no held secret, no shape."""
         return "sk_" in text or "acs_" in text or any(v in text for v in self._values)
 
-    def contains_any(self, text: str) -> bool:
-        return any(v in text for v in self._values)
-
     def scrubber(self) -> StreamScrubber:
         return StreamScrubber(self._pairs)
 
