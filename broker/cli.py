@@ -321,48 +321,10 @@ def _read_secret(from_stdin: bool, prompt: str) -> str:
 
 def _tell_daemon(cfg: Config) -> None:
     """After the secret store changed: a running daemon re-reads it now (it would within seconds)."""
-    if _daemon_request(cfg, "POST", "/_broker/reload") is not None:
+    from broker.admin.client import DaemonClient
+
+    if DaemonClient(cfg).reload() is not None:
         print("the running daemon picked it up")
-
-
-def _daemon_request(cfg: Config, method: str, path: str, timeout: float = 3.0) -> Any | None:
-    """Ask the daemon on the first listener; None when nothing answers."""
-    import http.client
-    import socket
-
-    listen = cfg.listen[0]
-    conn: http.client.HTTPConnection
-    if listen.kind == "unix":
-        sock_path = listen.path
-
-        class UnixConnection(http.client.HTTPConnection):
-            def connect(self) -> None:
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.settimeout(timeout)
-                s.connect(sock_path)
-                self.sock = s
-
-        conn = UnixConnection("localhost", timeout=timeout)
-        host_header = cfg.allowed_hosts[0] if cfg.allowed_hosts else "localhost"
-    else:
-        host = listen.host
-        conn = http.client.HTTPConnection(host, listen.port, timeout=timeout)
-        name = cfg.allowed_hosts[0] if cfg.allowed_hosts else host
-        host_header = f"{name}:{listen.port}"
-    try:
-        conn.request(method, path, headers={"Host": host_header, "Content-Length": "0"})
-        resp = conn.getresponse()
-        body = resp.read()
-    except OSError:
-        return None
-    finally:
-        conn.close()
-    if resp.status >= 400:
-        return None
-    try:
-        return json.loads(body)
-    except ValueError:
-        return None
 
 
 def _config_for_status(args: argparse.Namespace) -> Config | None:
@@ -398,7 +360,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config_for_status(args)
     if cfg is None:
         return 1
-    doc = _daemon_request(cfg, "GET", "/_broker/status")
+    from broker.admin.client import DaemonClient
+
+    doc = DaemonClient(cfg).status()
     if doc is None:
         print(
             f"agentcard-broker is not running (nothing answers on {cfg.listen[0]}); "
