@@ -419,77 +419,36 @@ def _cents(value: Any) -> str:
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
-    from broker.service import units as service
+    from broker.service import units
 
-    drain = 30.0
-    if args.system:
-        config_path = Path(service.SYSTEM_CONFIG)
-    else:
+    config_path, drain = Path(units.SYSTEM_CONFIG), 30.0
+    if not args.system:
         cfg = _load(args)
         if cfg is None:
             print("fix the config first: the service would refuse to start with it", file=sys.stderr)
             return 1
-        config_path = Path(cfg.path).resolve()
-        drain = cfg.timeouts.drain
+        config_path, drain = Path(cfg.path).resolve(), cfg.timeouts.drain
     try:
-        sf = service.plan(config_path, system=args.system, drain=drain)
-    except ValueError as exc:
-        print(str(exc), file=sys.stderr)
+        if args.print:
+            sys.stdout.write(units.preview(config_path, system=args.system, drain=drain))
+        else:
+            print(*units.install_service(config_path, system=args.system, drain=drain), sep="\n")
+    except units.ServiceError as exc:
+        print(exc, file=sys.stderr)
         return 1
-    client_uid = int(os.environ.get("SUDO_UID", os.getuid()))
-    if args.print:
-        sys.stdout.write(sf.content.decode())
-        if args.system:
-            print(f"\n# --- {service.SYSTEM_CONFIG} ---")
-            sys.stdout.write(service.system_config(client_uid))
-        return 0
-    if args.system and os.getuid() != 0:
-        print("--system writes to /etc: run it with sudo (or use --print)", file=sys.stderr)
-        return 1
-    try:
-        changed = service.install(sf)
-        if args.system and not config_path.exists():
-            config_path.parent.mkdir(parents=True, exist_ok=True)
-            config_path.write_text(service.system_config(client_uid))
-            config_path.chmod(0o644)
-            print(f"wrote {config_path}")
-    except OSError as exc:
-        print(f"cannot write {sf.path}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    print(f"{'wrote' if changed else 'unchanged'}: {sf.path}")
-    print("enable and start it with:")
-    for line in sf.enable:
-        print(f"  {line}")
     return 0
 
 
 def cmd_uninstall_service(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from broker.config import ConfigError, find_config
-    from broker.service import units as service
+    from broker.service import units
 
     try:
-        config_path = find_config(args.config)
-    except ConfigError:
-        config_path = Path("config.yaml")
-    try:
-        sf = service.plan(config_path, system=args.system)
-    except ValueError as exc:
-        print(str(exc), file=sys.stderr)
+        print(*units.uninstall_service(system=args.system), sep="\n")
+    except units.ServiceError as exc:
+        print(exc, file=sys.stderr)
         return 1
-    try:
-        done = service.uninstall(sf)
-    except OSError as exc:
-        print(f"cannot remove {sf.path}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    if not done:
-        print(f"nothing to remove: {sf.path} does not exist")
-    for line in done:
-        print(line)
     return 0
 
 

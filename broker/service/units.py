@@ -1,9 +1,10 @@
 """Service files: the systemd user unit, the system-user unit, and the launchd agent.
 
 Owns: rendering each file from one template with this user's real paths, writing and removing
-them (`install-service`, `uninstall-service`), and the commands that enable them. The files in
-the repository's systemd/ and launchd/ folders are renderings of these same templates (a test
-keeps them equal). Must never: put a secret into a service file or its environment.
+them (`install-service`, `uninstall-service`: what they do and the lines that report it), and
+the commands that enable them. The files in the repository's systemd/ and launchd/ folders are
+renderings of these same templates (a test keeps them equal). Must never: put a secret into a
+service file or its environment.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ SYSTEM_GROUP = "agentcard-clients"
 SYSTEM_CONFIG = "/etc/agentcard-broker/config.yaml"
 SYSTEM_STATE = "/var/lib/agentcard-broker"
 SYSTEM_SOCKET = "/run/agentcard-broker/broker.sock"
+
+
+class ServiceError(ValueError):
+    """A service file this platform or user cannot have, or cannot write; printed as is."""
+
 
 # Sandboxing shared by both units. Each line still lets the broker read its config, write its
 # state dir, reach the keyring over D-Bus (a unix socket) and the upstream over TCP.
@@ -202,7 +208,7 @@ def plan(config_path: Path, *, system: bool = False, drain: float = 30.0) -> Ser
     stop_timeout = int(drain) + 15
     if sys.platform == "darwin":
         if system:
-            raise ValueError("--system is for Linux (systemd); on macOS use the per-user agent")
+            raise ServiceError("--system is for Linux (systemd); on macOS use the per-user agent")
         home = Path.home()
         path = home / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
         program = [*cmd, "run", "--config", str(config_path)]
@@ -218,7 +224,7 @@ def plan(config_path: Path, *, system: bool = False, drain: float = 30.0) -> Ser
             [["launchctl", "bootout", f"gui/{uid}/{LAUNCHD_LABEL}"]],
         )
     if not sys.platform.startswith("linux"):
-        raise ValueError(
+        raise ServiceError(
             f"no service manager support for {sys.platform}; run `agentcard-broker run` yourself"
         )
     if system:
@@ -281,6 +287,50 @@ def uninstall(sf: ServiceFile) -> list[str]:
     sf.path.unlink()
     done.append(f"removed {sf.path}")
     return done
+
+
+def client_uid() -> int:
+    """The user a system-user config lets in besides the broker: whoever ran sudo, else us."""
+    return int(os.environ.get("SUDO_UID", os.getuid()))
+
+
+def preview(config_path: Path, *, system: bool = False, drain: float = 30.0) -> str:
+    """What `install-service --print` shows: the service file, and with --system its config."""
+    text = plan(config_path, system=system, drain=drain).content.decode()
+    if system:
+        text += f"\n# --- {SYSTEM_CONFIG} ---\n{system_config(client_uid())}"
+    return text
+
+
+def install_service(config_path: Path, *, system: bool = False, drain: float = 30.0) -> list[str]:
+    """`install-service`: write the service file (with --system, a first config at SYSTEM_CONFIG
+    too, never over one that is there). Returns the lines that report it and how to enable it."""
+    sf = plan(config_path, system=system, drain=drain)
+    if system and os.getuid() != 0:
+        raise ServiceError("--system writes to /etc: run it with sudo (or use --print)")
+    report: list[str] = []
+    first_config = Path(SYSTEM_CONFIG)
+    try:
+        changed = install(sf)
+        if system and not first_config.exists():
+            first_config.parent.mkdir(parents=True, exist_ok=True)
+            first_config.write_text(system_config(client_uid()))
+            first_config.chmod(0o644)
+            report.append(f"wrote {first_config}")
+    except OSError as exc:
+        raise ServiceError(f"cannot write {sf.path}: {exc.strerror or exc}") from None
+    report.append(f"{'wrote' if changed else 'unchanged'}: {sf.path}")
+    return [*report, "enable and start it with:", *(f"  {line}" for line in sf.enable)]
+
+
+def uninstall_service(*, system: bool = False) -> list[str]:
+    """`uninstall-service`: stop, disable and remove the service file. Returns what was done."""
+    sf = plan(Path(SYSTEM_CONFIG if system else "config.yaml"), system=system)  # its place needs no config
+    try:
+        done = uninstall(sf)
+    except OSError as exc:
+        raise ServiceError(f"cannot remove {sf.path}: {exc.strerror or exc}") from None
+    return done or [f"nothing to remove: {sf.path} does not exist"]
 
 
 def repo_files() -> dict[str, bytes]:

@@ -147,3 +147,74 @@ def test_launchd_plist(tmp_path: Path) -> None:
 )
 def test_systemd_quote(arg: str, quoted: str) -> None:
     assert service.systemd_quote(arg) == quoted
+
+
+@pytest.fixture
+def no_user_manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uninstall runs `systemctl --user disable`: keep it away from the real user manager."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.delenv("DBUS_SESSION_BUS_ADDRESS", raising=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the systemd user unit")
+def test_install_and_uninstall_report_what_they_did(tmp_path: Path, no_user_manager: None) -> None:
+    cfg = tmp_path / "config.yaml"
+    unit_path = Path(os.environ["XDG_CONFIG_HOME"]) / "systemd" / "user" / service.UNIT_NAME
+    report = service.install_service(cfg, drain=5)
+    assert report[:2] == [f"wrote: {unit_path}", "enable and start it with:"]
+    assert "  systemctl --user enable --now agentcard-broker" in report
+    assert service.preview(cfg, drain=5) == unit_path.read_text()
+    assert "TimeoutStopSec=20" in unit_path.read_text().splitlines()  # the drain, plus 15 s
+    assert service.install_service(cfg, drain=5)[0] == f"unchanged: {unit_path}"
+    assert service.install_service(cfg, drain=6)[0] == f"wrote: {unit_path}"
+
+    assert service.uninstall_service()[-1] == f"removed {unit_path}"
+    assert not unit_path.exists()
+    assert service.uninstall_service() == [f"nothing to remove: {unit_path} does not exist"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the systemd user unit")
+def test_a_unit_that_cannot_be_written_is_a_service_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(in_the_way))
+    with pytest.raises(service.ServiceError, match=r"^cannot write .*a-file/systemd/user/agentcard-broker"):
+        service.install_service(tmp_path / "config.yaml")
+
+
+def test_system_preview_carries_its_config_for_the_sudo_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv("SUDO_UID", "4242")
+    text = service.preview(Path("unused.yaml"), system=True)
+    unit, _, config = text.partition(f"\n# --- {service.SYSTEM_CONFIG} ---\n")
+    assert f"User={service.SYSTEM_USER}" in unit.splitlines()
+    assert f"--config {service.SYSTEM_CONFIG}" in unit
+    assert config == service.system_config(4242)
+    assert "allowed_uids: [self, 4242]" in config
+
+
+@pytest.mark.skipif(os.getuid() == 0, reason="as root, --system would write to /etc")
+def test_system_install_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "linux")
+    with pytest.raises(service.ServiceError, match="run it with sudo"):
+        service.install_service(tmp_path / "config.yaml", system=True)
+
+
+def test_no_service_manager_is_a_service_error(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = sorted(isolated_env.rglob("*"))
+    monkeypatch.setattr(sys, "platform", "freebsd14")
+    for call in (
+        lambda: service.preview(isolated_env / "c.yaml"),
+        lambda: service.install_service(isolated_env / "c.yaml"),
+        lambda: service.uninstall_service(),
+    ):
+        with pytest.raises(service.ServiceError, match="no service manager support for freebsd14"):
+            call()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(service.ServiceError, match="--system is for Linux"):
+        service.install_service(isolated_env / "c.yaml", system=True)
+    assert sorted(isolated_env.rglob("*")) == before  # nothing was written in HOME
