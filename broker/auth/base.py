@@ -71,14 +71,3 @@ class Credential(ABC):
 
     def error(self, code: str, message: str) -> BrokerError:
         return BrokerError(code, message, self.route)
-
-
-class UnavailableCredential(Credential):
-    """A route whose auth type this build cannot serve: every request gets `no_credential`."""
-
-    def __init__(self, route: str, reason: str) -> None:
-        super().__init__(route)
-        self.reason = reason
-
-    async def authorization(self) -> dict[str, str]:
-        raise self.error("no_credential", self.reason)
