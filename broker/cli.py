@@ -150,7 +150,7 @@ def _credential_check(cfg: Config, route: Any, store: Any) -> tuple[str, str | N
     """(what is there, the problem or None) for one route's credential. Reads, never prints."""
     from broker.auth.api_key import fix_hint, key_mode
     from broker.auth.oauth import OAuthStore
-    from broker.auth.secret_store import SecretStoreError, resolve
+    from broker.auth.secret_store import SecretStoreError, client_secret_account, resolve
     from broker.config import ApiKeyAuth, OAuthAuth
 
     r = route
@@ -177,7 +177,7 @@ def _credential_check(cfg: Config, route: Any, store: Any) -> tuple[str, str | N
         if tokens.dead:
             return "login ended", f"{tokens.dead}; run: agentcard-broker login {r.name}"
         return f"logged in (scopes: {tokens.scope or '-'})", None
-    found = resolve(r.auth.client_secret, f"{r.name}:client_secret", store)
+    found = resolve(r.auth.client_secret, client_secret_account(r.name), store)
     if found.value is None:
         return "no client secret", f"{found.reason}; run: agentcard-broker set-key {r.name}"
     return "client secret present", None
@@ -240,7 +240,7 @@ def cmd_set_key(args: argparse.Namespace) -> int:
     if cfg is None:
         return 1
     from broker.auth.api_key import key_mode
-    from broker.auth.secret_store import SecretStoreError, open_store
+    from broker.auth.secret_store import SecretStoreError, client_secret_account, open_store
     from broker.config import ApiKeyAuth
 
     route = cfg.route(args.route)
@@ -258,7 +258,7 @@ def cmd_set_key(args: argparse.Namespace) -> int:
                 f"route {route.name!r} ({auth.type}) has no secret to store; it uses `login`", file=sys.stderr
             )
             return 1
-        ref, account, what = secret_ref, f"{route.name}:client_secret", "client secret"
+        ref, account, what = secret_ref, client_secret_account(route.name), "client secret"
     if ref.kind != "keyring":
         print(
             f"route {route.name!r} reads its {what} from {ref.describe()}, not the secret store; "

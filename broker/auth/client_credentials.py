@@ -16,11 +16,9 @@ import aiohttp
 
 from broker.auth.base import AuthState, Credential
 from broker.auth.oauth import HTTP_TIMEOUT, MAX_SKEW_S, error_code
-from broker.auth.secret_store import SecretStore, resolve
+from broker.auth.secret_store import SecretStore, client_secret_account, resolve
 from broker.config import ClientCredentialsAuth
 from broker.scrub import SecretSet
-
-SECRET_ACCOUNT = "{route}:client_secret"
 
 
 class ClientCredentialsCredential(Credential):
@@ -62,7 +60,7 @@ class ClientCredentialsCredential(Credential):
             return
         self._stale = False
         found = await asyncio.to_thread(
-            resolve, self.auth.client_secret, SECRET_ACCOUNT.format(route=self.route), self._store
+            resolve, self.auth.client_secret, client_secret_account(self.route), self._store
         )
         if found.value is None:
             if self._token is None and self.state is not AuthState.REFRESHING:
@@ -96,7 +94,7 @@ class ClientCredentialsCredential(Credential):
             if self._token != seen and self._valid(time.time()):
                 return  # minted while we waited
             found = await asyncio.to_thread(
-                resolve, self.auth.client_secret, SECRET_ACCOUNT.format(route=self.route), self._store
+                resolve, self.auth.client_secret, client_secret_account(self.route), self._store
             )
             if found.value is None:
                 self.state = AuthState.NO_CREDENTIAL

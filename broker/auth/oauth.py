@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from broker.auth.base import AuthState, Credential
-from broker.auth.secret_store import SecretStore, SecretStoreError, resolve
+from broker.auth.secret_store import SecretStore, SecretStoreError, client_secret_account, resolve
 from broker.config import OAuthAuth, Route
 from broker.errors import BrokerError
 from broker.scrub import SecretSet
@@ -33,7 +33,6 @@ from broker.scrub import SecretSet
 _T = TypeVar("_T")
 CLIENT_ACCOUNT = "{route}:oauth_client"
 TOKENS_ACCOUNT = "{route}:oauth_tokens"
-SECRET_ACCOUNT = "{route}:client_secret"
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=20, connect=10)
 MAX_SKEW_S = 60.0  # refresh this long before expiry (less for very short-lived tokens)
 RECHECK_MISSING_S = 1.0
@@ -377,7 +376,7 @@ def pinned_client(route: Route, auth: OAuthAuth, meta: ServerMetadata, store: Se
     assert auth.client_id is not None
     secret = None
     if auth.client_secret is not None:
-        found = resolve(auth.client_secret, SECRET_ACCOUNT.format(route=route.name), store)
+        found = resolve(auth.client_secret, client_secret_account(route.name), store)
         if found.value is None:
             raise OAuthError(
                 f"the client secret is missing: {found.reason}; run: agentcard-broker set-key {route.name}"

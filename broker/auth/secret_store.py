@@ -151,6 +151,12 @@ class FileStore:
         return True
 
 
+def client_secret_account(route: str) -> str:
+    """The store account of a `client_credentials` or confidential `oauth` route's client secret:
+    written by `set-key`, read by the credential and by `login`."""
+    return f"{route}:client_secret"
+
+
 def open_store(kind: str, state_dir: Path) -> SecretStore:
     if kind == "file":
         return FileStore(state_dir / "secrets.json")
