@@ -476,7 +476,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     import asyncio
     from datetime import UTC, datetime
 
-    from broker.auth.login import LoginError, login
+    from broker.auth.oauth import LoginError, login
     from broker.auth.secret_store import SecretStoreError, open_store
 
     found = _oauth_route(args)
@@ -510,7 +510,7 @@ def cmd_login(args: argparse.Namespace) -> int:
 def cmd_logout(args: argparse.Namespace) -> int:
     import asyncio
 
-    from broker.auth.login import logout
+    from broker.auth.oauth import logout
     from broker.auth.secret_store import SecretStoreError, open_store
 
     found = _oauth_route(args)

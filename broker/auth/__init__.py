@@ -17,7 +17,7 @@ def make_credential(route: Route, store: SecretStore, secrets: SecretSet) -> Cre
 
         return ApiKeyCredential(route.name, route.auth, store, secrets)
     if isinstance(route.auth, OAuthAuth):
-        from broker.auth.oauth import OAuthCredential
+        from broker.auth.oauth.credential import OAuthCredential
 
         return OAuthCredential(route, route.auth, store, secrets)
     from broker.auth.client_credentials import ClientCredentialsCredential

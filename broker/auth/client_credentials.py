@@ -15,7 +15,8 @@ from typing import Any
 import aiohttp
 
 from broker.auth.base import AuthState, Credential
-from broker.auth.oauth import HTTP_TIMEOUT, MAX_SKEW_S, error_code
+from broker.auth.oauth.tokens import MAX_SKEW_S
+from broker.auth.oauth.transport import HTTP_TIMEOUT, endpoint_session, error_code
 from broker.auth.secret_store import SecretStore, client_secret_account, resolve
 from broker.config import ClientCredentialsAuth
 from broker.scrub import SecretSet
@@ -110,7 +111,7 @@ class ClientCredentialsCredential(Credential):
             if self.auth.scopes:
                 form["scope"] = " ".join(self.auth.scopes)
             if self._session is None or self._session.closed:
-                self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+                self._session = endpoint_session()
             try:
                 async with self._session.post(
                     self.auth.token_url, data=form, allow_redirects=False, timeout=HTTP_TIMEOUT

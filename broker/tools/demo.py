@@ -71,7 +71,7 @@ async def _browser(url: str) -> None:
 async def run(say: Say) -> int:
     from mcp import Client
 
-    from broker.auth.login import login
+    from broker.auth.oauth import login
     from broker.daemon import Daemon
     from broker.tools import sandbox
 

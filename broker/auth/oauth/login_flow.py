@@ -24,20 +24,12 @@ from authlib.common.security import generate_token
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
-from broker.auth.oauth import (
-    ClientRecord,
-    OAuthError,
-    OAuthStore,
-    ServerMetadata,
-    TokenSet,
-    discover,
-    parse_token_response,
-    pinned_client,
-    redirect_uri_for,
-    register_client,
-    revoke,
-    token_request,
-)
+from broker.auth.oauth.discovery import ServerMetadata, discover
+from broker.auth.oauth.registration import ClientRecord, pinned_client, redirect_uri_for, register_client
+from broker.auth.oauth.revocation import revoke
+from broker.auth.oauth.store import OAuthStore
+from broker.auth.oauth.tokens import TokenSet, parse_token_response, token_request
+from broker.auth.oauth.transport import OAuthError, endpoint_session
 from broker.auth.secret_store import SecretStore
 from broker.config import Config, OAuthAuth, Route
 
@@ -211,7 +203,7 @@ async def login(
     auth = route.auth
     assert isinstance(auth, OAuthAuth)
     ostore = OAuthStore(route.name, store)
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as http:
+    async with endpoint_session() as http:
         say(f"discovering the authorization server for {route.upstream} …")
         try:
             meta = await discover(http, route.upstream, cfg.allow_insecure_upstream)
@@ -291,7 +283,7 @@ async def logout(route: Route, store: SecretStore, say: Callable[[str], None]) -
     if tokens is None:
         return False
     if client is not None and not tokens.dead:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as http:
+        async with endpoint_session() as http:
             if not client.revocation_endpoint:
                 say("the authorization server offers no revocation; deleting the tokens here only")
             else:

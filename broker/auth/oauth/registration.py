@@ -1,0 +1,110 @@
+"""Which OAuth client the broker is for a route: registered (RFC 7591) or pinned in the config.
+
+Owns: `ClientRecord` (a client id, a confidential client's secret, and the endpoints it is used
+at), RFC 7591 dynamic registration as a public client (PKCE, no secret), a `client_id` pinned in
+the config with a confidential client's secret read from its reference, and the loopback
+redirect URI both register. Must never: put a client secret in an error; register a redirect
+URI other than the literal 127.0.0.1 loopback.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import aiohttp
+
+from broker.auth.oauth.discovery import ServerMetadata
+from broker.auth.oauth.transport import HTTP_TIMEOUT, OAuthError
+from broker.auth.secret_store import SecretStore, client_secret_account, resolve
+from broker.config import OAuthAuth, Route
+
+
+@dataclass
+class ClientRecord:
+    """The OAuth client the broker uses for a route (registered or pinned), plus where to use it."""
+
+    client_id: str
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    revocation_endpoint: str | None
+    registration_endpoint: str | None
+    resource: str
+    redirect_uri: str
+    client_secret: str | None = None  # a registered confidential client's secret
+    registered: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ClientRecord:
+        return cls(**json.loads(text))
+
+
+def redirect_uri_for(auth: OAuthAuth) -> str:
+    return f"http://127.0.0.1:{auth.redirect_port}/callback"
+
+
+async def register_client(
+    session: aiohttp.ClientSession, meta: ServerMetadata, redirect_uri: str, scopes: tuple[str, ...]
+) -> ClientRecord:
+    """RFC 7591 dynamic registration as a public client (PKCE, no secret)."""
+    if not meta.registration_endpoint:
+        raise OAuthError("the server offers no dynamic client registration; set auth.client_id in the config")
+    body: dict[str, Any] = {
+        "client_name": "agentcard-broker",
+        "redirect_uris": [redirect_uri],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "token_endpoint_auth_method": "none",
+    }
+    if scopes:
+        body["scope"] = " ".join(scopes)
+    try:
+        async with session.post(
+            meta.registration_endpoint, json=body, allow_redirects=False, timeout=HTTP_TIMEOUT
+        ) as r:
+            doc = await r.json(content_type=None)
+            if r.status not in (200, 201) or not isinstance(doc, dict) or not doc.get("client_id"):
+                raise OAuthError(f"client registration failed: HTTP {r.status}")
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise OAuthError(f"client registration failed: {type(exc).__name__}") from None
+    return ClientRecord(
+        client_id=str(doc["client_id"]),
+        client_secret=str(doc["client_secret"]) if doc.get("client_secret") else None,
+        issuer=meta.issuer,
+        authorization_endpoint=meta.authorization_endpoint,
+        token_endpoint=meta.token_endpoint,
+        revocation_endpoint=meta.revocation_endpoint,
+        registration_endpoint=meta.registration_endpoint,
+        resource=meta.resource,
+        redirect_uri=redirect_uri,
+    )
+
+
+def pinned_client(route: Route, auth: OAuthAuth, meta: ServerMetadata, store: SecretStore) -> ClientRecord:
+    """A client_id from the config (+ a confidential client's secret from its reference)."""
+    assert auth.client_id is not None
+    secret = None
+    if auth.client_secret is not None:
+        found = resolve(auth.client_secret, client_secret_account(route.name), store)
+        if found.value is None:
+            raise OAuthError(
+                f"the client secret is missing: {found.reason}; run: agentcard-broker set-key {route.name}"
+            )
+        secret = found.value
+    return ClientRecord(
+        client_id=auth.client_id,
+        client_secret=secret,
+        issuer=meta.issuer,
+        authorization_endpoint=meta.authorization_endpoint,
+        token_endpoint=meta.token_endpoint,
+        revocation_endpoint=meta.revocation_endpoint,
+        registration_endpoint=meta.registration_endpoint,
+        resource=meta.resource,
+        redirect_uri=redirect_uri_for(auth),
+        registered=False,
+    )
