@@ -1,4 +1,5 @@
-"""The agents' side of the daemon (broker/http/server.py), spoken to in raw bytes over real sockets.
+"""The agents' side of the daemon (broker/http/server.py, agent_messages.py), spoken to in raw
+bytes over real sockets.
 
 What a hand-written HTTP/1.1 server must get right: framing (Content-Length, chunked, and the
 ambiguous or unsupported framings refused), keep-alive and pipelining, HTTP/1.0, an unread body
@@ -19,7 +20,9 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.http import framing
 from broker.http import server as agents
+from broker.http.agent_messages import DateHeader
 from tests.conftest import (
     TEST_KEY,
     Broker,
@@ -155,7 +158,7 @@ async def test_head_over_the_limit_is_431_and_closed(make_broker: BrokerFactory,
     store_key(TEST_KEY)
     b = await make_broker(api_config(upstream.url, limits={"max_header_bytes": 2048}))
     reader, writer = await connect(b)
-    writer.write(get(b, "/x", "X-Big: " + "z" * (2048 + agents.REQUEST_LINE_MAX) + "\r\n"))
+    writer.write(get(b, "/x", "X-Big: " + "z" * (2048 + framing.REQUEST_LINE_MAX) + "\r\n"))
     status, headers, _, _ = await read_answer(reader)
     assert (status, headers["x-broker-error"]) == (431, "request_too_large")
     assert await closed(reader)
@@ -324,6 +327,7 @@ class _Reader(agents.AgentConnection):
         server = agents.AgentServer.__new__(agents.AgentServer)
         server.connections = set()
         server.on_connect = None
+        server.date = DateHeader()
         server._max_header_bytes = lambda: 32768
         server.loop = cast(asyncio.AbstractEventLoop, _Clock())
         super().__init__(server)
@@ -350,7 +354,7 @@ def test_any_head_parses_or_is_refused_cleanly(head: bytes) -> None:
         return
     req = conn.got[0]
     # what parsed is one request line and clean fields: no line breaks or NUL smuggled through
-    assert req.method in agents.FORWARDED_METHODS
+    assert req.method in framing.FORWARDED_METHODS
     assert req.raw_path.startswith("/") and "#" not in req.raw_path
     assert all(0x21 <= ord(c) <= 0x7E for c in req.raw_path)
     for name, value in req.raw_headers:
@@ -462,14 +466,12 @@ async def test_control_characters_in_a_header_value_are_refused(broker: Broker, 
 async def test_peer_and_listener_are_looked_up_when_the_connection_opens(broker: Broker) -> None:
     # in a new-connection-per-request client (MCP legacy mode) these lookups then overlap with
     # the agent writing its request instead of delaying the answer
-    from broker import guard
-    from broker.service import peers
-
     reader, writer = await connect(broker)
     await asyncio.sleep(0.1)  # no request sent yet
     (conn,) = broker.daemon.server.connections
-    assert peers._cache.get(conn.transport) == os.getuid()
-    assert guard._ports.get(conn.transport) == broker.port
+    connections = broker.daemon.rt.connections
+    assert connections.peers.known(conn.transport) == os.getuid()
+    assert connections._ports.get(conn.transport) == broker.port
     writer.write(get(broker, "/_broker/health"))
     assert (await read_answer(reader))[0] == 200
     writer.close()
