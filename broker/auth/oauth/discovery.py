@@ -26,7 +26,6 @@ class ServerMetadata:
     registration_endpoint: str | None
     revocation_endpoint: str | None
     resource: str
-    scopes_supported: tuple[str, ...] = ()
     iss_parameter_supported: bool = False
 
 
@@ -116,6 +115,5 @@ async def discover(session: aiohttp.ClientSession, resource: str, insecure_ok: b
             else None
         ),
         resource=resource,
-        scopes_supported=tuple(s for s in meta.get("scopes_supported") or [] if isinstance(s, str)),
         iss_parameter_supported=bool(meta.get("authorization_response_iss_parameter_supported")),
     )

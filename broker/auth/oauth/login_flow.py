@@ -45,7 +45,6 @@ class LoginResult:
     issuer: str
     client_id: str
     tokens: TokenSet
-    registered_now: bool
 
 
 # ---------------------------------------------------------------- the loopback callback
@@ -85,7 +84,6 @@ class CallbackListener:
         self._deadline = time.monotonic() + ttl
         self._result: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._runner: web.AppRunner | None = None
-        self.rejected = 0
 
     async def start(self) -> None:
         app = web.Application()
@@ -119,7 +117,7 @@ class CallbackListener:
             return _page("Already done", "This login has finished; nothing more to do.", False)
         state = q.get("state", "")
         if not state or not pysecrets.compare_digest(state, self._state) or time.monotonic() > self._deadline:
-            self.rejected += 1  # not ours (or too late): refuse, and keep waiting for the real one
+            # not ours (or too late): refuse, and keep waiting for the real one
             return _page(
                 "Not a login this broker started",
                 f"The state does not match. Start again with: agentcard-broker login {self._route}",
@@ -271,7 +269,7 @@ async def login(
                     continue
                 raise LoginError(f"exchanging the code failed: {exc}") from None
             await asyncio.to_thread(ostore.save_tokens, tokens)
-            return LoginResult(meta.issuer, client.client_id, tokens, registered_now)
+            return LoginResult(meta.issuer, client.client_id, tokens)
     raise LoginError("the authorization server kept refusing the client registration")
 
 
