@@ -532,28 +532,16 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
 
 def cmd_stdio(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from broker.tools import stdio
+    from broker.tools import ToolError, stdio
 
     cfg = _load(args)
     if cfg is None:
         return 1
-    route = cfg.route(args.route)
-    if route is None:
-        print(f"no route named {args.route!r} in {cfg.path}", file=sys.stderr)
-        return 1
-    listen = cfg.listen[0]
-    prefix = "" if route.prefix == "/" else route.prefix
-    host = cfg.allowed_hosts[0] if cfg.allowed_hosts else "127.0.0.1"
-    if listen.kind == "unix":
-        url, host_header, unix_path = f"http://localhost{prefix}", host, listen.path
-    else:  # str(Listen) is HOST:PORT, IPv6 in brackets
-        url, host_header, unix_path = f"http://{listen}{prefix}", f"{host}:{listen.port}", None
     try:
-        return asyncio.run(stdio.run(url, host_header, unix_path))
-    except KeyboardInterrupt:
-        return 0
+        return stdio.serve(cfg, args.route)
+    except ToolError as exc:
+        print(exc, file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------- connect
@@ -562,89 +550,45 @@ def cmd_stdio(args: argparse.Namespace) -> int:
 def cmd_connect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from broker.service.units import broker_command
-    from broker.tools import connect
+    from broker.tools import ToolError, connect
 
     cfg = _load(args)
     if cfg is None:
         return 1
-    route = cfg.route(args.route)
-    tcp = next((x for x in cfg.listen if x.kind == "tcp" and x.port), None)
-    base = f"http://{tcp}" if tcp else ""
-    prefix = route.prefix if route and route.prefix != "/" else ""
-    stdio_cmd = [*broker_command(), "stdio", args.route, "--config", str(Path(cfg.path).resolve())]
     try:
-        p = connect.plan(args.host, base + prefix, base, stdio_cmd)
-    except ValueError as exc:
-        print(str(exc), file=sys.stderr)
+        plan = connect.plan_for(cfg, args.host, args.route)
+        if args.write:
+            print(*connect.write(plan, Path(args.file) if args.file else None), sep="\n")
+        else:
+            sys.stdout.write(connect.preview(plan))
+    except ToolError as exc:
+        print(exc, file=sys.stderr)
         return 1
-    if not base and args.host != "claude-desktop":
-        print(
-            "the config has no TCP listen address; use `connect claude-desktop` (stdio) instead",
-            file=sys.stderr,
-        )
-        return 1
-    if not args.write:
-        print(f"# {p.title}" + (f": {p.file}" if p.file else ""))
-        sys.stdout.write(p.text)
-        if p.file:
-            print(
-                f"# to merge it into that file (with a backup): agentcard-broker connect {args.host} --write"
-            )
-        return 0
-    if p.file is None:
-        print(
-            f"{p.title} keeps no config file this command can edit; run it without --write", file=sys.stderr
-        )
-        return 1
-    target = Path(args.file).expanduser() if args.file else p.file
-    try:
-        backup = connect.merge(p, target)
-    except (ValueError, OSError) as exc:
-        print(f"not written: {exc}", file=sys.stderr)
-        return 1
-    print(f"added `{connect.ENTRY}` to {target}" + (f" (the previous file is at {backup})" if backup else ""))
-    if args.host == "claude-desktop":
-        print("restart Claude Desktop to load it")
     return 0
 
 
 # ---------------------------------------------------------------- sandbox / demo
 
 
-def _needs_sandbox_extra() -> bool:
-    try:
-        import mcp  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        print("this needs the sandbox extra: pip install 'agentcard-broker[sandbox]'", file=sys.stderr)
-        return False
-    return True
+def _say(text: str) -> None:
+    print(text, flush=True)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    import asyncio
-
-    if not _needs_sandbox_extra():
-        return 1
-    from broker.tools import sandbox
+    from broker.tools import ToolError, run_sandbox
 
     try:
-        return asyncio.run(sandbox.serve_forever(args.port, lambda text: print(text, flush=True)))
-    except OSError as exc:
-        print(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return run_sandbox(args.port, _say)
+    except ToolError as exc:
+        print(exc, file=sys.stderr)
         return 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import asyncio
-
-    if not _needs_sandbox_extra():
-        return 1
-    from broker.tools import demo
+    from broker.tools import ToolError, run_demo
 
     try:
-        return asyncio.run(demo.run(lambda text: print(text, flush=True)))
-    except Exception as exc:  # noqa: BLE001 - the demo reports any failure in one line
-        print(f"demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return run_demo(_say)
+    except ToolError as exc:
+        print(exc, file=sys.stderr)
         return 1

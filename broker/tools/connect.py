@@ -1,9 +1,10 @@
 """`agentcard-broker connect HOST`: the snippet that points an agent host at the broker.
 
-Owns: what each host needs (an HTTP MCP URL, or the `stdio` command for hosts that only start
-local commands), where each host keeps its config, and merging our entry into that file with
-a backup of the old one. Must never: write a secret (there is none to write: the broker holds
-them all), or drop an entry the user already had.
+Owns: what each host needs (an HTTP MCP URL on the config's first TCP listen address, or the
+`stdio` command for hosts that only start local commands), where each host keeps its config,
+what `connect` prints, and merging our entry into that file with a backup of the old one.
+Must never: write a secret (there is none to write: the broker holds them all), or drop an
+entry the user already had.
 """
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from broker.service.units import broker_command
+from broker.tools import ToolError
+
+if TYPE_CHECKING:
+    from broker.config import Config
 
 ENTRY = "agentcard"
 
@@ -89,7 +96,44 @@ def plan(host: str, mcp_url: str, rest_url: str, stdio_cmd: list[str]) -> HostPl
     if host == "env":
         text = f"export AGENTCARD_BASE_URL={rest_url}\nunset AGENTCARD_API_KEY   # the broker adds the key\n"
         return HostPlan(host, "REST clients (environment)", text)
-    raise ValueError(f"unknown host {host!r}; one of: {', '.join(HOSTS)}")
+    raise ToolError(f"unknown host {host!r}; one of: {', '.join(HOSTS)}")
+
+
+def plan_for(config: Config, host: str, route_name: str) -> HostPlan:
+    """The plan for `host` to reach route `route_name` of the broker that `config` describes."""
+    route = config.route(route_name)
+    tcp = next((x for x in config.listen if x.kind == "tcp" and x.port), None)
+    base = f"http://{tcp}" if tcp else ""
+    prefix = route.prefix if route and route.prefix != "/" else ""
+    stdio_cmd = [*broker_command(), "stdio", route_name, "--config", str(Path(config.path).resolve())]
+    p = plan(host, base + prefix, base, stdio_cmd)
+    if not base and host != "claude-desktop":
+        raise ToolError("the config has no TCP listen address; use `connect claude-desktop` (stdio) instead")
+    return p
+
+
+def preview(p: HostPlan) -> str:
+    """What `connect HOST` prints: the snippet under its title, and how to merge it."""
+    text = f"# {p.title}" + (f": {p.file}" if p.file else "") + "\n" + p.text
+    if p.file:
+        text += f"# to merge it into that file (with a backup): agentcard-broker connect {p.host} --write\n"
+    return text
+
+
+def write(p: HostPlan, file: Path | None = None) -> list[str]:
+    """`connect HOST --write`: merge our entry into `file` (default: the host's own config file).
+    Returns the lines that report it."""
+    if p.file is None:
+        raise ToolError(f"{p.title} keeps no config file this command can edit; run it without --write")
+    target = file.expanduser() if file else p.file
+    try:
+        backup = merge(p, target)
+    except (ValueError, OSError) as exc:
+        raise ToolError(f"not written: {exc}") from None
+    report = [f"added `{ENTRY}` to {target}" + (f" (the previous file is at {backup})" if backup else "")]
+    if p.host == "claude-desktop":
+        report.append("restart Claude Desktop to load it")
+    return report
 
 
 def _json_plan(host: str, title: str, file: Path, key: tuple[str, ...], entry: dict[str, Any]) -> HostPlan:

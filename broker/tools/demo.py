@@ -15,7 +15,6 @@ import json
 import re
 import secrets
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ from broker import logs
 from broker.auth.secret_store import FileStore
 from broker.config import load
 from broker.scrub import SecretSet
-
-Say = Callable[[str], None]
+from broker.tools import Say
 
 
 def mask(value: str) -> str:

@@ -1,10 +1,11 @@
 """`agentcard-broker stdio ROUTE`: an MCP stdio server that relays to the daemon's MCP route.
 
-Owns: reading newline-delimited JSON-RPC from stdin, POSTing each message to the running
-daemon (streamable HTTP, both protocol styles: a 2025-11-25 session with `Mcp-Session-Id`, or
-the 2026-07-28 headers taken from the message itself), writing every JSON-RPC message of the
-answer (JSON or SSE) to stdout, and ending the session when stdin closes. Hosts that only start
-local command servers (Claude Desktop's `mcpServers` with `command`) use the broker this way.
+Owns: reading newline-delimited JSON-RPC from stdin, POSTing each message to the route on the
+running daemon's first listen address, TCP or unix socket (streamable HTTP, both protocol
+styles: a 2025-11-25 session with `Mcp-Session-Id`, or the 2026-07-28 headers taken from the
+message itself), writing every JSON-RPC message of the answer (JSON or SSE) to stdout, and
+ending the session when stdin closes. Hosts that only start local command servers (Claude
+Desktop's `mcpServers` with `command`) use the broker this way.
 Must never: write anything but JSON-RPC to stdout, or hold a credential (it has none).
 """
 
@@ -13,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from broker import jsonrpc
+from broker.tools import ToolError
+
+if TYPE_CHECKING:
+    from broker.config import Config
 
 MODERN_META = "io.modelcontextprotocol/protocolVersion"
 ACCEPT = "application/json, text/event-stream"
@@ -133,3 +138,22 @@ async def run(url: str, host_header: str, unix_path: str | None = None) -> int:
     finally:
         await relay.close()
     return 0
+
+
+def serve(config: Config, route_name: str) -> int:
+    """`agentcard-broker stdio ROUTE`: relay stdin and stdout to the route on the daemon's first
+    listen address, with the Host its guard admits, until stdin closes (or ^C)."""
+    route = config.route(route_name)
+    if route is None:
+        raise ToolError(f"no route named {route_name!r} in {config.path}")
+    listen = config.listen[0]
+    prefix = "" if route.prefix == "/" else route.prefix
+    host = config.allowed_hosts[0] if config.allowed_hosts else "127.0.0.1"
+    if listen.kind == "unix":
+        url, host_header, unix_path = f"http://localhost{prefix}", host, listen.path
+    else:  # str(Listen) is HOST:PORT, IPv6 in brackets
+        url, host_header, unix_path = f"http://{listen}{prefix}", f"{host}:{listen.port}", None
+    try:
+        return asyncio.run(run(url, host_header, unix_path))
+    except KeyboardInterrupt:
+        return 0

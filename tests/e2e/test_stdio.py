@@ -57,6 +57,28 @@ async def test_stdio_relays_tools_through_the_daemon(
         assert any(h.get("mcp-method") == "tools/call" and h.get("mcp-name") == "create_card" for h in seen)
 
 
+async def test_stdio_reaches_a_daemon_on_its_unix_socket(
+    make_broker: BrokerFactory, plain_mcp: McpUpstream, tmp_path: Path
+) -> None:
+    store_key(TEST_KEY, "mcp")
+    sock = tmp_path / "run" / "broker.sock"
+    doc = {
+        "listen": [f"unix:{sock}"],  # the only listener: no TCP port to fall back on
+        "allow_insecure_upstream": True,
+        "timeouts": {"drain": 1},
+        "routes": [
+            {"name": "mcp", "prefix": "/mcp", "upstream": plain_mcp.mcp_url, "auth": {"type": "api_key"}}
+        ],
+    }
+    await make_broker(doc)
+    cfg = write_config(tmp_path / "c.yaml", doc)
+    async with Client(stdio_params(cfg), mode="legacy") as host:
+        result = await host.call_tool("create_card", {"amount_cents": 7})
+        assert result.structured_content == {"id": "c2", "amount_cents": 7}
+    seen = plain_mcp.recorder.mcp_headers
+    assert seen and all(h["authorization"] == f"Bearer {TEST_KEY}" for h in seen)
+
+
 async def test_stdio_says_how_to_start_the_daemon(plain_mcp: McpUpstream, tmp_path: Path) -> None:
     doc = {
         "listen": [f"127.0.0.1:{free_port()}"],  # nothing listens here

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TEST_KEY, store_key
+from broker import config as config_mod
+from broker.config import Config
+from broker.tools import ToolError, connect
+from tests.conftest import TEST_KEY, store_key, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,3 +126,68 @@ def test_write_refuses_a_broken_file_and_leaves_it(cfg: Path, tmp_path: Path) ->
     assert target.read_text() == "{ not json"
     r = run("connect", "claude-code", "--write", "--config", str(cfg))
     assert r.returncode == 1 and "without --write" in r.stderr
+
+
+# ---------------------------------------------------------------- the functions behind the command
+
+
+def config_with(tmp_path: Path, listen: list[str]) -> Config:
+    """The repository's config.yaml (routes mcp on /mcp and api on /) listening on `listen`."""
+    doc = yaml.safe_load((REPO / "config.yaml").read_text())
+    return config_mod.load(write_config(tmp_path / "c.yaml", {**doc, "listen": listen}))
+
+
+def test_plan_for_a_config_uses_its_tcp_address_and_the_route(tmp_path: Path) -> None:
+    cfg = config_with(tmp_path, ["unix:/tmp/not-used.sock", "127.0.0.1:9911"])
+    assert connect.plan_for(cfg, "cursor", "mcp").entry == {"url": "http://127.0.0.1:9911/mcp"}
+    assert connect.plan_for(cfg, "cursor", "api").entry == {"url": "http://127.0.0.1:9911"}
+    assert "AGENTCARD_BASE_URL=http://127.0.0.1:9911\n" in connect.plan_for(cfg, "env", "mcp").text
+    desktop = connect.plan_for(cfg, "claude-desktop", "mcp").entry
+    assert desktop is not None
+    assert desktop["args"][-4:] == ["stdio", "mcp", "--config", str((tmp_path / "c.yaml").resolve())]
+
+    only_unix = config_with(tmp_path, ["unix:/tmp/not-used.sock"])
+    with pytest.raises(ToolError, match="no TCP listen address; use `connect claude-desktop`"):
+        connect.plan_for(only_unix, "cursor", "mcp")
+    assert connect.plan_for(only_unix, "claude-desktop", "mcp").file is not None  # stdio needs no TCP
+    with pytest.raises(ToolError, match="unknown host 'emacs'; one of: claude-desktop, "):
+        connect.plan_for(cfg, "emacs", "mcp")
+
+
+def test_preview_names_the_file_and_how_to_merge(tmp_path: Path, isolated_env: Path) -> None:
+    cfg = config_with(tmp_path, ["127.0.0.1:9911"])
+    cursor = connect.preview(connect.plan_for(cfg, "cursor", "mcp"))
+    snippet = json.dumps({"mcpServers": {"agentcard": {"url": "http://127.0.0.1:9911/mcp"}}}, indent=2)
+    assert cursor == (
+        f"# Cursor: {isolated_env}/.cursor/mcp.json\n{snippet}\n"
+        "# to merge it into that file (with a backup): agentcard-broker connect cursor --write\n"
+    )
+    code = connect.preview(connect.plan_for(cfg, "claude-code", "mcp"))
+    assert code.splitlines() == [
+        "# Claude Code (run this)",
+        "claude mcp add --transport http agentcard http://127.0.0.1:9911/mcp",
+    ]
+
+
+def test_write_reports_and_refuses_with_tool_errors(tmp_path: Path, isolated_env: Path) -> None:
+    cfg = config_with(tmp_path, ["127.0.0.1:9911"])
+    desktop = connect.plan_for(cfg, "claude-desktop", "mcp")
+    target = isolated_env / "desktop.json"
+    assert connect.write(desktop, Path("~/desktop.json")) == [  # ~ is the user's home
+        f"added `agentcard` to {target}",
+        "restart Claude Desktop to load it",
+    ]
+    first, restart = connect.write(desktop, target)
+    assert first.startswith(f"added `agentcard` to {target} (the previous file is at {target}.bak-")
+    assert restart == "restart Claude Desktop to load it"
+    assert json.loads(target.read_text())["mcpServers"]["agentcard"] == desktop.entry
+
+    cursor = connect.plan_for(cfg, "cursor", "mcp")
+    assert connect.write(cursor) == [f"added `agentcard` to {isolated_env}/.cursor/mcp.json"]  # its own file
+    broken = tmp_path / "broken.json"
+    broken.write_text("{ not json")
+    with pytest.raises(ToolError, match=r"^not written: .*broken.json is not valid JSON .*left untouched"):
+        connect.write(cursor, broken)
+    assert broken.read_text() == "{ not json"
+    with pytest.raises(ToolError, match="keeps no config file this command can edit; run it without --write"):
+        connect.write(connect.plan_for(cfg, "claude-code", "mcp"))

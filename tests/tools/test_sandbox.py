@@ -7,13 +7,15 @@ import base64
 import hashlib
 import re
 import secrets
+import socket
 import sys
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import pytest
 from yarl import URL
 
-from broker.tools import sandbox
+from broker.tools import ToolError, run_demo, run_sandbox, sandbox
 
 KEY = "sk_test_FAKEsandboxKey000000000000"
 
@@ -120,3 +122,28 @@ async def test_demo_runs_offline_and_shows_masked_credentials() -> None:
     assert "tools/call create_card" in out
     assert not re.search(r"sk_test_\w{12,}", out + err)  # never a whole key
     assert not re.search(r"\b(at|rt)_[\w-]{12,}", out + err)  # never a whole token
+
+
+# ---------------------------------------------------------------- the entry points the CLI calls
+
+
+def test_run_sandbox_on_a_busy_port_says_which(alarm: None) -> None:
+    said: list[str] = []
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ToolError, match=rf"^cannot listen on 127.0.0.1:{port}: Address already in use$"):
+            run_sandbox(port, said.append)
+    assert said == []  # no banner for a sandbox that never started
+
+
+def test_sandbox_and_demo_say_they_need_the_extra(monkeypatch: pytest.MonkeyPatch, alarm: None) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now fails, as when not installed
+    said: list[str] = []
+    hint = r"^this needs the sandbox extra: pip install 'agentcard-broker\[sandbox\]'$"
+    with pytest.raises(ToolError, match=hint):
+        run_sandbox(0, said.append)
+    with pytest.raises(ToolError, match=hint):
+        run_demo(said.append)
+    assert said == []
