@@ -3,7 +3,7 @@
     transport      the one kind of session for OAuth endpoints, OAuthError, RFC 6749 error codes
     discovery      RFC 9728 protected-resource and RFC 8414 authorization-server metadata
     registration   RFC 7591 dynamic registration, or the client pinned in the config
-    tokens         RFC 6749 token requests; TokenSet and its expiry
+    tokens         RFC 6749 token requests with RFC 7636 PKCE; TokenSet and its expiry
     revocation     RFC 7009
     store          what a route keeps in the secret store (client record, tokens)
     credential     OAuthCredential: the daemon's header for a route, refreshed as needed
@@ -20,7 +20,7 @@ from broker.auth.oauth.login_flow import LoginError, LoginResult, login, logout
 from broker.auth.oauth.registration import ClientRecord, pinned_client, redirect_uri_for, register_client
 from broker.auth.oauth.revocation import revoke
 from broker.auth.oauth.store import OAuthStore
-from broker.auth.oauth.tokens import MAX_SKEW_S, TokenSet, parse_token_response, token_request
+from broker.auth.oauth.tokens import MAX_SKEW_S, Pkce, TokenSet, parse_token_response, token_request
 from broker.auth.oauth.transport import HTTP_TIMEOUT, OAuthError, endpoint_session, error_code
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "OAuthCredential",
     "OAuthError",
     "OAuthStore",
+    "Pkce",
     "ServerMetadata",
     "TokenSet",
     "discover",

@@ -178,7 +178,7 @@ class OAuthCredential(Credential):
             self.state = AuthState.REFRESHING
             try:
                 doc = await token_request(
-                    self._http(), client, {"grant_type": "refresh_token", "refresh_token": seen.refresh_token}
+                    self._http(), client, "refresh_token", refresh_token=seen.refresh_token
                 )
                 new = parse_token_response(doc, previous_refresh=seen.refresh_token)
             except OAuthError as exc:

@@ -14,30 +14,32 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+from authlib.oauth2.rfc8414 import AuthorizationServerMetadata, get_well_known_url
 
 from broker.auth.oauth.transport import HTTP_TIMEOUT, OAuthError
 
 
 @dataclass(frozen=True)
 class ServerMetadata:
+    """The checked endpoints of the authorization server for `resource`."""
+
     issuer: str
     authorization_endpoint: str
     token_endpoint: str
     registration_endpoint: str | None
     revocation_endpoint: str | None
     resource: str
-    iss_parameter_supported: bool = False
+    iss_parameter_supported: bool = False  # RFC 9207: the callback must then carry `iss`
 
 
-def _well_known(base: str, name: str) -> list[str]:
+def well_known_urls(base: str, suffix: str) -> list[str]:
     """RFC 8414 §3.1 / RFC 9728 §3.1: the path-inserted form first, then the root form."""
     p = urlsplit(base)
     path = p.path.rstrip("/")
-    urls = []
+    bases = [urlunsplit((p.scheme, p.netloc, path, "", ""))]
     if path:
-        urls.append(urlunsplit((p.scheme, p.netloc, f"/.well-known/{name}{path}", "", "")))
-    urls.append(urlunsplit((p.scheme, p.netloc, f"/.well-known/{name}", "", "")))
-    return urls
+        bases.append(urlunsplit((p.scheme, p.netloc, "", "", "")))
+    return [str(get_well_known_url(b, external=True, suffix=suffix)) for b in bases]
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
@@ -54,6 +56,8 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any] 
 
 
 def _check_url(url: Any, what: str, insecure_ok: bool) -> str:
+    # authlib's validate_* methods insist on https; allow_insecure_upstream (tests, the local
+    # sandbox) needs plain http on loopback, so the scheme is checked here
     if not isinstance(url, str) or not url:
         raise OAuthError(f"the authorization server metadata has no {what}")
     scheme = urlsplit(url).scheme
@@ -62,58 +66,59 @@ def _check_url(url: Any, what: str, insecure_ok: bool) -> str:
     return url
 
 
-async def discover(session: aiohttp.ClientSession, resource: str, insecure_ok: bool) -> ServerMetadata:
-    """Find and check the authorization server for the protected resource `resource`."""
-    prm = None
-    for url in _well_known(resource, "oauth-protected-resource"):
+async def authorization_server_for(session: aiohttp.ClientSession, resource: str) -> str:
+    """RFC 9728: the issuer the protected resource names; for servers that publish no
+    protected-resource metadata, the resource's own origin."""
+    for url in well_known_urls(resource, "oauth-protected-resource"):
         prm = await _get_json(session, url)
         if prm is not None:
             break
-    if prm is not None:
-        servers = prm.get("authorization_servers") or []
-        if not servers or not isinstance(servers[0], str):
-            raise OAuthError("the protected-resource metadata names no authorization server")
-        issuer = servers[0]
-        published = prm.get("resource")
-        if isinstance(published, str) and published.rstrip("/") != resource.rstrip("/"):
-            raise OAuthError(f"the protected-resource metadata is for {published}, not {resource}")
-    else:  # older servers: the authorization server lives at the resource's origin
+    else:
         p = urlsplit(resource)
-        issuer = urlunsplit((p.scheme, p.netloc, "", "", ""))
-    _check_url(issuer, "issuer", insecure_ok)
+        return urlunsplit((p.scheme, p.netloc, "", "", ""))
+    servers = prm.get("authorization_servers") or []
+    if not servers or not isinstance(servers[0], str):
+        raise OAuthError("the protected-resource metadata names no authorization server")
+    published = prm.get("resource")
+    if isinstance(published, str) and published.rstrip("/") != resource.rstrip("/"):
+        raise OAuthError(f"the protected-resource metadata is for {published}, not {resource}")
+    return str(servers[0])
 
-    meta = None
+
+async def server_metadata(session: aiohttp.ClientSession, issuer: str) -> Any:
+    """RFC 8414 §3: the issuer's metadata (an `AuthorizationServerMetadata`), trying the OpenID
+    Connect Discovery locations after the OAuth ones. Unchecked."""
     for url in [
-        *_well_known(issuer, "oauth-authorization-server"),
-        *_well_known(issuer, "openid-configuration"),
+        *well_known_urls(issuer, "oauth-authorization-server"),
+        *well_known_urls(issuer, "openid-configuration"),
         issuer.rstrip("/") + "/.well-known/openid-configuration",
     ]:
-        meta = await _get_json(session, url)
-        if meta is not None:
-            break
-    if meta is None:
-        raise OAuthError(f"no authorization server metadata found for {issuer}")
+        doc = await _get_json(session, url)
+        if doc is not None:
+            return AuthorizationServerMetadata(doc)
+    raise OAuthError(f"no authorization server metadata found for {issuer}")
+
+
+async def discover(session: aiohttp.ClientSession, resource: str, insecure_ok: bool) -> ServerMetadata:
+    """Find and check the authorization server for the protected resource `resource`."""
+    issuer = await authorization_server_for(session, resource)
+    _check_url(issuer, "issuer", insecure_ok)
+    meta = await server_metadata(session, issuer)
     if str(meta.get("issuer", "")).rstrip("/") != issuer.rstrip("/"):
         raise OAuthError(f"the metadata's issuer {meta.get('issuer')!r} does not match {issuer!r}")
-    methods = meta.get("code_challenge_methods_supported") or []
-    if "S256" not in methods:
+    if "S256" not in (meta.code_challenge_methods_supported or []):
         raise OAuthError("the authorization server does not list PKCE S256; refusing to log in without it")
+
+    def optional(name: str, what: str) -> str | None:
+        url = meta.get(name)
+        return _check_url(url, what, insecure_ok) if url else None
+
     return ServerMetadata(
         issuer=issuer,
-        authorization_endpoint=_check_url(
-            meta.get("authorization_endpoint"), "authorization endpoint", insecure_ok
-        ),
-        token_endpoint=_check_url(meta.get("token_endpoint"), "token endpoint", insecure_ok),
-        registration_endpoint=(
-            _check_url(meta["registration_endpoint"], "registration endpoint", insecure_ok)
-            if meta.get("registration_endpoint")
-            else None
-        ),
-        revocation_endpoint=(
-            _check_url(meta["revocation_endpoint"], "revocation endpoint", insecure_ok)
-            if meta.get("revocation_endpoint")
-            else None
-        ),
+        authorization_endpoint=_check_url(meta.authorization_endpoint, "authorization endpoint", insecure_ok),
+        token_endpoint=_check_url(meta.token_endpoint, "token endpoint", insecure_ok),
+        registration_endpoint=optional("registration_endpoint", "registration endpoint"),
+        revocation_endpoint=optional("revocation_endpoint", "revocation endpoint"),
         resource=resource,
         iss_parameter_supported=bool(meta.get("authorization_response_iss_parameter_supported")),
     )

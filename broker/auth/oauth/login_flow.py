@@ -20,15 +20,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from authlib.common.security import generate_token
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from broker.auth.oauth.discovery import ServerMetadata, discover
 from broker.auth.oauth.registration import ClientRecord, pinned_client, redirect_uri_for, register_client
 from broker.auth.oauth.revocation import revoke
 from broker.auth.oauth.store import OAuthStore
-from broker.auth.oauth.tokens import TokenSet, parse_token_response, token_request
+from broker.auth.oauth.tokens import Pkce, TokenSet, parse_token_response, token_request
 from broker.auth.oauth.transport import OAuthError, endpoint_session
 from broker.auth.secret_store import SecretStore
 from broker.config import Config, OAuthAuth, Route
@@ -212,7 +210,7 @@ async def login(
                 client, registered_now = await _client_for(http, route, auth, meta, ostore, store)
             except OAuthError as exc:
                 raise LoginError(str(exc)) from None
-            verifier = generate_token(64)
+            pkce = Pkce.new()
             state = pysecrets.token_urlsafe(32)
             scope = " ".join(auth.scopes) or None
             url = prepare_grant_uri(
@@ -222,8 +220,8 @@ async def login(
                 redirect_uri=client.redirect_uri,
                 scope=scope,
                 state=state,
-                code_challenge=create_s256_code_challenge(verifier),
-                code_challenge_method="S256",
+                code_challenge=pkce.challenge,
+                code_challenge_method=pkce.method,
                 resource=meta.resource,
             )
             if client.registered and not registered_now and await _client_unknown(http, url):
@@ -254,12 +252,10 @@ async def login(
                 doc = await token_request(
                     http,
                     client,
-                    {
-                        "grant_type": "authorization_code",
-                        "code": code,
-                        "redirect_uri": client.redirect_uri,
-                        "code_verifier": verifier,
-                    },
+                    "authorization_code",
+                    code=code,
+                    redirect_uri=client.redirect_uri,
+                    code_verifier=pkce.verifier,
                 )
                 tokens = parse_token_response(doc)
             except OAuthError as exc:

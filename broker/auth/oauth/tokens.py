@@ -1,6 +1,7 @@
-"""Tokens from the token endpoint: RFC 6749 token requests, and their answers.
+"""Tokens from the token endpoint: RFC 6749 token requests with RFC 7636 PKCE, and their answers.
 
-Owns: the token request (RFC 6749 §4.1.3 authorization_code, §6 refresh_token) with RFC 8707
+Owns: the PKCE pair (verifier and S256 challenge, from authlib's rfc7636), the token request
+(RFC 6749 §4.1.3 authorization_code, §6 refresh_token; built by authlib's rfc6749) with RFC 8707
 `resource` and, for a confidential client, `client_secret_post`; `TokenSet`, the parsing of a
 token response (§5.1) into it, and when it is due for a refresh. Must never: put a token, a code,
 a verifier or a server's free text into an error; drop a refresh token the server did not replace.
@@ -11,14 +12,31 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
+from authlib.common.security import generate_token
+from authlib.oauth2.rfc6749.parameters import prepare_token_request
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from broker.auth.oauth.registration import ClientRecord
 from broker.auth.oauth.transport import HTTP_TIMEOUT, OAuthError, error_code
 
 MAX_SKEW_S = 60.0  # refresh this long before expiry (less for very short-lived tokens)
+
+
+@dataclass(frozen=True)
+class Pkce:
+    """RFC 7636: the verifier kept for the token request, the challenge sent on authorize."""
+
+    verifier: str
+    challenge: str
+    method: ClassVar[str] = "S256"  # the only method the broker uses (SPEC.md: S256 always)
+
+    @classmethod
+    def new(cls) -> Pkce:
+        verifier = str(generate_token(64))
+        return cls(verifier, str(create_s256_code_challenge(verifier)))
 
 
 @dataclass
@@ -74,19 +92,22 @@ def parse_token_response(doc: dict[str, Any], previous_refresh: str | None = Non
 
 
 async def token_request(
-    session: aiohttp.ClientSession, client: ClientRecord, form: dict[str, str]
+    session: aiohttp.ClientSession, client: ClientRecord, grant_type: str, **params: str
 ) -> dict[str, Any]:
-    """POST the token endpoint (client_secret_post when the client has a secret)."""
-    data = {**form, "client_id": client.client_id, "resource": client.resource}
-    if client.client_secret:
-        data["client_secret"] = client.client_secret
+    """POST the token endpoint (RFC 6749 §3.2) for `grant_type` with its `params` (`code`,
+    `redirect_uri`, `code_verifier`; or `refresh_token`): the client's id, the `resource`, and
+    its secret when it has one (client_secret_post). The answer's JSON object on HTTP 200."""
+    body = prepare_token_request(
+        grant_type,
+        **params,
+        client_id=client.client_id,
+        resource=client.resource,
+        client_secret=client.client_secret or "",  # empty: left out (a public client)
+    )
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
     try:
         async with session.post(
-            client.token_endpoint,
-            data=data,
-            allow_redirects=False,
-            timeout=HTTP_TIMEOUT,
-            headers={"Accept": "application/json"},
+            client.token_endpoint, data=body, headers=headers, allow_redirects=False, timeout=HTTP_TIMEOUT
         ) as r:
             try:
                 doc = await r.json(content_type=None)
