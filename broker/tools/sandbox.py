@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import json
 import secrets
+import signal
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -39,6 +41,8 @@ from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.tools import Say
 
 BANNER = "AgentCard SANDBOX on this machine: test data only, no real account, no real money"
 SANDBOX_HEADER = ("x-agentcard-sandbox", "test")
@@ -66,10 +70,9 @@ class CardStore:
         return card
 
     def details(self, cid: str) -> dict[str, Any]:
-        card = self.cards[cid]
-        # a Visa test number: never a real card
-        return {"id": cid, "pan": "4242424242424242", "cvv": "123", "exp": "12/30", "mode": "test",
-                "last4": card["last4"]}  # fmt: skip
+        """The card's number: a Visa test number, never a real card."""
+        number = {"pan": "4242424242424242", "cvv": "123", "exp": "12/30"}
+        return {"id": cid, **number, "mode": "test", "last4": self.cards[cid]["last4"]}
 
 
 # ---------------------------------------------------------------- the authorization server
@@ -117,11 +120,9 @@ class SandboxAuthServer(OAuthAuthorizationServerProvider[AuthorizationCode, Refr
         back = construct_redirect_uri(
             str(params.redirect_uri), code=code, state=params.state, iss=self.issuer
         )
-        if self.consent_path:
-            return (
-                f"{self.consent_path}?{urlencode({'next': back, 'client': client.client_name or 'a client'})}"
-            )
-        return back
+        if not self.consent_path:
+            return back
+        return f"{self.consent_path}?{urlencode({'next': back, 'client': client.client_name or 'a client'})}"
 
     async def load_authorization_code(
         self, client: OAuthClientInformationFull, authorization_code: str
@@ -143,9 +144,9 @@ class SandboxAuthServer(OAuthAuthorizationServerProvider[AuthorizationCode, Refr
     async def exchange_refresh_token(
         self, client: OAuthClientInformationFull, refresh_token: RefreshToken, scopes: list[str]
     ) -> OAuthToken:
-        if self.refresh_tokens.pop(refresh_token.token, None) is None:  # single use
+        if refresh_token.token not in self.refresh_tokens:  # single use
             raise TokenError(error="invalid_grant", error_description="refresh token already used")
-        self.access_tokens.pop(self.pairs.pop(refresh_token.token, ""), None)
+        await self.revoke_token(refresh_token)  # it ends here, and the access token issued with it
         return self._issue(client.client_id or "", refresh_token.scopes, refresh_token.resource)
 
     async def load_access_token(self, token: str) -> AccessToken | None:
@@ -155,12 +156,9 @@ class SandboxAuthServer(OAuthAuthorizationServerProvider[AuthorizationCode, Refr
         return at
 
     async def revoke_token(self, token: AccessToken | RefreshToken) -> None:
-        self.revoke_all_of(token.token)
-
-    def revoke_all_of(self, token: str) -> None:
-        partner = self.pairs.pop(token, "")
+        partner = self.pairs.pop(token.token, "")  # revoking either one revokes the pair
         self.pairs.pop(partner, None)
-        for t in (token, partner):
+        for t in (token.token, partner):
             self.access_tokens.pop(t, None)
             self.refresh_tokens.pop(t, None)
 
@@ -213,10 +211,8 @@ def card_server(store: CardStore, **kwargs: Any) -> MCPServer:
     @mcp.tool()
     def check_balance() -> dict[str, Any]:
         """The sandbox wallet's balance."""
-        return {
-            "balance_cents": 1_000_000 - sum(c["spend_limit_cents"] for c in store.cards.values()),
-            "mode": "test",
-        }
+        balance = 1_000_000 - sum(c["spend_limit_cents"] for c in store.cards.values())
+        return {"balance_cents": balance, "mode": "test"}
 
     @mcp.tool()
     def whoami() -> str:
@@ -234,21 +230,23 @@ def card_server(store: CardStore, **kwargs: Any) -> MCPServer:
 
 @dataclass
 class RestApi:
+    """The v1 card endpoints (an ASGI app); every answer says `"mode": "test"`."""
+
     store: CardStore
     accepted_key: str | None = None  # None: any sk_test_ key
     seen: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
     _hits: dict[str, deque[float]] = field(default_factory=dict)
 
-    def _auth(self, request: Request) -> tuple[str | None, JSONResponse | None]:
+    def _key(self, request: Request) -> tuple[str, str | None]:
+        """The request's API key, and why it is refused (None: it is not)."""
         header = request.headers.get("authorization", "")
         key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
         if not key:
-            return None, JSONResponse({"error": "missing API key", "mode": "test"}, status_code=401)
+            return key, "missing API key"
         if not key.startswith("sk_test_"):
-            msg = "the sandbox accepts sk_test_ keys only"
-            return None, JSONResponse({"error": msg, "mode": "test"}, status_code=401)
+            return key, "the sandbox accepts sk_test_ keys only"
         if self.accepted_key is not None and not secrets.compare_digest(key, self.accepted_key):
-            return None, JSONResponse({"error": "invalid API key", "mode": "test"}, status_code=401)
+            return key, "invalid API key"
         return key, None
 
     def _rate(self, key: str) -> tuple[dict[str, str], bool]:
@@ -269,60 +267,46 @@ class RestApi:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        resp = await self.handle(request)
-        await resp(scope, receive, send)
-
-    async def handle(self, request: Request) -> Response:
         body = await request.body()
-        self.seen.append(
-            {
-                "method": request.method,
-                "path": request.url.path,
-                "headers": dict(request.headers),
-                "body": body,
-            }
-        )
-        key, refusal = self._auth(request)
-        if refusal is not None or key is None:
-            return refusal or JSONResponse({"error": "unauthorized"}, status_code=401)
-        headers, over = self._rate(key)
-        if over:
-            return JSONResponse(
-                {"error": "rate limit exceeded", "mode": "test"}, status_code=429, headers=headers
-            )
-        parts = [p for p in request.url.path.split("/") if p][2:]  # after api/v1
-        status, doc = self._route(request.method, parts, body)
-        return JSONResponse(doc, status_code=status, headers=headers)
+        path, method = request.url.path, request.method
+        self.seen.append({"method": method, "path": path, "headers": dict(request.headers), "body": body})
+        key, refused = self._key(request)
+        headers: dict[str, str] = {}
+        if refused:
+            status, doc = 401, {"error": refused}
+        else:
+            headers, over = self._rate(key)
+            status, doc = (429, {"error": "rate limit exceeded"}) if over else self._route(method, path, body)
+        await JSONResponse({**doc, "mode": "test"}, status_code=status, headers=headers)(scope, receive, send)
 
-    def _route(self, method: str, parts: list[str], body: bytes) -> tuple[int, dict[str, Any]]:
-        import json
-
-        s = self.store
+    def _route(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """The status and the answer (its mode aside) of an /api/v1 request an accepted key made."""
+        parts = [p for p in path.split("/") if p][2:]  # after api/v1
         if parts == ["cards"] and method == "GET":
-            return 200, {"cards": list(s.cards.values()), "mode": "test"}
+            return 200, {"cards": list(self.store.cards.values())}
         if parts == ["cards"] and method == "POST":
             try:
                 doc = json.loads(body or b"{}")
                 limit = int(doc.get("spend_limit_cents", doc.get("amount_cents", 0)))
             except (ValueError, TypeError, AttributeError):
-                return 400, {"error": "body must be JSON with spend_limit_cents", "mode": "test"}
+                return 400, {"error": "body must be JSON with spend_limit_cents"}
             if limit <= 0:
-                return 400, {"error": "spend_limit_cents must be positive", "mode": "test"}
-            return 201, s.create(limit, str(doc.get("cardholder_id", "ch_sandbox")))
+                return 400, {"error": "spend_limit_cents must be positive"}
+            return 201, self.store.create(limit, str(doc.get("cardholder_id", "ch_sandbox")))
         if parts == ["cardholders"] and method == "GET":
-            return 200, {"cardholders": [{"id": "ch_sandbox", "name": "Sandbox Holder"}], "mode": "test"}
+            return 200, {"cardholders": [{"id": "ch_sandbox", "name": "Sandbox Holder"}]}
         if len(parts) in (2, 3) and parts[0] == "cards":
-            card = s.cards.get(parts[1])
+            card = self.store.cards.get(parts[1])
             if card is None:
-                return 404, {"error": f"no card {parts[1]}", "mode": "test"}
+                return 404, {"error": f"no card {parts[1]}"}
             if len(parts) == 3 and parts[2] == "details" and method == "GET":
-                return 200, s.details(parts[1])
+                return 200, self.store.details(parts[1])
             if len(parts) == 2 and method == "GET":
                 return 200, card
             if len(parts) == 2 and method == "DELETE":
                 card["status"] = "closed"
                 return 200, card
-        return 404, {"error": "not found", "mode": "test"}
+        return 404, {"error": "not found"}
 
 
 # ---------------------------------------------------------------- one ASGI app, one port
@@ -358,15 +342,14 @@ class SandboxApp:
             await send(message)
 
         path = scope.get("path", "") if scope["type"] == "http" else ""
+        app: ASGIApp = self.mcp_app
         if path.startswith("/api/v1/"):
-            await self.rest(scope, receive, marked)
+            app = self.rest
         elif path == "/sandbox/consent":
-            await _consent_page(Request(scope, receive))(scope, receive, marked)
+            app = _consent_page(Request(scope, receive))
         elif path == "/":
-            about = {"service": "agentcard-sandbox", "mode": "test", "note": BANNER}
-            await JSONResponse(about)(scope, receive, marked)
-        else:
-            await self.mcp_app(scope, receive, marked)
+            app = JSONResponse({"service": "agentcard-sandbox", "mode": "test", "note": BANNER})
+        await app(scope, receive, marked)
 
 
 @dataclass
@@ -436,7 +419,7 @@ async def running(
     key: str | None = None,
     access_ttl: int = 300,
     consent: bool = True,
-    say: Callable[[str], None] | None = None,
+    say: Say | None = None,
 ) -> AsyncIterator[Sandbox]:
     sock = loopback_socket(port)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -455,12 +438,10 @@ async def running(
         yield Sandbox(base, store, rest, auth)
 
 
-async def serve_forever(port: int, say: Callable[[str], None]) -> int:
+async def serve_forever(port: int, say: Say) -> int:
     async with running(port, say=say):
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        import signal
-
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
