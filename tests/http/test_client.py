@@ -1,4 +1,5 @@
-"""The forwarding client (broker.http.client) against real scripted servers on 127.0.0.1.
+"""The upstream side (broker/http/client.py, connection.py, upstream_answer.py), through the
+Pool, against real scripted servers on 127.0.0.1.
 
 The servers are asyncio.start_server peers that read each request, record the bytes they got
 and write exact raw answers back, so every framing case is on the wire byte for byte. TLS uses a
