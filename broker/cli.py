@@ -362,34 +362,32 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     from broker.admin.client import DaemonClient
 
-    doc = DaemonClient(cfg).status()
+    client = DaemonClient(cfg)
+    doc = client.status()
     if doc is None:
         print(
-            f"agentcard-broker is not running (nothing answers on {cfg.listen[0]}); "
+            f"agentcard-broker is not running (nothing answers on {client.address}); "
             "start it: agentcard-broker run",
             file=sys.stderr,
         )
         return 1
     if args.json:
         print(json.dumps(doc, indent=2))
-        return 0
+    else:
+        _print_status(doc)
+    return 0
+
+
+def _print_status(doc: dict[str, Any]) -> None:
+    """`status` for people: the daemon, a table of its routes, then what each route has or needs."""
     print(f"agentcard-broker {doc['version']} pid {doc['pid']} listening on {', '.join(doc['listen'])}")
     print(f"config: {doc['config']['path']}")
     if doc["config"]["error"]:
         print(f"config error (previous config still in force):\n{doc['config']['error']}")
     rows = [("ROUTE", "PREFIX", "AUTH", "STATE", "MODE", "EXPIRES", "REQUESTS")]
     for r in doc["routes"]:
-        rows.append(
-            (
-                r["name"],
-                r["prefix"],
-                r["auth"],
-                r["state"] or "-",
-                r["mode"] or "-",
-                r["expires_at"] or "-",
-                str(r["requests"]),
-            )
-        )
+        state, mode, expires = (r[k] or "-" for k in ("state", "mode", "expires_at"))
+        rows.append((r["name"], r["prefix"], r["auth"], state, mode, expires, str(r["requests"])))
     _print_table(rows)
     for r in doc["routes"]:
         if r["state"] != "ready" and r.get("reason"):
@@ -405,7 +403,6 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{r['name']}: budget {_cents(budget.get('used'))} of {_cents(budget.get('amount_cents'))} "
                 f"cents used per {budget.get('per')}, {_cents(budget.get('left'))} left"
             )
-    return 0
 
 
 def _cents(value: Any) -> str:
