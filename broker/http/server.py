@@ -145,7 +145,7 @@ class AgentConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = self._head_size = self._head_size + len(name) + len(value) + 4
-        if size > self.server.max_head():
+        if size > self.server.max_fields():  # limits.max_header_bytes, exactly: checked nowhere else
             raise BadRequest("the request head is too large", 431, "request_too_large")
         if self._phase == _HEAD:
             # OWS around a field value is not part of it (RFC 9110 §5.5); llhttp keeps the trailing part
@@ -400,7 +400,12 @@ class AgentServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep()
 
+    def max_fields(self) -> int:
+        """The bytes of header (or trailer) fields allowed, each counted as name + value + 4."""
+        return self._max_header_bytes()
+
     def max_head(self) -> int:
+        """The raw bytes of a head still being read: the fields and the request line."""
         return self._max_header_bytes() + REQUEST_LINE_MAX
 
     def protocol(self) -> AgentConnection:
