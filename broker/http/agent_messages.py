@@ -61,13 +61,12 @@ class Body:
     """A request body as llhttp hands it over: `iter_any()` yields chunks, bounded by BODY_HIGH
     in memory, each wait for more bounded by the connection's inactivity timeout."""
 
-    __slots__ = ("_conn", "_error", "_held", "_parts", "_waiter", "done", "received")
+    __slots__ = ("_conn", "_error", "_held", "_parts", "_waiter", "done")
 
     def __init__(self, conn: AgentConnection | None, done: bool = False) -> None:
         self._conn = conn
         self._parts: deque[bytes] = deque()
         self._held = 0
-        self.received = 0  # body bytes llhttp handed over so far
         self.done = done
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -75,7 +74,6 @@ class Body:
     def push(self, data: bytes) -> None:
         self._parts.append(data)
         self._held += len(data)
-        self.received += len(data)
         if self._held > BODY_HIGH and self._conn is not None:
             self._conn.pause_reading()
         self._wake()
