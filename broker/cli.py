@@ -127,14 +127,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from broker import daemon
 
     secrets = SecretSet()
-    logs.configure(cfg.log.level, cfg.log.format, secrets)
+    log_setup = logs.configure(cfg.log.level, cfg.log.format, secrets)
     try:  # optional extra `fast`: a faster event loop for the hot path, same behaviour
         import uvloop
     except ImportError:
         # only the missing extra falls back: an ImportError raised while the daemon runs is a
         # fault to report, never a reason to start it a second time
-        return asyncio.run(daemon.serve(cfg, secrets, hardening))
-    return int(uvloop.run(daemon.serve(cfg, secrets, hardening)))
+        return asyncio.run(daemon.serve(cfg, secrets, hardening, log_setup))
+    return int(uvloop.run(daemon.serve(cfg, secrets, hardening, log_setup)))
 
 
 # ---------------------------------------------------------------- check
