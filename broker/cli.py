@@ -146,46 +146,11 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-def _credential_check(cfg: Config, route: Any, store: Any) -> tuple[str, str | None]:
-    """(what is there, the problem or None) for one route's credential. Reads, never prints."""
-    from broker.auth.api_key import fix_hint, key_mode
-    from broker.auth.oauth import OAuthStore
-    from broker.auth.secret_store import SecretStoreError, client_secret_account, resolve
-    from broker.config import ApiKeyAuth, OAuthAuth
-
-    r = route
-    if isinstance(r.auth, ApiKeyAuth):
-        found = resolve(r.auth.key, r.name, store)
-        if found.value is None:
-            return "no key", f"{found.reason}; {fix_hint(r.name, r.auth)}"
-        mode = key_mode(found.value)
-        if mode is None:
-            return "not an AgentCard key", f"expected sk_test_ or sk_live_; {fix_hint(r.name, r.auth)}"
-        if mode == "live" and not r.auth.allow_live:
-            return (
-                "live key",
-                "a live (real money) key but allow_live is false; set it, or store an sk_test_ key",
-            )
-        return f"{mode}-mode key ({r.auth.key.describe()})", None
-    if isinstance(r.auth, OAuthAuth):
-        try:
-            tokens = OAuthStore(r.name, store).load_tokens()
-        except SecretStoreError as exc:
-            return "store unreadable", str(exc)
-        if tokens is None:
-            return "not logged in", f"run: agentcard-broker login {r.name}"
-        if tokens.dead:
-            return "login ended", f"{tokens.dead}; run: agentcard-broker login {r.name}"
-        return f"logged in (scopes: {tokens.scope or '-'})", None
-    found = resolve(r.auth.client_secret, client_secret_account(r.name), store)
-    if found.value is None:
-        return "no client secret", f"{found.reason}; run: agentcard-broker set-key {r.name}"
-    return "client secret present", None
-
-
 def cmd_check(args: argparse.Namespace) -> int:
+    from broker.auth import make_credential
     from broker.auth.secret_store import open_store
     from broker.config import ConfigError, find_config, load
+    from broker.scrub import SecretSet
 
     try:
         cfg = load(find_config(args.config))
@@ -197,12 +162,14 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(line, file=sys.stderr)
         return 1
     store = open_store(cfg.secret_store, cfg.state_path())
+    secrets = SecretSet()  # the credentials built here are only asked what is stored
     routes: list[dict[str, str | None]] = []
     problems: list[str] = []
     for r in cfg.routes:
         place = f"{r.place}.auth"
         where = f"{cfg.path}:{cfg.line_of(place) or cfg.line_of(r.place) or '?'}: {place}"
-        have, problem = _credential_check(cfg, r, store)
+        found = make_credential(r, store, secrets).check()
+        have, problem = found.stored, found.problem
         routes.append(
             {"name": r.name, "prefix": r.prefix, "auth": r.auth.type, "credential": have, "problem": problem}
         )

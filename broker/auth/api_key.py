@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from broker.auth.base import AuthState, Credential
+from broker.auth.base import AuthState, Credential, CredentialCheck
 from broker.auth.secret_store import Lookup, SecretStore, resolve
 from broker.config import ApiKeyAuth
 from broker.scrub import SecretSet
@@ -49,8 +49,24 @@ class ApiKeyCredential(Credential):
         self.reason = "not read yet"
 
     def lookup(self) -> Lookup:
-        """Resolve the key now (blocking). Also used by `check`."""
+        """Resolve the key now (blocking)."""
         return resolve(self.auth.key, self.route, self._store)
+
+    def check(self) -> CredentialCheck:
+        found = self.lookup()
+        if found.value is None:
+            return CredentialCheck("no key", f"{found.reason}; {fix_hint(self.route, self.auth)}")
+        mode = key_mode(found.value)
+        if mode is None:
+            return CredentialCheck(
+                "not an AgentCard key", f"expected sk_test_ or sk_live_; {fix_hint(self.route, self.auth)}"
+            )
+        if mode == "live" and not self.auth.allow_live:
+            return CredentialCheck(
+                "live key",
+                "a live (real money) key but allow_live is false; set it, or store an sk_test_ key",
+            )
+        return CredentialCheck(f"{mode}-mode key ({self.auth.key.describe()})")
 
     def _apply(self, found: Lookup) -> None:
         self._checked_at = time.monotonic()

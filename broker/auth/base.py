@@ -1,13 +1,15 @@
 """The Credential interface: a thing you ask for a valid header.
 
-Owns: the auth states SPEC.md names and the contract every credential keeps. Callers never see
-how a header is made (keyring reads, refreshes, caches). Must never: put a secret value into
+Owns: the auth states SPEC.md names, the contract every credential keeps, and what a credential
+tells `check` about itself (`CredentialCheck`). Callers never see how a header is made (keyring
+reads, refreshes, caches). Must never: put a secret value into
 `reason`, an exception, or anything else that leaves this object except the header itself.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -21,6 +23,15 @@ class AuthState(StrEnum):
     NO_CREDENTIAL = "no_credential"
     REFRESHING = "refreshing"
     CREDENTIAL_REJECTED = "credential_rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialCheck:
+    """What `check` found for a route without the network: what is stored, and what is wrong
+    with it (naming the command that fixes it), or None when nothing is."""
+
+    stored: str
+    problem: str | None = None
 
 
 class Credential(ABC):
@@ -39,6 +50,11 @@ class Credential(ABC):
     @abstractmethod
     async def authorization(self) -> dict[str, str]:
         """Headers to add to the upstream request. Raises BrokerError when there are none."""
+
+    @abstractmethod
+    def check(self) -> CredentialCheck:
+        """What is stored for this route and its problem, read now (blocking: it reads the
+        secret store). No network, nothing printed, and the state above is left as it is."""
 
     def ready_authorization(self) -> dict[str, str] | None:
         """The headers at once when nothing needs reading or refreshing first; else None, and

@@ -14,10 +14,10 @@ from typing import Any
 
 import aiohttp
 
-from broker.auth.base import AuthState, Credential
+from broker.auth.base import AuthState, Credential, CredentialCheck
 from broker.auth.oauth.tokens import MAX_SKEW_S
 from broker.auth.oauth.transport import HTTP_TIMEOUT, endpoint_session, error_code
-from broker.auth.secret_store import SecretStore, client_secret_account, resolve
+from broker.auth.secret_store import Lookup, SecretStore, client_secret_account, resolve
 from broker.config import ClientCredentialsAuth
 from broker.scrub import SecretSet
 
@@ -46,6 +46,17 @@ class ClientCredentialsCredential(Credential):
             return f"run: agentcard-broker set-key {self.route}"
         return f"check {self.auth.client_secret.describe()}"
 
+    def _client_secret(self) -> Lookup:
+        return resolve(self.auth.client_secret, client_secret_account(self.route), self._store)
+
+    def check(self) -> CredentialCheck:
+        found = self._client_secret()
+        if found.value is None:
+            return CredentialCheck(
+                "no client secret", f"{found.reason}; run: agentcard-broker set-key {self.route}"
+            )
+        return CredentialCheck("client secret present")
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -60,9 +71,7 @@ class ClientCredentialsCredential(Credential):
         if not self._stale:
             return
         self._stale = False
-        found = await asyncio.to_thread(
-            resolve, self.auth.client_secret, client_secret_account(self.route), self._store
-        )
+        found = await asyncio.to_thread(self._client_secret)
         if found.value is None:
             if self._token is None and self.state is not AuthState.REFRESHING:
                 self.state = AuthState.NO_CREDENTIAL
@@ -94,9 +103,7 @@ class ClientCredentialsCredential(Credential):
         async with self._lock:
             if self._token != seen and self._valid(time.time()):
                 return  # minted while we waited
-            found = await asyncio.to_thread(
-                resolve, self.auth.client_secret, client_secret_account(self.route), self._store
-            )
+            found = await asyncio.to_thread(self._client_secret)
             if found.value is None:
                 self.state = AuthState.NO_CREDENTIAL
                 self.reason = f"no client secret: {found.reason}; {self._fix()}"

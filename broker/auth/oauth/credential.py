@@ -3,7 +3,7 @@
 Owns: the tokens a `login` stored, read from the secret store and kept fresh: refreshed before
 expiry and after an upstream 401, one refresh at a time however many requests wait, the rotated
 refresh token stored before the new access token is used, a dead grant remembered (across
-restarts too) as `needs_login`. Must never: let a token
+restarts too) as `needs_login`; what `check` reports for an OAuth route. Must never: let a token
 reach a log, an error or an agent; loop on a dead refresh token; put back in memory a token a
 refresh has rotated out.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from broker.auth.base import AuthState, Credential
+from broker.auth.base import AuthState, Credential, CredentialCheck
 from broker.auth.oauth.registration import ClientRecord
 from broker.auth.oauth.store import OAuthStore
 from broker.auth.oauth.tokens import TokenSet, parse_token_response, token_request
@@ -63,6 +63,17 @@ class OAuthCredential(Credential):
 
     def _fix(self) -> str:
         return f"run: agentcard-broker login {self.route}"
+
+    def check(self) -> CredentialCheck:
+        try:
+            tokens = self._store.load_tokens()
+        except SecretStoreError as exc:
+            return CredentialCheck("store unreadable", str(exc))
+        if tokens is None:
+            return CredentialCheck("not logged in", self._fix())
+        if tokens.dead:
+            return CredentialCheck("login ended", f"{tokens.dead}; {self._fix()}")
+        return CredentialCheck(f"logged in (scopes: {tokens.scope or '-'})")
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
