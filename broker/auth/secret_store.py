@@ -1,7 +1,8 @@
 """Secret references (`keyring`, `env:NAME`, `file:PATH`) and the secret store behind them.
 
 Owns: reading and writing secrets in the OS keyring (service `agentcard-broker`, one entry per
-route) or, when the config says `secret_store: file`, a 0600 JSON file in the state dir.
+route and secret) or, when the config says `secret_store: file`, a 0600 JSON file in the state
+dir, and the account name a route's client secret is kept under.
 Must never: fall back silently from the keyring to a file, put a secret value into an
 exception or log event, or read a secret file that others can read.
 """
