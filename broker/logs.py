@@ -193,6 +193,8 @@ class Audit:
 
     def done(self, outcome: Outcome) -> None:
         write = self._setup.audit if self._setup is not None else _structlog_audit
+        if write is _no_audit:  # above info level: not even the line's fields are worth building
+            return
         write(
             request_id=outcome.id,
             route=outcome.route,

@@ -85,7 +85,7 @@ class Pipeline:
                         verdict = await hook.request(call, body)
                         if verdict is not None:
                             verdicts.append(verdict)
-                    rewrites = tuple(v.rewrite for v in verdicts if v.rewrite is not None)
+                    rewrites = tuple(v.rewrite for v in verdicts if v.rewrite is not None) if verdicts else ()
                     fwd = await proxy.forward(call, body, rewrites, snap.outbound, rt.upstream_pool())
                     err = fwd.refusal
             except BrokerError as exc:
@@ -125,19 +125,19 @@ class Pipeline:
         verdicts: list[Verdict],
         started: float,
     ) -> None:
-        outcome = Outcome(
-            id=rid,
-            route=call.route if call is not None else None,
-            method=request.method,
-            raw_path=request.raw_path,
-            status=status,
-            elapsed=time.perf_counter() - started,
-            upstream_status=fwd.upstream_status if fwd is not None else None,
-            maybe_sent=fwd.maybe_sent if fwd is not None else False,
-            error=(fwd.error if fwd is not None else None) or (err.code if err is not None else None),
-            detail=err.message if err is not None and err.code in DETAILED else None,
-            bytes_in=body.size if body is not None else 0,
-            bytes_out=fwd.bytes_out if fwd is not None else 0,
+        outcome = Outcome(  # positional: this runs for every request (a name per field costs)
+            rid,
+            call.target.route.name if call is not None else None,
+            request.method,
+            request.raw_path,
+            status,
+            time.perf_counter() - started,
+            fwd.upstream_status if fwd is not None else None,
+            fwd.maybe_sent if fwd is not None else False,
+            (fwd.error if fwd is not None else None) or (err.code if err is not None else None),
+            err.message if err is not None and err.code in DETAILED else None,
+            body.size if body is not None else 0,
+            fwd.bytes_out if fwd is not None else 0,
         )
         for verdict in verdicts:
             if verdict.settle is not None:

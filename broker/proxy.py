@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -75,8 +75,7 @@ class Outbound:
     answer: AnswerFilter
 
 
-@dataclass(frozen=True, slots=True)
-class Forwarded:
+class Forwarded(NamedTuple):
     """How forwarding went: the answer sent, or the refusal for the pipeline to answer."""
 
     response: StreamResponse | None
@@ -165,46 +164,35 @@ async def forward(
     `rewrites`: applied, in order, to a successful answer read whole (a filtered tools/list).
     """
     trip = _Trip()
+    request, credential = call.request, call.credential
     try:
-        return trip.result(await _forward(call, body, rewrites, out, pool, trip))
+        if body.declared_too_large:
+            raise body.too_large()
+        auth = credential.ready_authorization() or await credential.authorization()
+        headers = upstream_headers(request.headers, auth)
+        if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+            # only now, with the request accepted, ask the agent for its body (curl waits 1 s otherwise)
+            request.send_continue()
+        # A credential that can be refreshed gets "401 -> refresh once -> retry once", which needs
+        # the body twice: small bodies (JSON-RPC calls) are held; large ones stream without a retry.
+        length = request.content_length
+        replayable = body.held is not None or (
+            credential.can_refresh and (not body.exists or (length is not None and length <= REPLAY_LIMIT))
+        )
+        if replayable and body.exists:
+            await body.read()
+        up = await _send(call, headers, body, out.timeouts, pool, trip)
+        if up.status == 401 and replayable:
+            up.release()
+            if await credential.retry_after_rejection(auth):
+                headers = upstream_headers(request.headers, await credential.authorization())
+                up = await _send(call, headers, body, out.timeouts, pool, trip)
+        try:
+            return trip.result(await _answer(call, up, rewrites, out, trip))
+        finally:
+            up.release()
     except BrokerError as err:
         return trip.result(None, err)
-
-
-async def _forward(
-    call: Call,
-    body: RequestBody,
-    rewrites: tuple[Rewrite, ...],
-    out: Outbound,
-    pool: upstream.Pool,
-    trip: _Trip,
-) -> StreamResponse:
-    request, credential = call.request, call.credential
-    if body.declared_too_large:
-        raise body.too_large()
-    auth = credential.ready_authorization() or await credential.authorization()
-    headers = upstream_headers(request.headers, auth)
-    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
-        # only now, with the request accepted, ask the agent for its body (curl waits 1 s otherwise)
-        request.send_continue()
-    # A credential that can be refreshed gets "401 -> refresh once -> retry once", which needs
-    # the body twice: small bodies (JSON-RPC calls) are held; large ones stream without a retry.
-    length = request.content_length
-    replayable = body.held is not None or (
-        credential.can_refresh and (not body.exists or (length is not None and length <= REPLAY_LIMIT))
-    )
-    if replayable and body.exists:
-        await body.read()
-    up = await _send(call, headers, body, out.timeouts, pool, trip)
-    if up.status == 401 and replayable:
-        up.release()
-        if await credential.retry_after_rejection(auth):
-            headers = upstream_headers(request.headers, await credential.authorization())
-            up = await _send(call, headers, body, out.timeouts, pool, trip)
-    try:
-        return await _answer(call, up, rewrites, out, trip)
-    finally:
-        up.release()
 
 
 async def _send(
