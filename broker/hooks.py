@@ -30,13 +30,10 @@ class Call(NamedTuple):
     """A request past the guard and the route table."""
 
     id: str
+    route: str  # the route's name
     request: Request
     target: Target
     credential: Credential
-
-    @property
-    def route(self) -> str:
-        return self.target.route.name
 
 
 class Verdict(NamedTuple):

@@ -79,9 +79,10 @@ class Pipeline:
                     audited = False  # the broker's own endpoints
                     return await admin.handle(request, rt)
                 if target is not None:
-                    call = Call(rid, request, target, snap.credentials[target.route.name])
-                    body = RequestBody(request, snap.config.limits.max_body_bytes, call.route)
-                    for hook in snap.hooks.by_route[call.route]:
+                    route = target.route.name
+                    call = Call(rid, route, request, target, snap.credentials[route])
+                    body = RequestBody(request, snap.config.limits.max_body_bytes, route)
+                    for hook in snap.hooks.by_route[route]:
                         verdict = await hook.request(call, body)
                         if verdict is not None:
                             verdicts.append(verdict)
@@ -127,7 +128,7 @@ class Pipeline:
     ) -> None:
         outcome = Outcome(  # positional: this runs for every request (a name per field costs)
             rid,
-            call.target.route.name if call is not None else None,
+            call.route if call is not None else None,
             request.method,
             request.raw_path,
             status,
