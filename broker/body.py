@@ -26,24 +26,20 @@ class RequestBody:
     """One request's body. `held` is the whole body once something read it; `size` counts bytes
     read so far, whole or streamed."""
 
-    __slots__ = ("_limit", "_request", "_route", "held", "size", "started")
+    __slots__ = ("_limit", "_request", "_route", "declared_too_large", "exists", "held", "size", "started")
 
     def __init__(self, request: Request, limit: int, route: str | None) -> None:
         self._request = request
         self._limit = limit
         self._route = route
+        # plain attributes, not properties: read several times a request, and CPython 3.11 looks
+        # a property up the slow way every time
+        self.exists: bool = request.body_exists
+        length = request.content_length
+        self.declared_too_large = length is not None and length > limit
         self.held: bytes | None = None
         self.size = 0
         self.started = False  # reading began (whole or streamed): it cannot be read again
-
-    @property
-    def exists(self) -> bool:
-        return self._request.body_exists
-
-    @property
-    def declared_too_large(self) -> bool:
-        length = self._request.content_length
-        return length is not None and length > self._limit
 
     @property
     def exceeded(self) -> bool:

@@ -27,7 +27,10 @@ class Metrics:
         self._buckets: dict[str, list[int]] = {}
         self._sums: dict[str, float] = {}
 
-    def observe(self, route: str, status: int, seconds: float) -> None:
+    def done(self, outcome: Outcome) -> None:
+        """The metrics as a done hook: every answered request counted under its route ("-": none)."""
+        _, route, _, _, status, seconds, _, _, error, _, _, _ = outcome  # faster than four field reads
+        route = route or "-"
         self.requests[(route, status)] += 1
         self.by_route[route] += 1
         counts = self._buckets.get(route)
@@ -35,17 +38,8 @@ class Metrics:
             counts = self._buckets[route] = [0] * (len(BUCKETS) + 1)
         counts[bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bucket with seconds <= bound
         self._sums[route] = self._sums.get(route, 0.0) + seconds
-
-    def upstream_error(self, route: str, kind: str) -> None:
-        self.upstream_errors[(route, kind)] += 1
-
-    def done(self, outcome: Outcome) -> None:
-        """The metrics as a done hook: every answered request counted under its route ("-": none)."""
-        route = outcome.route or "-"
-        self.observe(route, outcome.status, outcome.elapsed)
-        error = outcome.error
         if error is not None and error.startswith(("upstream_", "stream_")):
-            self.upstream_error(route, error)
+            self.upstream_errors[(route, error)] += 1
 
     def render(self, auth_states: Iterable[tuple[str, str]], all_states: Iterable[str]) -> str:
         lines = [

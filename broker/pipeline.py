@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from broker.http.server import Request, StreamResponse
     from broker.runtime import Runtime
 
+_new = tuple.__new__
 DETAILED = frozenset({"policy_denied", "rate_limited"})  # the audit line says which rule refused
+NOT_FORWARDED = proxy.Forwarded(None, None, None, False, None, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +68,7 @@ class Pipeline:
         rid = next(self._ids)
         call: Call | None = None
         body: RequestBody | None = None
-        verdicts: list[Verdict] = []
+        verdicts: tuple[Verdict, ...] = ()
         fwd: proxy.Forwarded | None = None
         err: BrokerError | None = None
         status, audited = 500, True
@@ -80,14 +82,14 @@ class Pipeline:
                     return await admin.handle(request, rt)
                 if target is not None:
                     route = target.route.name
-                    call = Call(rid, route, request, target, snap.credentials[route])
+                    call = _new(Call, (rid, route, request, target, snap.credentials[route]))
                     body = RequestBody(request, snap.config.limits.max_body_bytes, route)
                     for hook in snap.hooks.by_route[route]:
                         verdict = await hook.request(call, body)
                         if verdict is not None:
-                            verdicts.append(verdict)
+                            verdicts += (verdict,)
                     rewrites = tuple(v.rewrite for v in verdicts if v.rewrite is not None) if verdicts else ()
-                    fwd = await proxy.forward(call, body, rewrites, snap.outbound, rt.upstream_pool())
+                    fwd = await proxy.forward(call, body, rewrites, snap.outbound, rt.pool)
                     err = fwd.refusal
             except BrokerError as exc:
                 err = exc
@@ -123,22 +125,26 @@ class Pipeline:
         fwd: proxy.Forwarded | None,
         err: BrokerError | None,
         status: int,
-        verdicts: list[Verdict],
+        verdicts: tuple[Verdict, ...],
         started: float,
     ) -> None:
-        outcome = Outcome(  # positional: this runs for every request (a name per field costs)
-            rid,
-            call.route if call is not None else None,
-            request.method,
-            request.raw_path,
-            status,
-            time.perf_counter() - started,
-            fwd.upstream_status if fwd is not None else None,
-            fwd.maybe_sent if fwd is not None else False,
-            (fwd.error if fwd is not None else None) or (err.code if err is not None else None),
-            err.message if err is not None and err.code in DETAILED else None,
-            body.size if body is not None else 0,
-            fwd.bytes_out if fwd is not None else 0,
+        _, _, up_status, maybe_sent, error, bytes_out = fwd or NOT_FORWARDED
+        outcome = _new(  # tuple.__new__ straight: this runs for every request
+            Outcome,
+            (
+                rid,
+                call[1] if call is not None else None,  # its route
+                request.method,
+                request.raw_path,
+                status,
+                time.perf_counter() - started,
+                up_status,
+                maybe_sent,
+                error or (err.code if err is not None else None),
+                err.message if err is not None and err.code in DETAILED else None,
+                body.size if body is not None else 0,
+                bytes_out,
+            ),
         )
         for verdict in verdicts:
             if verdict.settle is not None:

@@ -86,6 +86,9 @@ class Forwarded(NamedTuple):
     bytes_out: int
 
 
+_new = tuple.__new__
+
+
 class _Trip:
     """One forward's progress, private to this module; `forward` returns it as a Forwarded."""
 
@@ -98,7 +101,10 @@ class _Trip:
         self.bytes_out = 0
 
     def result(self, response: StreamResponse | None, refusal: BrokerError | None = None) -> Forwarded:
-        return Forwarded(response, refusal, self.upstream_status, self.maybe_sent, self.error, self.bytes_out)
+        # tuple.__new__ straight: a named tuple's own __new__ is one more Python call per request
+        return _new(
+            Forwarded, (response, refusal, self.upstream_status, self.maybe_sent, self.error, self.bytes_out)
+        )
 
 
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "Keep-Alive", "Close", "keep-alive, close"})
@@ -164,7 +170,7 @@ async def forward(
     `rewrites`: applied, in order, to a successful answer read whole (a filtered tools/list).
     """
     trip = _Trip()
-    request, credential = call.request, call.credential
+    _, _, request, _, credential = call  # unpacked once: a named tuple's fields are slow to read on 3.11
     try:
         if body.declared_too_large:
             raise body.too_large()
@@ -188,7 +194,14 @@ async def forward(
                 headers = upstream_headers(request.headers, await credential.authorization())
                 up = await _send(call, headers, body, out.timeouts, pool, trip)
         try:
-            return trip.result(await _answer(call, up, rewrites, out, trip))
+            headers = _answer_head(call, up, out, trip)
+            if not rewrites and request.method != "HEAD" and up.status not in NO_BODY_STATUS:
+                whole = up.whole(WHOLE_LIMIT)
+                if whole is not None:  # the usual small JSON answer, already here: one write, no timer
+                    return trip.result(
+                        await _send_whole(request, up.status, headers, whole, out.answer, trip)
+                    )
+            return trip.result(await _answer(request, up, headers, rewrites, out, trip))
         finally:
             up.release()
     except BrokerError as err:
@@ -204,7 +217,7 @@ async def _send(
     trip: _Trip,
 ) -> upstream.Response:
     """One upstream request, with the held body or else the agent's, streamed."""
-    request, route = call.request, call.route
+    _, route, request, target, _ = call
     streamed = body.held is None and body.exists
     # a pooled keep-alive connection the upstream had closed: requests that cannot spend try twice
     attempts = 2 if request.method in SAFE_TO_RETRY and not body.exists else 1
@@ -213,7 +226,7 @@ async def _send(
         try:
             return await pool.request(
                 request.method,
-                call.target.url,
+                target.url,
                 headers.items(),
                 body.chunks() if streamed else body.held,
                 length=request.content_length if streamed else None,
@@ -251,11 +264,9 @@ def _malformed(trip: _Trip, route: str, why: str = "") -> BrokerError:
     )
 
 
-async def _answer(
-    call: Call, up: upstream.Response, rewrites: tuple[Rewrite, ...], out: Outbound, trip: _Trip
-) -> StreamResponse:
-    """The upstream's answer, passed on: headers cleaned, body scrubbed, whole or streamed."""
-    request, credential, route = call.request, call.credential, call.route
+def _answer_head(call: Call, up: upstream.Response, out: Outbound, trip: _Trip) -> CIMultiDict[str]:
+    """The upstream's answer checked and its headers made fit for the agent."""
+    rid, route, request, target, credential = call
     trip.upstream_status = up.status
     if up.failed:  # broken right after its head, before anything went to the agent
         raise _malformed(trip, route)
@@ -264,18 +275,26 @@ async def _answer(
         # an agent seeing 401/WWW-Authenticate would start its own OAuth against AgentCard
         code = "needs_login" if credential.state == "needs_login" else "credential_rejected"
         raise BrokerError(code, f"AgentCard refused the broker's credential; {credential.reason}", route)
-    location = _rewrite_location(up, call.target, out.table, request.headers.get("Host", "127.0.0.1"))
+    location = _rewrite_location(up, target, out.table, request.headers.get("Host", "127.0.0.1"))
     headers = response_headers(up, out.answer, location)
-    headers["X-Broker-Request-Id"] = call.id
+    headers["X-Broker-Request-Id"] = rid
+    return headers
+
+
+async def _answer(
+    request: Request,
+    up: upstream.Response,
+    headers: CIMultiDict[str],
+    rewrites: tuple[Rewrite, ...],
+    out: Outbound,
+    trip: _Trip,
+) -> StreamResponse:
+    """An answer that is not already here whole: rewritten, HEAD, bodiless, or streamed."""
     if rewrites and up.status == 200:
         rewritten = await _read_whole(up, out.timeouts.idle)
         for rewrite in rewrites:
             rewritten = rewrite(rewritten, up.headers.get("Content-Type", ""))
         return await _send_whole(request, up.status, headers, rewritten, out.answer, trip)
-    if request.method != "HEAD" and up.status not in NO_BODY_STATUS:
-        whole = up.whole(WHOLE_LIMIT)
-        if whole is not None:  # the usual small JSON answer, already here: one write, no timer
-            return await _send_whole(request, up.status, headers, whole, out.answer, trip)
     # A body of known length goes out with the headers in one write; an open-ended stream
     # (SSE) gets its headers at once so the agent sees the answer start.
     cls = HeadersWithBody if "Content-Length" in headers else StreamResponse
@@ -285,7 +304,7 @@ async def _answer(
     except ConnectionError:  # the agent left before the answer: not an error of ours
         trip.error = "agent_disconnected"
         return resp
-    if request.method == "HEAD":
+    if request.method == "HEAD" or up.status in NO_BODY_STATUS:
         await resp.write_eof()
         return resp
     # an agent that leaves mid-stream frees the upstream answer at once (drained briefly,

@@ -88,7 +88,11 @@ class Runtime:
         self.ledger = BudgetLedger(config.state_path() / "budgets.json")
         self.connections = guard.Connections()
         self.snapshot = self._build(config, None)
-        self.pool: upstream.Pool | None = None
+        # No cap on upstream connections: each one serves an agent connection, so agents and the
+        # fd limit (raised at start) bound them. A cap here would park long-lived MCP streams
+        # behind each other and time out everything else to that upstream. No environment proxy
+        # either: credentials go straight to the upstream.
+        self.pool = upstream.Pool(keepalive=30.0)
         self._warmup: asyncio.Task[None] | None = None
         self.listen_addresses: list[str] = []
         self.in_flight = 0
@@ -135,17 +139,7 @@ class Runtime:
     def uptime(self) -> float:
         return time.monotonic() - self._started
 
-    def upstream_pool(self) -> upstream.Pool:
-        if self.pool is None:
-            raise RuntimeError("Runtime.start() was not awaited")
-        return self.pool
-
     async def start(self) -> None:
-        # No cap on upstream connections: each one serves an agent connection, so agents and the
-        # fd limit (raised at start) bound them. A cap here would park long-lived MCP streams
-        # behind each other and time out everything else to that upstream. No environment proxy
-        # either: credentials go straight to the upstream.
-        self.pool = upstream.Pool(keepalive=30.0)
         if self.snapshot.config.secret_store == "file":
             log.warning(
                 "secret_store.plaintext_file",
@@ -190,8 +184,7 @@ class Runtime:
     async def close(self) -> None:
         if self._warmup is not None:
             self._warmup.cancel()
-        if self.pool is not None:
-            self.pool.close()
+        self.pool.close()
         self.connections.peers.close()
         for cred in self.credentials.values():
             await cred.close()
