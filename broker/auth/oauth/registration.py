@@ -72,17 +72,8 @@ async def register_client(
                 raise OAuthError(f"client registration failed: HTTP {r.status}")
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise OAuthError(f"client registration failed: {type(exc).__name__}") from None
-    return ClientRecord(
-        client_id=str(doc["client_id"]),
-        client_secret=str(doc["client_secret"]) if doc.get("client_secret") else None,
-        issuer=meta.issuer,
-        authorization_endpoint=meta.authorization_endpoint,
-        token_endpoint=meta.token_endpoint,
-        revocation_endpoint=meta.revocation_endpoint,
-        registration_endpoint=meta.registration_endpoint,
-        resource=meta.resource,
-        redirect_uri=redirect_uri,
-    )
+    secret = str(doc["client_secret"]) if doc.get("client_secret") else None
+    return _client_at(meta, str(doc["client_id"]), secret, redirect_uri, registered=True)
 
 
 def pinned_client(route: Route, auth: OAuthAuth, meta: ServerMetadata, store: SecretStore) -> ClientRecord:
@@ -96,8 +87,15 @@ def pinned_client(route: Route, auth: OAuthAuth, meta: ServerMetadata, store: Se
                 f"the client secret is missing: {found.reason}; run: agentcard-broker set-key {route.name}"
             )
         secret = found.value
+    return _client_at(meta, auth.client_id, secret, redirect_uri_for(auth), registered=False)
+
+
+def _client_at(
+    meta: ServerMetadata, client_id: str, secret: str | None, redirect_uri: str, *, registered: bool
+) -> ClientRecord:
+    """A client of the authorization server `meta` describes, with its endpoints."""
     return ClientRecord(
-        client_id=auth.client_id,
+        client_id=client_id,
         client_secret=secret,
         issuer=meta.issuer,
         authorization_endpoint=meta.authorization_endpoint,
@@ -105,6 +103,6 @@ def pinned_client(route: Route, auth: OAuthAuth, meta: ServerMetadata, store: Se
         revocation_endpoint=meta.revocation_endpoint,
         registration_endpoint=meta.registration_endpoint,
         resource=meta.resource,
-        redirect_uri=redirect_uri_for(auth),
-        registered=False,
+        redirect_uri=redirect_uri,
+        registered=registered,
     )
