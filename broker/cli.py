@@ -295,32 +295,16 @@ def _tell_daemon(cfg: Config) -> None:
 
 
 def _config_for_status(args: argparse.Namespace) -> Config | None:
-    """The config to find the daemon with. A broken file must not hide a running daemon (it
-    still serves the previous config), so fall back to just the listen addresses in it."""
-    from broker.config import Checker, Config, ConfigError, Listen, find_config, load, parse_listen
+    """The config to find the daemon with: a broken file still says where the daemon listens."""
+    from broker.config import ConfigError, find_config, load, load_listen_only
 
     try:
-        path = find_config(args.config)
-        return load(path)
+        return load(find_config(args.config))
     except ConfigError as exc:
         print("note: the config file has problems (the daemon keeps its previous config):", file=sys.stderr)
         for line in exc.lines():
             print(f"  {line}", file=sys.stderr)
-        import yaml
-
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-            items = raw.get("listen") if isinstance(raw, dict) else None
-        except (OSError, yaml.YAMLError, NameError):
-            items = None
-        listens: list[Listen] = []
-        for item in items if isinstance(items, list) else [f"127.0.0.1:{8765}"]:
-            found = parse_listen(item, "listen", True, Checker({}, []))
-            if found is not None:
-                listens.append(found)
-        if not listens:
-            return None
-        return Config(path=str(exc.path), listen=tuple(listens), routes=())
+        return load_listen_only(exc.path)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

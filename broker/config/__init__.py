@@ -7,7 +7,8 @@ The package, layer by layer (each imports only those above it):
   safe_yaml.py  YAML text -> plain values, with the line of every place
   checker.py    typed reads of plain values that turn each problem into an issue
   checks.py     plain values -> the model, checking every rule of SPEC.md "Config file"
-  loading.py    the file on disk -> Config: file safety, read, parse, check
+  loading.py    the file on disk -> Config: file safety, read, parse, check (or, for a file
+                that does not load, its listen addresses alone)
 
 Owns: nothing of its own; it re-exports the public names so that callers write
 `from broker.config import Config, load`. Must never: hold logic.
@@ -16,7 +17,7 @@ Owns: nothing of its own; it re-exports the public names so that callers write
 from broker.config.checker import Checker
 from broker.config.checks import parse_listen
 from broker.config.issues import ConfigError, ConfigIssue
-from broker.config.loading import load
+from broker.config.loading import load, load_listen_only
 from broker.config.locations import file_stamp, find_config, state_dir
 from broker.config.model import (
     DEFAULT_AMOUNT_FIELDS,
@@ -58,6 +59,7 @@ __all__ = [
     "file_stamp",
     "find_config",
     "load",
+    "load_listen_only",
     "parse_listen",
     "state_dir",
 ]

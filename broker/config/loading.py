@@ -1,7 +1,8 @@
 """A config file on disk -> a checked `Config`, or a `ConfigError` listing every problem.
 
 Owns: refusing a file that others could edit, reading it as UTF-8, and running it through
-safe_yaml and checks, stamping the result with the file's version as it was before the read.
+safe_yaml and checks, stamping the result with the file's version as it was before the read;
+and, for a file that does not load, its listen addresses alone (`load_listen_only`).
 Must never: report only the first problem, or touch the secret store.
 """
 
@@ -11,11 +12,15 @@ import os
 import stat
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from broker.config.checks import build_config
+import yaml
+
+from broker.config.checker import Checker
+from broker.config.checks import DEFAULT_PORT, build_config, parse_listen
 from broker.config.issues import ConfigError, ConfigIssue
 from broker.config.locations import file_stamp
-from broker.config.model import Config
+from broker.config.model import Config, Listen
 from broker.config.safe_yaml import parse_yaml
 
 
@@ -56,3 +61,30 @@ def load(path: Path) -> Config:
     if cfg is None:
         raise ConfigError(spath, issues)
     return replace(cfg, stamp=stamp)
+
+
+def load_listen_only(path: str) -> Config | None:
+    """A Config holding only the `listen:` addresses of the file at `path`, which load() refused.
+
+    A broken file must not hide a running daemon (it keeps serving its previous config), so
+    `status` still needs to know where to ask. Nothing else of the file is checked, nor its
+    safety: it only says where to connect, and nothing is bound or trusted. An address that
+    does not parse is skipped (a remote one is kept); a file that cannot be read as YAML, or
+    has no `listen:` list, gives the default address. None when no address is left.
+    """
+    items: Any = None
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        items = raw.get("listen") if isinstance(raw, dict) else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass
+    if not isinstance(items, list):
+        items = [f"127.0.0.1:{DEFAULT_PORT}"]
+    listens: list[Listen] = []
+    for item in items:
+        found = parse_listen(item, "listen", True, Checker({}, []))
+        if found is not None:
+            listens.append(found)
+    if not listens:
+        return None
+    return Config(path=path, listen=tuple(listens), routes=())

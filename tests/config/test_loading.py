@@ -1,4 +1,5 @@
-"""broker/config/loading.py: the shipped example loads; a file others may edit, or unreadable, is refused."""
+"""broker/config/loading.py: the shipped example loads; a file others may edit, or unreadable, is
+refused; a file that does not load still says where the daemon listens."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ApiKeyAuth, Listen, OAuthAuth, SecretRef, file_stamp, load
+from broker.config import ApiKeyAuth, Listen, OAuthAuth, SecretRef, file_stamp, load, load_listen_only
 from tests.config.documents import REPO_CONFIG, VALID, doc, load_error, write_text
 from tests.conftest import write_config
 
@@ -118,3 +119,49 @@ def test_not_utf8_config(cfg_path: Path) -> None:
 def test_config_without_routes_is_an_error_not_a_hang(cfg_path: Path, alarm: None, text: str) -> None:
     err = load_error(write_text(cfg_path, text))
     assert "routes" in [i.place for i in err.issues]
+
+
+# ---------------------------------------------------------------- listen addresses of a broken file
+
+
+def test_a_broken_file_still_gives_its_listen_addresses(cfg_path: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "b.sock"
+    write_text(cfg_path, f"listen: ['127.0.0.1:9001', 'not an address', 'unix:{sock}']\nroutes: oops\n")
+    assert "routes" in [i.place for i in load_error(cfg_path).issues]
+    cfg = load_listen_only(str(cfg_path))
+    assert cfg is not None
+    assert cfg.path == str(cfg_path)
+    assert cfg.listen == (Listen("tcp", host="127.0.0.1", port=9001), Listen("unix", path=str(sock)))
+    assert cfg.routes == ()
+
+
+def test_a_remote_address_is_kept_and_a_world_writable_file_is_read(cfg_path: Path) -> None:
+    # only where to ask: nothing is bound, so neither allow_remote nor file safety applies
+    write_text(cfg_path, "listen: ['192.0.2.7:9002']\nroutes: []\n")
+    cfg_path.chmod(0o666)
+    cfg = load_listen_only(str(cfg_path))
+    assert cfg is not None and cfg.listen == (Listen("tcp", host="192.0.2.7", port=9002),)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        None,
+        b"routes: oops\n",
+        b"routes: [\n",
+        b"just words\n",
+        b"listen: ['\xff\xfe']\n",
+    ],
+    ids=["missing", "no-listen", "bad-yaml", "not-a-mapping", "not-utf8"],
+)
+def test_no_listen_list_to_read_gives_the_default_address(cfg_path: Path, content: bytes | None) -> None:
+    if content is not None:
+        cfg_path.write_bytes(content)
+        cfg_path.chmod(0o600)
+    cfg = load_listen_only(str(cfg_path))
+    assert cfg is not None and cfg.listen == (Listen("tcp", host="127.0.0.1", port=8765),)
+
+
+def test_no_address_that_parses_gives_none(cfg_path: Path) -> None:
+    write_text(cfg_path, "listen: ['garbage', 12]\nroutes: oops\n")
+    assert load_listen_only(str(cfg_path)) is None
