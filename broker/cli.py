@@ -147,10 +147,10 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from broker.auth import make_credential
-    from broker.auth.secret_store import open_store
+    from dataclasses import asdict
+
+    from broker.auth import check_credentials
     from broker.config import ConfigError, find_config, load
-    from broker.scrub import SecretSet
 
     try:
         cfg = load(find_config(args.config))
@@ -161,42 +161,26 @@ def cmd_check(args: argparse.Namespace) -> int:
             for line in exc.lines():
                 print(line, file=sys.stderr)
         return 1
-    store = open_store(cfg.secret_store, cfg.state_path())
-    secrets = SecretSet()  # the credentials built here are only asked what is stored
-    routes: list[dict[str, str | None]] = []
-    problems: list[str] = []
-    for r in cfg.routes:
-        place = f"{r.place}.auth"
-        where = f"{cfg.path}:{cfg.line_of(place) or cfg.line_of(r.place) or '?'}: {place}"
-        found = make_credential(r, store, secrets).check()
-        have, problem = found.stored, found.problem
-        routes.append(
-            {"name": r.name, "prefix": r.prefix, "auth": r.auth.type, "credential": have, "problem": problem}
-        )
-        if problem:
-            problems.append(f"{where}: route {r.name!r}: {problem}")
+    found = check_credentials(cfg)
     if args.json:
         doc = {
             "config": {"path": cfg.path, "errors": []},
-            "secret_store": store.description,
-            "routes": routes,
-            "problems": problems,
-            "ok": not problems,
+            "secret_store": found.secret_store,
+            "routes": [asdict(r) for r in found.routes],
+            "problems": list(found.problems),
+            "ok": not found.problems,
         }
         print(json.dumps(doc, indent=2))
-        return 1 if problems else 0
+        return 1 if found.problems else 0
     print(f"config: {cfg.path}: ok ({len(cfg.routes)} routes, listen {', '.join(map(str, cfg.listen))})")
-    print(f"secret store: {store.description}")
+    print(f"secret store: {found.secret_store}")
     rows = [["ROUTE", "PREFIX", "AUTH", "CREDENTIAL", "OK"]]
-    rows += [
-        [str(x[k]) for k in ("name", "prefix", "auth", "credential")] + ["no" if x["problem"] else "yes"]
-        for x in routes
-    ]
+    rows += [[r.name, r.prefix, r.auth, r.credential, "no" if r.problem else "yes"] for r in found.routes]
     _print_table(rows)
-    for p in problems:
+    for p in found.problems:
         print(p, file=sys.stderr)
-    print(f"{len(problems)} problem(s)" if problems else "no problems")
-    return 1 if problems else 0
+    print(f"{len(found.problems)} problem(s)" if found.problems else "no problems")
+    return 1 if found.problems else 0
 
 
 # ---------------------------------------------------------------- set-key

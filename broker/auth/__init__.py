@@ -1,13 +1,27 @@
-"""Credentials: one long-lived object per route that answers "what header do I send?"."""
+"""Credentials: one long-lived object per route that answers "what header do I send?".
+
+Owns: building a route's credential from its auth block (`make_credential`), and what `check`
+finds for every route of a config (`check_credentials`). Must never: print, or let a secret
+value into what it returns (each credential's `check()` keeps to that too).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from broker.auth.base import AuthState, Credential
-from broker.auth.secret_store import SecretStore
-from broker.config import ApiKeyAuth, OAuthAuth, Route
+from broker.auth.secret_store import SecretStore, open_store
+from broker.config import ApiKeyAuth, Config, OAuthAuth, Route
 from broker.scrub import SecretSet
 
-__all__ = ["AuthState", "Credential", "make_credential"]
+__all__ = [
+    "AuthState",
+    "Credential",
+    "CredentialsCheck",
+    "RouteCheck",
+    "check_credentials",
+    "make_credential",
+]
 
 
 def make_credential(route: Route, store: SecretStore, secrets: SecretSet) -> Credential:
@@ -23,3 +37,40 @@ def make_credential(route: Route, store: SecretStore, secrets: SecretSet) -> Cre
     from broker.auth.client_credentials import ClientCredentialsCredential
 
     return ClientCredentialsCredential(route.name, route.auth, store, secrets)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteCheck:
+    """One route as `check` shows it: what its credential has stored, and what is wrong."""
+
+    name: str
+    prefix: str
+    auth: str  # the auth type
+    credential: str
+    problem: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsCheck:
+    """What `check` found for every route of a config."""
+
+    secret_store: str  # the store's description
+    routes: tuple[RouteCheck, ...]
+    problems: tuple[str, ...]  # one per route with a problem, led by its place in the file
+
+
+def check_credentials(cfg: Config) -> CredentialsCheck:
+    """Ask each route's credential what is stored and what is wrong with it. No network;
+    blocking, as it reads the secret store."""
+    store = open_store(cfg.secret_store, cfg.state_path())
+    secrets = SecretSet()  # the credentials built here are only asked what is stored
+    routes: list[RouteCheck] = []
+    problems: list[str] = []
+    for r in cfg.routes:
+        found = make_credential(r, store, secrets).check()
+        routes.append(RouteCheck(r.name, r.prefix, r.auth.type, found.stored, found.problem))
+        if found.problem:
+            place = f"{r.place}.auth"
+            line = cfg.line_of(place) or cfg.line_of(r.place) or "?"
+            problems.append(f"{cfg.path}:{line}: {place}: route {r.name!r}: {found.problem}")
+    return CredentialsCheck(store.description, tuple(routes), tuple(problems))

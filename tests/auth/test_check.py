@@ -1,4 +1,5 @@
-"""Credential.check(): what each credential class tells `agentcard-broker check` about itself.
+"""Credential.check(): what each credential class tells `agentcard-broker check` about itself,
+and check_credentials(), which asks every route of a config and places each problem in the file.
 
 Real stores (the keyring file backend, a 0600 file store), real config files; no network: the
 upstreams named below are never contacted.
@@ -13,7 +14,7 @@ import keyring
 import pytest
 
 from broker import config as config_mod
-from broker.auth import make_credential
+from broker.auth import RouteCheck, check_credentials, make_credential
 from broker.auth.base import Credential, CredentialCheck
 from broker.auth.oauth import OAuthStore, TokenSet
 from broker.auth.secret_store import FileStore, KeyringStore, SecretStore
@@ -163,3 +164,56 @@ def test_oauth_unreadable_store_says_why(tmp_path: Path) -> None:
     found = checked(cred)
     assert found.stored == "store unreadable"
     assert found.problem is not None and "must be owned by this user and mode 0600" in found.problem
+
+
+# ---------------------------------------------------------------- every route of a config
+
+
+def test_check_credentials_rows_and_problems_placed_in_the_file(tmp_path: Path) -> None:
+    routes = [
+        {
+            "name": "api",
+            "prefix": "/",
+            "upstream": UNREACHABLE,
+            "auth": {"type": "api_key", "key": "keyring"},
+        },
+        {"name": "platform", "prefix": "/api/v2", "upstream": UNREACHABLE, "auth": cc_auth()},
+        {"name": "mcp", "prefix": "/mcp", "upstream": UNREACHABLE, "auth": oauth_auth()},
+    ]
+    path = write_config(tmp_path / "config.yaml", api_config(UNREACHABLE, routes=routes))
+    cfg = config_mod.load(path)
+    store_key(TEST_KEY, route="api")
+    keyring.set_password("agentcard-broker", "platform:client_secret", CLIENT_SECRET)
+
+    found = check_credentials(cfg)
+
+    assert found.secret_store == "keyring (keyrings.alt.file.PlaintextKeyring)"
+    assert found.routes == (
+        RouteCheck("api", "/", "api_key", "test-mode key (keyring)", None),
+        RouteCheck("platform", "/api/v2", "client_credentials", "client secret present", None),
+        RouteCheck("mcp", "/mcp", "oauth", "not logged in", "run: agentcard-broker login mcp"),
+    )
+    line = cfg.line_of("routes[2].auth")
+    assert line is not None
+    assert found.problems == (f"{path}:{line}: routes[2].auth: route 'mcp': run: agentcard-broker login mcp",)
+    for secret in (TEST_KEY, CLIENT_SECRET):
+        assert secret not in repr(found)
+
+
+def test_check_credentials_reads_the_file_store_the_config_names(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    route = {"name": "api", "prefix": "/", "upstream": UNREACHABLE, "auth": {"type": "api_key"}}
+    doc = api_config(UNREACHABLE, routes=[route], secret_store="file", state_dir=str(state))
+    cfg = config_mod.load(write_config(tmp_path / "config.yaml", doc))
+    store_key(TEST_KEY, route="api")  # in the keyring, which this config does not use
+
+    found = check_credentials(cfg)
+    assert found.secret_store == f"file ({state / 'secrets.json'})"
+    assert found.routes[0].credential == "no key"
+    assert len(found.problems) == 1 and "set-key api" in found.problems[0]
+
+    FileStore(state / "secrets.json").set("api", LIVE_KEY)
+    found = check_credentials(cfg)
+    assert found.routes[0].credential == "live key"
+    assert "allow_live is false" in found.problems[0]
+    assert LIVE_KEY not in repr(found)
