@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from broker import __version__
 
 if TYPE_CHECKING:
-    from broker.config import Config
+    from broker.config import Config, Route
 
 EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus uses it to stop a restart loop
 
@@ -190,14 +190,14 @@ def cmd_set_key(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return 1
+    from broker.auth import unknown_route_message
     from broker.auth.api_key import key_mode
     from broker.auth.secret_store import SecretStoreError, client_secret_account, open_store
     from broker.config import ApiKeyAuth
 
     route = cfg.route(args.route)
     if route is None:
-        names = ", ".join(r.name for r in cfg.routes)
-        print(f"no route named {args.route!r} in {cfg.path} (routes: {names})", file=sys.stderr)
+        print(unknown_route_message(cfg, args.route), file=sys.stderr)
         return 1
     auth = route.auth
     if isinstance(auth, ApiKeyAuth):
@@ -387,7 +387,8 @@ def cmd_uninstall_service(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- login / logout
 
 
-def _oauth_route(args: argparse.Namespace) -> tuple[Config, Any] | None:
+def _oauth_route(args: argparse.Namespace) -> tuple[Config, Route] | None:
+    from broker.auth import unknown_route_message
     from broker.config import OAuthAuth
 
     cfg = _load(args)
@@ -395,8 +396,7 @@ def _oauth_route(args: argparse.Namespace) -> tuple[Config, Any] | None:
         return None
     route = cfg.route(args.route)
     if route is None:
-        names = ", ".join(r.name for r in cfg.routes)
-        print(f"no route named {args.route!r} in {cfg.path} (routes: {names})", file=sys.stderr)
+        print(unknown_route_message(cfg, args.route), file=sys.stderr)
         return None
     if not isinstance(route.auth, OAuthAuth):
         print(f"route {route.name!r} uses {route.auth.type}, not oauth; nothing to log in", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Credentials: one long-lived object per route that answers "what header do I send?".
 
-Owns: building a route's credential from its auth block (`make_credential`), and what `check`
-finds for every route of a config (`check_credentials`). Must never: print, or let a secret
+Owns: building a route's credential from its auth block (`make_credential`), what `check`
+finds for every route of a config (`check_credentials`), and what a command says when it is
+given a route the config does not have. Must never: print, or let a secret
 value into what it returns (each credential's `check()` keeps to that too).
 """
 
@@ -21,6 +22,7 @@ __all__ = [
     "RouteCheck",
     "check_credentials",
     "make_credential",
+    "unknown_route_message",
 ]
 
 
@@ -37,6 +39,12 @@ def make_credential(route: Route, store: SecretStore, secrets: SecretSet) -> Cre
     from broker.auth.client_credentials import ClientCredentialsCredential
 
     return ClientCredentialsCredential(route.name, route.auth, store, secrets)
+
+
+def unknown_route_message(cfg: Config, name: str) -> str:
+    """What set-key, login and logout say when `cfg` has no route called `name`."""
+    names = ", ".join(r.name for r in cfg.routes)
+    return f"no route named {name!r} in {cfg.path} (routes: {names})"
 
 
 @dataclass(frozen=True, slots=True)
