@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker import __version__
 
 if TYPE_CHECKING:
+    from broker.auth.route_secret import OutputLine
     from broker.config import Config, Route
 
 EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus uses it to stop a restart loop
@@ -190,81 +191,30 @@ def cmd_set_key(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return 1
-    from broker.auth import unknown_route_message
-    from broker.auth.api_key import key_mode
-    from broker.auth.secret_store import SecretStoreError, client_secret_account, open_store
-    from broker.config import ApiKeyAuth
+    from broker.auth.route_secret import RouteSecretError, set_route_secret
 
-    route = cfg.route(args.route)
-    if route is None:
-        print(unknown_route_message(cfg, args.route), file=sys.stderr)
-        return 1
-    auth = route.auth
-    if isinstance(auth, ApiKeyAuth):
-        ref, account, what = auth.key, route.name, "API key"
-    else:
-        secret_ref = getattr(auth, "client_secret", None)
-        if secret_ref is None:
-            print(
-                f"route {route.name!r} ({auth.type}) has no secret to store; it uses `login`", file=sys.stderr
-            )
-            return 1
-        ref, account, what = secret_ref, client_secret_account(route.name), "client secret"
-    if ref.kind != "keyring":
-        print(
-            f"route {route.name!r} reads its {what} from {ref.describe()}, not the secret store; "
-            f"change {route.place}.auth to `keyring` to use set-key",
-            file=sys.stderr,
-        )
-        return 1
-    value = _read_secret(args.stdin, f"{what} for route {route.name!r} (input hidden): ")
-    if not value:
-        print(f"no {what} given; nothing stored", file=sys.stderr)
-        return 1
-    if any(ch.isspace() for ch in value):
-        print(f"the {what} contains whitespace; nothing stored", file=sys.stderr)
-        return 1
-    mode = None
-    if isinstance(auth, ApiKeyAuth):
-        mode = key_mode(value)
-        if mode is None or len(value) <= len("sk_test_"):
-            print(
-                "that is not an AgentCard API key (it must start with sk_test_ or sk_live_); nothing stored",
-                file=sys.stderr,
-            )
-            return 1
-    elif not value.startswith("acs_"):
-        print("note: AgentCard client secrets usually start with acs_", file=sys.stderr)
-    store = open_store(cfg.secret_store, cfg.state_path())
-    if cfg.secret_store == "file":
-        print(
-            f"warning: secret_store is `file`: the secret goes into {store.description}, not the OS keyring"
-        )
     try:
-        store.set(account, value)
-    except SecretStoreError as exc:
-        print(f"could not store the {what}: {exc}", file=sys.stderr)
+        said = set_route_secret(cfg, args.route, lambda prompt: _read_secret(args.stdin, prompt))
+    except RouteSecretError as exc:
+        _print_lines(exc.printed_before)
+        print(exc, file=sys.stderr)
         return 1
-    if mode:
-        print(f"stored a {mode}-mode API key for route {route.name!r} in {store.description}")
-        if mode == "live" and isinstance(auth, ApiKeyAuth) and not auth.allow_live:
-            print(
-                f"warning: this is a live (real money) key and route {route.name!r} has allow_live: false; "
-                f"requests will be refused until you set {route.place}.auth.allow_live: true",
-                file=sys.stderr,
-            )
-    else:
-        print(f"stored the {what} for route {route.name!r} in {store.description}")
+    _print_lines(said)
     _tell_daemon(cfg)
     return 0
 
 
 def _read_secret(from_stdin: bool, prompt: str) -> str:
     if from_stdin:
-        return sys.stdin.read().strip()
+        return sys.stdin.read()
     import getpass
 
-    return getpass.getpass(prompt).strip()
+    return getpass.getpass(prompt)
+
+
+def _print_lines(lines: Iterable[OutputLine]) -> None:
+    for line in lines:
+        print(line.text, file=sys.stderr if line.to_stderr else sys.stdout)
 
 
 # ---------------------------------------------------------------- status
