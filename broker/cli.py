@@ -17,7 +17,7 @@ from broker import __version__
 
 if TYPE_CHECKING:
     from broker.auth.route_secret import OutputLine
-    from broker.config import Config, Route
+    from broker.config import Config
 
 EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus uses it to stop a restart loop
 
@@ -109,6 +109,10 @@ def _load(args: argparse.Namespace) -> Config | None:
         for line in exc.lines():
             print(line, file=sys.stderr)
         return None
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
 
 
 # ---------------------------------------------------------------- run
@@ -337,75 +341,33 @@ def cmd_uninstall_service(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- login / logout
 
 
-def _oauth_route(args: argparse.Namespace) -> tuple[Config, Route] | None:
-    from broker.auth import unknown_route_message
-    from broker.config import OAuthAuth
+def cmd_login(args: argparse.Namespace) -> int:
+    from broker.auth.oauth import LoginError, run_login
 
     cfg = _load(args)
     if cfg is None:
-        return None
-    route = cfg.route(args.route)
-    if route is None:
-        print(unknown_route_message(cfg, args.route), file=sys.stderr)
-        return None
-    if not isinstance(route.auth, OAuthAuth):
-        print(f"route {route.name!r} uses {route.auth.type}, not oauth; nothing to log in", file=sys.stderr)
-        return None
-    return cfg, route
-
-
-def cmd_login(args: argparse.Namespace) -> int:
-    import asyncio
-    from datetime import UTC, datetime
-
-    from broker.auth.oauth import LoginError, login
-    from broker.auth.secret_store import SecretStoreError, open_store
-
-    found = _oauth_route(args)
-    if found is None:
         return 1
-    cfg, route = found
-    store = open_store(cfg.secret_store, cfg.state_path())
-
-    def say(text: str) -> None:
-        print(text, flush=True)
-
     try:
-        result = asyncio.run(
-            login(cfg, route, store, open_browser=not args.no_browser, wait_s=args.timeout, say=say)
-        )
-    except (LoginError, SecretStoreError) as exc:
-        print(f"login failed: {exc}", file=sys.stderr)
+        said = run_login(cfg, args.route, open_browser=not args.no_browser, wait_s=args.timeout, say=_say)
+    except LoginError as exc:
+        print(exc, file=sys.stderr)
         return 1
-    t = result.tokens
-    who = t.subject or f"client {result.client_id}"
-    expires = datetime.fromtimestamp(t.expires_at, UTC).isoformat() if t.expires_at else "no expiry given"
-    print(f"logged in route {route.name!r} at {result.issuer} as {who}")
-    print(
-        f"scopes: {t.scope or '(none listed)'}; access token expires {expires}; refresh token: "
-        f"{'yes' if t.refresh_token else 'no'}"
-    )
+    print(*said, sep="\n")
     _tell_daemon(cfg)
     return 0
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
-    import asyncio
+    from broker.auth.oauth import LoginError, run_logout
 
-    from broker.auth.oauth import logout
-    from broker.auth.secret_store import SecretStoreError, open_store
-
-    found = _oauth_route(args)
-    if found is None:
+    cfg = _load(args)
+    if cfg is None:
         return 1
-    cfg, route = found
-    store = open_store(cfg.secret_store, cfg.state_path())
     try:
-        had = asyncio.run(logout(route, store, lambda text: print(text, flush=True)))
-    except SecretStoreError as exc:
-        print(f"logout failed: {exc}", file=sys.stderr)
+        print(run_logout(cfg, args.route, _say))
+    except LoginError as exc:
+        print(exc, file=sys.stderr)
         return 1
-    print(f"logged out route {route.name!r}" if had else f"route {route.name!r} was not logged in")
     _tell_daemon(cfg)
     return 0
 
@@ -450,10 +412,6 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- sandbox / demo
-
-
-def _say(text: str) -> None:
-    print(text, flush=True)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:

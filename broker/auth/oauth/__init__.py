@@ -16,7 +16,16 @@ from __future__ import annotations
 
 from broker.auth.oauth.credential import OAuthCredential
 from broker.auth.oauth.discovery import ServerMetadata, discover
-from broker.auth.oauth.login_flow import LoginError, LoginResult, login, logout
+from broker.auth.oauth.login_flow import (
+    LoginError,
+    LoginResult,
+    login,
+    login_summary,
+    logout,
+    oauth_route,
+    run_login,
+    run_logout,
+)
 from broker.auth.oauth.registration import ClientRecord, pinned_client, redirect_uri_for, register_client
 from broker.auth.oauth.revocation import revoke
 from broker.auth.oauth.store import OAuthStore
@@ -39,11 +48,15 @@ __all__ = [
     "endpoint_session",
     "error_code",
     "login",
+    "login_summary",
     "logout",
+    "oauth_route",
     "parse_token_response",
     "pinned_client",
     "redirect_uri_for",
     "register_client",
     "revoke",
+    "run_login",
+    "run_logout",
     "token_request",
 ]

@@ -3,8 +3,9 @@
 Owns: the one-shot loopback callback listener on 127.0.0.1 (RFC 8252 §7.3), `state` (random,
 single use, expiring), the `iss` check (RFC 9207), opening the browser without a shell and only
 for an https URL on the discovered issuer, the page the user sees (escaped), reusing or redoing
-the client registration, and revocation on logout. Must never: print or log a token, code or
-verifier; accept a callback it did not ask for.
+the client registration, revocation on logout, and what the two commands say (`run_login`,
+`run_logout`: the route they are given, the outcome in words). Must never: print or log a token,
+code or verifier; accept a callback it did not ask for.
 """
 
 from __future__ import annotations
@@ -16,26 +17,28 @@ import time
 import webbrowser
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 
+from broker.auth import unknown_route_message
 from broker.auth.oauth.discovery import ServerMetadata, discover
 from broker.auth.oauth.registration import ClientRecord, pinned_client, redirect_uri_for, register_client
 from broker.auth.oauth.revocation import revoke
 from broker.auth.oauth.store import OAuthStore
 from broker.auth.oauth.tokens import Pkce, TokenSet, parse_token_response, token_request
 from broker.auth.oauth.transport import OAuthError, endpoint_session
-from broker.auth.secret_store import SecretStore
+from broker.auth.secret_store import SecretStore, SecretStoreError, open_store
 from broker.config import Config, OAuthAuth, Route
 
 CALLBACK_PATH = "/callback"
 
 
 class LoginError(Exception):
-    """The login did not complete. The text is safe to print."""
+    """The login (or logout) did not complete. The text is safe to print."""
 
 
 @dataclass(frozen=True)
@@ -289,3 +292,55 @@ async def logout(route: Route, store: SecretStore, say: Callable[[str], None]) -
                 say(f"revoked at {client.issuer}: {', '.join(revoked) or 'nothing (the server refused)'}")
     await asyncio.to_thread(ostore.drop_tokens)
     return True
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def oauth_route(cfg: Config, name: str) -> Route:
+    """The route `login` / `logout` was given. Raises LoginError unless it is an oauth route."""
+    route = cfg.route(name)
+    if route is None:
+        raise LoginError(unknown_route_message(cfg, name))
+    if not isinstance(route.auth, OAuthAuth):
+        raise LoginError(f"route {route.name!r} uses {route.auth.type}, not oauth; nothing to log in")
+    return route
+
+
+def login_summary(route: Route, result: LoginResult) -> list[str]:
+    """Who a finished login is, with what scopes, until when: no token value, only whether a
+    refresh token came."""
+    t = result.tokens
+    who = t.subject or f"client {result.client_id}"
+    expires = datetime.fromtimestamp(t.expires_at, UTC).isoformat() if t.expires_at else "no expiry given"
+    return [
+        f"logged in route {route.name!r} at {result.issuer} as {who}",
+        f"scopes: {t.scope or '(none listed)'}; access token expires {expires}; refresh token: "
+        f"{'yes' if t.refresh_token else 'no'}",
+    ]
+
+
+def run_login(
+    cfg: Config, route_name: str, *, open_browser: bool, wait_s: float, say: Callable[[str], None]
+) -> list[str]:
+    """`agentcard-broker login ROUTE`: log the route in and return what to print; `say` tells
+    the user what to do meanwhile. Raises LoginError, its text the whole line to print."""
+    route = oauth_route(cfg, route_name)
+    store = open_store(cfg.secret_store, cfg.state_path())
+    try:
+        result = asyncio.run(login(cfg, route, store, open_browser=open_browser, wait_s=wait_s, say=say))
+    except (LoginError, SecretStoreError) as exc:
+        raise LoginError(f"login failed: {exc}") from None
+    return login_summary(route, result)
+
+
+def run_logout(cfg: Config, route_name: str, say: Callable[[str], None]) -> str:
+    """`agentcard-broker logout ROUTE`: revoke and forget the route's tokens; the line to print.
+    Raises LoginError, its text the whole line to print."""
+    route = oauth_route(cfg, route_name)
+    store = open_store(cfg.secret_store, cfg.state_path())
+    try:
+        had = asyncio.run(logout(route, store, say))
+    except SecretStoreError as exc:
+        raise LoginError(f"logout failed: {exc}") from None
+    return f"logged out route {route.name!r}" if had else f"route {route.name!r} was not logged in"
