@@ -74,10 +74,13 @@ def load_listen_only(path: str) -> Config | None:
     """
     items: Any = None
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        items = raw.get("listen") if isinstance(raw, dict) else None
+        if Path(path).is_file():  # never a FIFO or a device, which a read would wait on
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            items = raw.get("listen") if isinstance(raw, dict) else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         pass
+    if isinstance(items, str):  # `listen: 127.0.0.1:9000`, which load() takes as a list of one
+        items = [items]
     if not isinstance(items, list):
         items = [f"127.0.0.1:{DEFAULT_PORT}"]
     listens: list[Listen] = []

@@ -162,6 +162,16 @@ def test_no_listen_list_to_read_gives_the_default_address(cfg_path: Path, conten
     assert cfg is not None and cfg.listen == (Listen("tcp", host="127.0.0.1", port=8765),)
 
 
+def test_a_single_address_and_a_fifo(cfg_path: Path, tmp_path: Path) -> None:
+    write_text(cfg_path, "listen: 127.0.0.1:9003\nroutes: oops\n")
+    cfg = load_listen_only(str(cfg_path))
+    assert cfg is not None and cfg.listen == (Listen("tcp", host="127.0.0.1", port=9003),)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # nobody writes to it: reading it would wait for ever
+    cfg = load_listen_only(str(fifo))
+    assert cfg is not None and cfg.listen == (Listen("tcp", host="127.0.0.1", port=8765),)
+
+
 def test_no_address_that_parses_gives_none(cfg_path: Path) -> None:
     write_text(cfg_path, "listen: ['garbage', 12]\nroutes: oops\n")
     assert load_listen_only(str(cfg_path)) is None
