@@ -197,11 +197,14 @@ def test_system_preview_carries_its_config_for_the_sudo_user(monkeypatch: pytest
     assert "allowed_uids: [self, 4242]" in config
 
 
-@pytest.mark.skipif(os.getuid() == 0, reason="as root, --system would write to /etc")
 def test_system_install_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(os, "getuid", lambda: 4242)  # any user but root, also when CI runs as root
+    unit = Path("/etc/systemd/system/agentcard-broker.service")
+    existed = unit.exists()
     with pytest.raises(service.ServiceError, match="run it with sudo"):
         service.install_service(tmp_path / "config.yaml", system=True)
+    assert unit.exists() == existed  # refused before anything was written
 
 
 def test_no_service_manager_is_a_service_error(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
