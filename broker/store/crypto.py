@@ -100,13 +100,18 @@ class Unlocked:
     new_check: bytes | None  # a key check to store: the data had none yet
 
 
-def _parse_key(raw: str, where: str) -> bytes:
+def _where(secrets: SecretStore) -> str:
+    # only for errors: a keyring's description probes its backends (tens of ms at every start)
+    return f"account {MASTER_KEY_ACCOUNT!r} in {secrets.description}"
+
+
+def _parse_key(raw: str, secrets: SecretStore) -> bytes:
     try:
         key = base64.b64decode(raw.strip(), validate=True)
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != 32:
-        raise MasterKeyError(f"the master key ({where}) is not a base64 256-bit key")
+        raise MasterKeyError(f"the master key ({_where(secrets)}) is not a base64 256-bit key")
     return key
 
 
@@ -115,7 +120,6 @@ def unlock(secrets: SecretStore, stored_check: bytes | None, data_place: str) ->
 
     A missing key is created only when the data has no key check yet: a new key beside data sealed
     with a lost one would hide the loss until every user failed one by one."""
-    where = f"account {MASTER_KEY_ACCOUNT!r} in {secrets.description}"
     afresh = f"restore that key, or move {data_place} aside and every user connects again"
     try:
         raw = secrets.get(MASTER_KEY_ACCOUNT)
@@ -124,7 +128,8 @@ def unlock(secrets: SecretStore, stored_check: bytes | None, data_place: str) ->
     if raw is None:
         if stored_check is not None:
             raise MasterKeyError(
-                f"the master key ({where}) is missing, but {data_place} holds data sealed with one: {afresh}"
+                f"the master key ({_where(secrets)}) is missing, but {data_place} holds data sealed "
+                f"with one: {afresh}"
             )
         key = AESGCM.generate_key(bit_length=256)
         try:
@@ -133,13 +138,13 @@ def unlock(secrets: SecretStore, stored_check: bytes | None, data_place: str) ->
             raise MasterKeyError(f"the master key cannot be stored: {exc}") from None
         sealer = Sealer({KEY_ID: key})
         return Unlocked(sealer, sealer.key_check())
-    sealer = Sealer({KEY_ID: _parse_key(raw, where)})
+    sealer = Sealer({KEY_ID: _parse_key(raw, secrets)})
     if stored_check is None:
         return Unlocked(sealer, sealer.key_check())
     try:
         sealer.open(stored_check, _KEY_CHECK_PLACE)
     except SealBroken:
         raise MasterKeyError(
-            f"the master key ({where}) is not the one {data_place} was sealed with: {afresh}"
+            f"the master key ({_where(secrets)}) is not the one {data_place} was sealed with: {afresh}"
         ) from None
     return Unlocked(sealer, None)
