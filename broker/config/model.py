@@ -46,6 +46,11 @@ class OAuthAuth:
     scopes: tuple[str, ...] = ()
     redirect_port: int = DEFAULT_REDIRECT_PORT
     type: Literal["oauth"] = "oauth"
+    # per_user: one grant per end user of a chat platform (SPEC "Per-user routes"), the user
+    # named by `user_header` on requests from an authenticated platform client
+    per_user: bool = False
+    user_header: str = "X-User-ID"
+    user_label_header: str | None = None  # shown on the connect page (an email, a display name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +151,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PlatformClient:
+    """A chat platform's backend allowed on per-user routes; its token is kept (hashed) in the store."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     listen: tuple[Listen, ...]
@@ -156,6 +168,9 @@ class Config:
     allow_remote: bool = False
     allow_insecure_upstream: bool = False
     secret_store: Literal["keyring", "file"] = "keyring"
+    public_url: str | None = None  # where end users' browsers reach the broker (connect pages, callback)
+    store: str = "sqlite"  # per-user state: "sqlite" (a file in the state dir); "redis://…" (issue 17)
+    clients: tuple[PlatformClient, ...] = ()  # platform backends allowed on per-user routes
     state_dir: str = ""  # "" = the platform's user state dir
     socket_mode: int = 0o600  # unix listeners; 0o660 for the system-user setup (group access)
     limits: Limits = field(default_factory=Limits)
