@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 ERROR_HEADER = "X-Broker-Error"
 JSONRPC_BROKER_ERROR = -32001
+JSONRPC_URL_ELICITATION = -32042  # URLElicitationRequiredError, MCP 2025-11-25: "open this link"
 
 # code -> HTTP status (SPEC.md "What agents see", plus not_found for unknown /_broker/ paths
 # and peer_not_allowed for a unix-socket peer of another uid).
@@ -39,6 +40,10 @@ STATUS_BY_CODE: dict[str, int] = {
     "needs_login": 503,
     "credential_rejected": 503,
     "upstream_timeout": 504,
+    "client_unauthorized": 403,
+    "user_required": 400,
+    "needs_connect": 403,
+    "store_unavailable": 503,
 }
 
 
@@ -51,6 +56,7 @@ class BrokerError(Exception):
     route: str | None = None
     retry_after: int | None = None
     http_status: int | None = None  # overrides the table, e.g. 431 for oversized headers
+    connect_url: str | None = None  # needs_connect: where the end user connects AgentCard
 
     def __post_init__(self) -> None:
         if self.code not in STATUS_BY_CODE:
@@ -66,8 +72,26 @@ class BrokerError(Exception):
 
 def error_body(err: BrokerError, jsonrpc_id: Any = None, jsonrpc: bool = False) -> bytes:
     """The response body for `err`: a JSON-RPC error object when the request was JSON-RPC."""
-    if jsonrpc:
+    if jsonrpc and err.connect_url is not None:
+        # the MCP client raises URLElicitationRequiredError and offers the link; one that does
+        # not know URL elicitation still shows the message, which carries the link too
+        elicitation = {
+            "mode": "url",
+            "elicitationId": err.connect_url.rstrip("/").rsplit("/", 1)[-1],
+            "url": err.connect_url,
+            "message": err.message,
+        }
         doc: dict[str, Any] = {
+            "jsonrpc": "2.0",
+            "id": jsonrpc_id,
+            "error": {
+                "code": JSONRPC_URL_ELICITATION,
+                "message": err.message,
+                "data": {"elicitations": [elicitation], "code": err.code, "route": err.route},
+            },
+        }
+    elif jsonrpc:
+        doc = {
             "jsonrpc": "2.0",
             "id": jsonrpc_id,
             "error": {
@@ -78,6 +102,8 @@ def error_body(err: BrokerError, jsonrpc_id: Any = None, jsonrpc: bool = False) 
         }
     else:
         doc = {"error": {"code": err.code, "message": err.message, "route": err.route}}
+        if err.connect_url is not None:
+            doc["error"]["connect_url"] = err.connect_url
     return json.dumps(doc).encode()
 
 

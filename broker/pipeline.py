@@ -111,9 +111,8 @@ class Pipeline:
     def _answerable(self, err: BrokerError, call: Call | None) -> BrokerError:
         # a message can quote an upstream's words (a token endpoint's error): mask held secrets
         route = err.route or (call.route if call is not None else None)
-        return BrokerError(
-            err.code, self.rt.secrets.redact(err.message), route, err.retry_after, err.http_status
-        )
+        message = self.rt.secrets.redact(err.message)
+        return BrokerError(err.code, message, route, err.retry_after, err.http_status, err.connect_url)
 
     @staticmethod
     def _done(
