@@ -7,6 +7,8 @@ The package, layer by layer (each imports only those above it):
   safe_yaml.py  YAML text -> plain values, with the line of every place
   checker.py    typed reads of plain values that turn each problem into an issue
   checks.py     plain values -> the model, checking every rule of SPEC.md "Config file"
+  per_user.py   the keys of SPEC.md "Per-user routes" (public_url, store, clients, user headers),
+                which checks.py calls
   loading.py    the file on disk -> Config: file safety, read, parse, check (or, for a file
                 that does not load, its listen addresses alone)
 

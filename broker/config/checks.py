@@ -2,9 +2,10 @@
 
 Owns: the rules of SPEC.md "Config file": which keys exist, loopback-only listeners, https
 upstreams without credentials, route names and prefixes, auth blocks, policies, and no literal
-secret anywhere (only `keyring`, `env:NAME` or `file:PATH`). Every problem is collected with
-its place, none stops the check. Must never: echo a value that could be a secret in an issue,
-read files, or touch the secret store (a config only describes where secrets live).
+secret anywhere (only `keyring`, `env:NAME` or `file:PATH`); per_user.py checks the per-user
+keys for it. Every problem is collected with its place, none stops the check. Must never: echo
+a value that could be a secret in an issue, read files, or touch the secret store (a config
+only describes where secrets live).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from broker.config.model import (
     Timeouts,
     Window,
 )
+from broker.config.per_user import PER_USER_KEYS, parse_platform, parse_user_fields, without_user_fields
 from broker.scrub import SECRET_SHAPE as SECRET_LITERAL
 
 DEFAULT_PORT = 8765
@@ -174,15 +176,16 @@ def parse_auth(value: Any, place: str, insecure_ok: bool, c: Checker) -> Auth | 
     m: dict[str, Any] = value
     kind = m.get("type")
     if kind == "api_key":
-        c.only_keys(m, place, {"type", "key", "allow_live"})
+        c.only_keys(without_user_fields(m, place, kind, c), place, {"type", "key", "allow_live"})
         return ApiKeyAuth(
             key=parse_secret_ref(m.get("key"), child_place(place, "key"), c),
             allow_live=c.boolean(m, "allow_live", place, False),
         )
     if kind == "oauth":
-        c.only_keys(m, place, {"type", "client_id", "client_secret", "scopes", "redirect_port"})
+        allowed = {"type", "client_id", "client_secret", "scopes", "redirect_port"}
+        c.only_keys(m, place, allowed | PER_USER_KEYS)
         secret = m.get("client_secret")
-        return OAuthAuth(
+        auth = OAuthAuth(
             client_id=c.string(m, "client_id", place),
             client_secret=(
                 parse_secret_ref(secret, child_place(place, "client_secret"), c)
@@ -192,8 +195,10 @@ def parse_auth(value: Any, place: str, insecure_ok: bool, c: Checker) -> Auth | 
             scopes=c.strings(m, "scopes", place, ()),
             redirect_port=c.integer(m, "redirect_port", place, DEFAULT_REDIRECT_PORT, 1, 65535),
         )
+        return parse_user_fields(m, place, c, auth)
     if kind == "client_credentials":
-        c.only_keys(m, place, {"type", "token_url", "client_id", "client_secret", "scopes"})
+        allowed = {"type", "token_url", "client_id", "client_secret", "scopes"}
+        c.only_keys(without_user_fields(m, place, kind, c), place, allowed)
         token_url = parse_upstream(m.get("token_url"), child_place(place, "token_url"), insecure_ok, c)
         client_id = c.string(m, "client_id", place)
         if client_id is None:
@@ -301,7 +306,7 @@ def parse_policy(value: Any, place: str, c: Checker) -> Policy | None:
 TOP_KEYS = {
     "listen", "allowed_hosts", "allowed_origins", "allowed_uids", "allow_remote",
     "allow_insecure_upstream", "secret_store", "state_dir", "socket_mode", "limits", "timeouts", "log",
-    "routes",
+    "routes", "public_url", "store", "clients",
 }  # fmt: skip
 
 
@@ -418,6 +423,7 @@ def build_config(data: Any, lines: dict[str, int], path: str, issues: list[Confi
         if name and prefix and upstream and auth:
             names.add(name)
             routes.append(Route(name, prefix, upstream, auth, place, policy))
+    platform = parse_platform(top, routes, insecure, c)
 
     if issues:
         return None
@@ -431,6 +437,9 @@ def build_config(data: Any, lines: dict[str, int], path: str, issues: list[Confi
         allow_remote=allow_remote,
         allow_insecure_upstream=insecure,
         secret_store=store,
+        public_url=platform.public_url,
+        store=platform.store,
+        clients=platform.clients,
         state_dir=str(Path(sdir).expanduser()) if sdir else "",
         socket_mode=socket_mode,
         limits=limits,
