@@ -57,10 +57,14 @@ class Connections:
 
 
 def allowed_host_values(cfg: Config, port: int | None) -> frozenset[str]:
-    """Exact Host header values accepted on a listener (`127.0.0.1:8765`, `[::1]:8765`, …)."""
+    """Exact Host header values accepted on a listener (`127.0.0.1:8765`, `[::1]:8765`, …), and
+    `public_url`'s authority on every listener: the reverse proxy in front passes the browser's
+    Host through, whatever port it reaches the broker on."""
+    # public_url is checked to be an origin, scheme://authority (config/per_user.py)
+    public = {cfg.public_url.partition("://")[2].partition("/")[0].lower()} if cfg.public_url else set()
     if port is None:  # a unix socket cannot be reached by a browser; any allowed name will do
-        return frozenset(cfg.allowed_hosts)
-    values = {f"{h}:{port}" for h in cfg.allowed_hosts}
+        return frozenset(cfg.allowed_hosts) | public
+    values = {f"{h}:{port}" for h in cfg.allowed_hosts} | public
     if port == 80:
         values.update(cfg.allowed_hosts)
     return frozenset(values)
