@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from broker import config as config_mod
-from broker.config import Config
+from broker.config import ApiKeyAuth, Config, Listen, OAuthAuth, PlatformClient, Route
 from broker.tools import ToolError, connect
 from tests.conftest import TEST_KEY, store_key, write_config
 
@@ -191,3 +191,78 @@ def test_write_reports_and_refuses_with_tool_errors(tmp_path: Path, isolated_env
     assert broken.read_text() == "{ not json"
     with pytest.raises(ToolError, match="keeps no config file this command can edit; run it without --write"):
         connect.write(connect.plan_for(cfg, "claude-code", "mcp"))
+
+
+# ---------------------------------------------------------------- --per-user: chat platforms
+
+
+def per_user_config(tmp_path: Path, auth: OAuthAuth, clients: tuple[str, ...] = ("librechat",)) -> Config:
+    api = Route("api", "/", "https://api.example.test", ApiKeyAuth())
+    return Config(
+        path=str(tmp_path / "c.yaml"),
+        listen=(Listen("tcp", "127.0.0.1", 9911),),
+        routes=(Route("mcp", "/mcp", "https://mcp.example.test/mcp", auth), api),
+        public_url="https://broker.example.test",
+        clients=tuple(PlatformClient(n) for n in clients),
+    )
+
+
+def test_per_user_librechat_sends_the_user_header_and_a_token_reference(tmp_path: Path) -> None:
+    auth = OAuthAuth(per_user=True, user_header="X-Chat-User", user_label_header="X-Chat-Email")
+    plan = connect.plan_for(per_user_config(tmp_path, auth), "librechat", "mcp", per_user=True)
+    assert plan.entry == {
+        "type": "streamable-http",
+        "url": "http://127.0.0.1:9911/mcp",
+        "headers": {
+            "X-Chat-User": "{{LIBRECHAT_USER_ID}}",  # the route's own user_header
+            "Authorization": "Bearer ${AGENTCARD_BROKER_TOKEN}",  # LibreChat fills it from its .env
+            "X-Chat-Email": "{{LIBRECHAT_USER_EMAIL}}",
+        },
+    }
+    text = connect.preview(plan)
+    assert yaml.safe_load(text)["mcpServers"]["agentcard"] == plan.entry  # the printed YAML is that entry
+    assert "X-Chat-User: '{{LIBRECHAT_USER_ID}}'" in text
+    assert "AGENTCARD_BROKER_TOKEN=<the token `agentcard-broker clients add librechat` printed>" in text
+    assert "agentcard-broker connect librechat --per-user --write" in text
+    assert "acb_" not in text and "note:" not in text
+
+    target = tmp_path / "librechat.yaml"
+    target.write_text("version: 1.2.1\n")
+    connect.write(plan, target)
+    assert yaml.safe_load(target.read_text()) == {"version": "1.2.1", "mcpServers": {"agentcard": plan.entry}}
+
+
+def test_per_user_open_webui_forwards_user_info_headers(tmp_path: Path) -> None:
+    auth = OAuthAuth(per_user=True, user_header="x-openwebui-user-id")
+    cfg = per_user_config(tmp_path, auth, clients=("open_webui",))
+    text = connect.preview(connect.plan_for(cfg, "open-webui", "mcp", per_user=True))
+    assert "ENABLE_FORWARD_USER_INFO_HEADERS=true" in text
+    assert "X-OpenWebUI-User-Id" in text
+    assert "URL             http://127.0.0.1:9911/mcp" in text
+    assert "Bearer, with the token `agentcard-broker clients add open_webui` printed" in text
+    assert "Authorization: Bearer <token>" in text
+    assert "acb_" not in text and "note:" not in text and "--write" not in text
+
+    # a route reading another header, a platform missing from `clients:`: said, not guessed
+    other = per_user_config(tmp_path, OAuthAuth(per_user=True), clients=("librechat",))
+    text = connect.preview(connect.plan_for(other, "open-webui", "mcp", per_user=True))
+    assert "note: route 'mcp' reads the user from X-User-ID, which Open WebUI does not send" in text
+    assert "set `user_header: X-OpenWebUI-User-Id`" in text
+    assert f"note: {other.path} names no client 'open-webui'" in text
+    assert "clients add open-webui" in text
+
+
+def test_per_user_is_refused_where_it_does_not_apply(tmp_path: Path) -> None:
+    cfg = per_user_config(tmp_path, OAuthAuth())  # an oauth route with one shared login
+    with pytest.raises(ToolError) as exc:
+        connect.plan_for(cfg, "librechat", "mcp", per_user=True)
+    assert str(exc.value).startswith(
+        "route 'mcp' is not a per-user route: its one oauth credential is shared"
+    )
+    assert "`per_user: true`" in str(exc.value) and "without --per-user" in str(exc.value)
+    with pytest.raises(ToolError, match="route 'api' is not a per-user route: its one api_key credential"):
+        connect.plan_for(cfg, "open-webui", "api", per_user=True)
+    with pytest.raises(ToolError, match=r"no route named 'nope' in .*\(routes: mcp, api\)"):
+        connect.plan_for(cfg, "librechat", "nope", per_user=True)
+    with pytest.raises(ToolError, match=r"--per-user is for chat platforms .*: librechat, open-webui"):
+        connect.plan_for(per_user_config(tmp_path, OAuthAuth(per_user=True)), "cursor", "mcp", per_user=True)
