@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
         "--file", metavar="PATH", help="the host config file to merge into (default: the host's own)"
     )
     cn.add_argument("--route", default="mcp", help="the MCP route (default: mcp)")
+    cn.add_argument("--per-user", action="store_true", help="a chat platform on a per-user route")
+    cl = sub.add_parser("clients", parents=[common], help="platform clients of per-user routes: their tokens")
+    cl.add_argument("action", choices=["add", "list", "remove"])
+    cl.add_argument("name", nargs="?", help="a name under `clients:` in the config (add, remove)")
+    cl.add_argument("--json", action="store_true", help="machine-readable output (list)")
+    us = sub.add_parser("users", parents=[common], help="end users of per-user routes; `users revoke ...`")
+    us.add_argument("words", nargs="*", metavar="ROUTE | revoke ROUTE CLIENT USER")
+    us.add_argument("--json", action="store_true", help="machine-readable output")
     sb = sub.add_parser("sandbox", help="run a local stand-in for AgentCard (test data only) on 127.0.0.1")
     sb.add_argument("--port", type=int, default=8780, help="port on 127.0.0.1 (default 8780)")
     sub.add_parser("demo", help="see the broker work end to end against the sandbox, offline")
@@ -88,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         "sandbox": cmd_sandbox,
         "demo": cmd_demo,
         "connect": cmd_connect,
+        "clients": cmd_clients,
+        "users": cmd_users,
         "login": cmd_login,
         "logout": cmd_logout,
         "install-service": cmd_install_service,
@@ -400,7 +410,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if cfg is None:
         return 1
     try:
-        plan = connect.plan_for(cfg, args.host, args.route)
+        plan = connect.plan_for(cfg, args.host, args.route, per_user=args.per_user)
         if args.write:
             print(*connect.write(plan, Path(args.file) if args.file else None), sep="\n")
         else:
@@ -409,6 +419,67 @@ def cmd_connect(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     return 0
+
+
+# ---------------------------------------------------------------- clients / users (per-user routes)
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    from broker.auth import platform_clients as pc
+
+    if (args.name is None) != (args.action == "list"):
+        name = "" if args.action == "list" else " NAME"
+        print(f"usage: agentcard-broker clients {args.action}{name}", file=sys.stderr)
+        return 2
+    cfg = _load(args)
+    if cfg is None:
+        return 1
+    try:
+        if args.action == "add":
+            _print_lines(pc.add_client(cfg, args.name))  # the token alone on stdout, the rest on stderr
+        elif args.action == "remove":
+            print(pc.remove_client(cfg, args.name))
+            _tell_daemon(cfg)  # it may hold the token's lookup
+        else:
+            rows = pc.list_clients(cfg)
+            _print_listing(pc.clients_doc(rows), pc.clients_table(rows), args.json)
+    except pc.PlatformClientError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from broker.auth import platform_clients as pc
+
+    words = args.words
+    revoking = words[:1] == ["revoke"] and len(words) > 1
+    if len(words) > 1 and not (revoking and len(words) == 4):
+        print("usage: agentcard-broker users [ROUTE] | users revoke ROUTE CLIENT USER", file=sys.stderr)
+        return 2
+    cfg = _load(args)
+    if cfg is None:
+        return 1
+    try:
+        if revoking:
+            _print_lines(pc.revoke_user(cfg, *words[1:]))
+            _tell_daemon(cfg)  # it drops its cached copy of the grant
+        else:
+            grants = pc.list_users(cfg, words[0] if words else None)
+            _print_listing(pc.users_doc(grants), pc.users_table(grants), args.json)
+    except pc.PlatformClientError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_listing(doc: list[dict[str, Any]], table: list[list[str]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    elif len(table) > 1:
+        _print_table(table)
+    else:
+        print("none yet")
 
 
 # ---------------------------------------------------------------- sandbox / demo
