@@ -3,8 +3,9 @@
 Owns: `ClientRecord` (a client id, a confidential client's secret, and the endpoints it is used
 at), RFC 7591 dynamic registration as a public client (PKCE, no secret), a `client_id` pinned in
 the config with a confidential client's secret read from its reference, and the loopback
-redirect URI both register. Must never: put a client secret in an error; register a redirect
-URI other than the literal 127.0.0.1 loopback.
+redirect URI both register (a per-user route passes its `public_url` callback instead). Must
+never: put a client secret in an error; register a redirect URI other than the literal 127.0.0.1
+loopback or, for a per-user route, the callback under the configured `public_url`.
 """
 
 from __future__ import annotations
@@ -49,9 +50,14 @@ def redirect_uri_for(auth: OAuthAuth) -> str:
 
 
 async def register_client(
-    session: aiohttp.ClientSession, meta: ServerMetadata, redirect_uri: str, scopes: tuple[str, ...]
+    session: aiohttp.ClientSession,
+    meta: ServerMetadata,
+    redirect_uri: str,
+    scopes: tuple[str, ...],
+    application_type: str | None = None,
 ) -> ClientRecord:
-    """RFC 7591 dynamic registration as a public client (PKCE, no secret)."""
+    """RFC 7591 dynamic registration as a public client (PKCE, no secret). `application_type`
+    (OpenID registration, MCP SEP-837): "web" for a redirect URI on a public host."""
     if not meta.registration_endpoint:
         raise OAuthError("the server offers no dynamic client registration; set auth.client_id in the config")
     body: dict[str, Any] = {
@@ -63,6 +69,8 @@ async def register_client(
     }
     if scopes:
         body["scope"] = " ".join(scopes)
+    if application_type:
+        body["application_type"] = application_type
     try:
         async with session.post(
             meta.registration_endpoint, json=body, allow_redirects=False, timeout=HTTP_TIMEOUT
@@ -76,8 +84,11 @@ async def register_client(
     return _client_at(meta, str(doc["client_id"]), secret, redirect_uri, registered=True)
 
 
-def pinned_client(route: Route, auth: OAuthAuth, meta: ServerMetadata, store: SecretStore) -> ClientRecord:
-    """A client_id from the config (+ a confidential client's secret from its reference)."""
+def pinned_client(
+    route: Route, auth: OAuthAuth, meta: ServerMetadata, store: SecretStore, redirect_uri: str | None = None
+) -> ClientRecord:
+    """A client_id from the config (+ a confidential client's secret from its reference), used
+    with `redirect_uri` (default: the loopback one `login` listens on)."""
     assert auth.client_id is not None
     secret = None
     if auth.client_secret is not None:
@@ -87,7 +98,7 @@ def pinned_client(route: Route, auth: OAuthAuth, meta: ServerMetadata, store: Se
                 f"the client secret is missing: {found.reason}; run: agentcard-broker set-key {route.name}"
             )
         secret = found.value
-    return _client_at(meta, auth.client_id, secret, redirect_uri_for(auth), registered=False)
+    return _client_at(meta, auth.client_id, secret, redirect_uri or redirect_uri_for(auth), registered=False)
 
 
 def _client_at(
