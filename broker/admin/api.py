@@ -104,6 +104,12 @@ async def handle(request: Request, rt: Runtime) -> StreamResponse:
         await rt.reload(reason="api")
         await rt.reread_credentials()
         return _json({"reloaded": rt.config_error is None, "config": {"error": rt.config_error}})
+    if path.startswith("/_broker/connect/") or path == "/_broker/callback":
+        from broker.admin import connect  # the OAuth client modules, only once a browser comes
+
+        if path == "/_broker/callback":
+            return await connect.callback(request, rt)
+        return await connect.connect_page(request, rt, path.removeprefix("/_broker/connect/"))
     raise BrokerError("not_found", "unknown /_broker/ endpoint (health, status, metrics, reload)")
 
 
