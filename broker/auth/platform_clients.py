@@ -212,20 +212,50 @@ def users_table(grants: list[GrantInfo]) -> list[list[str]]:
 
 
 def revoke_user(cfg: Config, route: str, client: str, user: str) -> list[OutputLine]:
-    """`users revoke ROUTE CLIENT USER`: forget the user's grant; the caller then tells a running
-    daemon to drop its copy."""
-    gone = _with_store(cfg, lambda store: store.delete_grant(route, client, user), create=False)
+    """`users revoke ROUTE CLIENT USER`: revoke the user's tokens at AgentCard (best effort, on a
+    per-user route of the config) and forget the grant; the caller then tells a running daemon."""
+    from broker.config import OAuthAuth
+
+    configured = cfg.route(route)
+    is_per_user = (
+        configured is not None and isinstance(configured.auth, OAuthAuth) and configured.auth.per_user
+    )
+    per_user = configured if is_per_user else None
+
+    async def forget(store: StateStore) -> bool:
+        if per_user is None:  # a dropped route: no OAuth client left to revoke with
+            return await store.delete_grant(route, client, user)
+        from broker.auth.per_user import UserGrants
+        from broker.errors import BrokerError
+        from broker.scrub import SecretSet
+
+        grants = UserGrants(per_user, cfg, store, open_store(cfg.secret_store, cfg.state_path()), SecretSet())
+        try:
+            return await grants.revoke(client, user)
+        except BrokerError as exc:
+            raise PlatformClientError(exc.message) from None
+        finally:
+            await grants.close()
+
+    gone = _with_store(cfg, forget, create=False)
     who = f"user {shown(user)!r} of client {shown(client)!r} on route {shown(route)!r}"
     if not gone:
-        if cfg.route(route) is None:
+        if configured is None:
             from broker.auth import unknown_route_message
 
             raise PlatformClientError(unknown_route_message(cfg, route))
         raise PlatformClientError(f"no grant for {who} (see: agentcard-broker users {route})")
-    return [
-        OutputLine(f"forgot the grant of {who}; they will be asked to connect again"),
-        OutputLine(
-            "upstream revocation was not attempted: the tokens stay valid at AgentCard until they expire",
-            True,
-        ),
-    ]
+    said = [OutputLine(f"forgot the grant of {who}; they will be asked to connect again")]
+    if per_user is None:
+        said.append(
+            OutputLine(
+                f"upstream revocation was not attempted: {route!r} is not a per-user route in the config; "
+                "the tokens stay valid at AgentCard until they expire",
+                True,
+            )
+        )
+    else:
+        said.append(
+            OutputLine("AgentCard was asked first to revoke its tokens (best effort: a dead grant has none)")
+        )
+    return said

@@ -184,6 +184,9 @@ def test_revoke_forgets_the_grant_and_a_second_revoke_fails(tmp_path: Path) -> N
     )
     said = pc.revoke_user(cfg, "old", "librechat", "u-1")
     assert said[0].text.startswith("forgot the grant of user 'u-1' of client 'librechat' on route 'old'")
+    assert said[1].to_stderr and said[1].text.startswith(
+        "upstream revocation was not attempted: 'old' is not a per-user route in the config"
+    )  # a dropped route leaves no OAuth client to revoke with (tests/e2e: a per-user route revokes)
     assert all(AT not in line.text and RT not in line.text for line in said)
     assert [g.user for g in pc.list_users(cfg, None)] == ["u-2"]  # only that user
     with pytest.raises(pc.PlatformClientError, match="no route named 'old'"):
