@@ -29,6 +29,7 @@ from tests.mcp_upstream import McpUpstream, run_mcp_upstream
 from tests.store.conftest import Clock
 
 PUBLIC_URL = "https://broker.example.test"
+NEAR_EXPIRY_S = 2.5
 
 
 def per_user_config(up: McpUpstream, public_url: str = PUBLIC_URL, name: str = "mcp") -> tuple[Config, Route]:
@@ -104,8 +105,9 @@ def bearer(header: dict[str, str]) -> str:
 
 
 async def expire_access_tokens(up: McpUpstream) -> None:
-    """Time passes: the tokens' lifetime (2 s) is nearly over, so the broker refreshes."""
-    up.provider.access_ttl = 2
+    """Tokens issued from now on live 3 s: the broker refreshes them from 2.4 s on (its margin
+    is a fifth of the lifetime), which `NEAR_EXPIRY_S` of sleep reaches."""
+    up.provider.access_ttl = 3
 
 
 # ---------------------------------------------------------------- connect links
@@ -261,7 +263,7 @@ async def test_concurrent_requests_across_an_expiry_refresh_once(setup: Setup) -
     first = await cred.authorization()
     assert cred.ready_authorization() == first
     old = await tokens_of(setup.store, "alice")
-    await asyncio.sleep(1.7)  # within the refresh margin before the 2 s expiry
+    await asyncio.sleep(NEAR_EXPIRY_S)  # within the refresh margin before the 3 s expiry
     assert cred.ready_authorization() is None
     headers = await asyncio.gather(*(cred.authorization() for _ in range(20)))
     assert up.recorder.grants["refresh_token"] == 1
@@ -283,7 +285,7 @@ async def test_two_processes_refresh_one_user_once(setup: Setup, up: McpUpstream
         a = setup.grants.credential("librechat", "alice", None)
         b = second.grants.credential("librechat", "alice", None)
         await asyncio.gather(a.authorization(), b.authorization())  # both hold the same tokens
-        await asyncio.sleep(1.7)
+        await asyncio.sleep(NEAR_EXPIRY_S)
         headers = await asyncio.gather(*(c.authorization() for c in (a, b) for _ in range(10)))
         assert up.recorder.grants["refresh_token"] == 1
         assert len({bearer(h) for h in headers}) == 1
@@ -303,7 +305,7 @@ async def test_a_dead_grant_ends_only_that_user(setup: Setup) -> None:
     # AgentCard forgets alice's grant (she revoked it there): her refresh token is refused
     dead = await tokens_of(setup.store, "alice")
     up.provider.refresh_tokens.pop(str(dead.refresh_token))
-    await asyncio.sleep(1.7)
+    await asyncio.sleep(NEAR_EXPIRY_S)
     with pytest.raises(BrokerError) as err:
         await alice.authorization()
     assert err.value.code == "needs_connect"
@@ -362,7 +364,7 @@ async def test_the_store_file_holds_no_token(setup: Setup) -> None:
     await connect(g, "librechat", "alice")
     cred = g.credential("librechat", "alice", None)
     seen = [await cred.authorization()]
-    await asyncio.sleep(1.7)
+    await asyncio.sleep(NEAR_EXPIRY_S)
     seen.append(await cred.authorization())
     assert up.recorder.grants["refresh_token"] == 1
     held = {bearer(h) for h in seen} | set(up.provider.refresh_tokens) | set(up.provider.access_tokens)
@@ -373,3 +375,19 @@ async def test_the_store_file_holds_no_token(setup: Setup) -> None:
         assert secret.encode() not in raw
     # and nothing the credential reports carries a token
     assert all(secret not in f"{cred.reason} {cred.details()} {cred.check()}" for secret in held)
+
+
+async def test_credentials_are_cached_and_bounded(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.auth import per_user
+
+    monkeypatch.setattr(per_user, "MAX_CACHED_USERS", 2)
+    g = setup.grants
+    alice = g.credential("librechat", "alice", None)
+    assert g.credential("librechat", "alice", "alice@example.test") is alice
+    assert alice.has_mode is False and alice.mode is None and alice.can_refresh
+    bob = g.credential("librechat", "bob", None)
+    g.credential("librechat", "alice", None)  # used last: bob is now the oldest
+    g.credential("librechat", "carol", None)
+    assert g.credential("librechat", "alice", None) is alice
+    assert g.credential("librechat", "bob", None) is not bob  # evicted: a new one reads the store
+    assert g.credential("openwebui", "alice", None) is not alice
