@@ -96,3 +96,34 @@ def check(request: Request, cfg: Config, hosts: frozenset[str]) -> BrokerError |
             "broker's config, send a plain path",
         )
     return None
+
+
+BROWSER_PAGES = ("/_broker/connect/", "/_broker/callback")
+
+
+def is_browser_page(raw_path: str) -> bool:
+    """The two paths served to end users' browsers on per-user routes (as sent, before routing
+    normalizes them: another spelling gets the ordinary guard, which refuses browsers)."""
+    return raw_path.startswith(BROWSER_PAGES[0]) or raw_path.partition("?")[0] == BROWSER_PAGES[1]
+
+
+def check_page(request: Request, cfg: Config, hosts: frozenset[str]) -> BrokerError | None:
+    """The guard for the connect and callback pages: browsers arrive there from the chat
+    platform's pages (a cross-site, top-level navigation) and post the connect form from
+    `public_url` itself. Nothing else from a browser is let through."""
+    host_values = request.headers.getall("Host", [])
+    if len(host_values) != 1 or host_values[0].lower() not in hosts:
+        return BrokerError("host_not_allowed", "the Host header is not one the broker serves")
+    public = (cfg.public_url or "").rstrip("/")
+    origin = request.headers.get("Origin")
+    site = request.headers.get("Sec-Fetch-Site", "").lower()
+    if request.method in ("GET", "HEAD"):
+        cross = site in _CROSS_SITE
+        if cross and request.headers.get("Sec-Fetch-Mode", "").lower() != "navigate":
+            return BrokerError("origin_not_allowed", "only a top-level navigation may open this page")
+        return None
+    if request.method == "POST":
+        if not public or origin != public:
+            return BrokerError("origin_not_allowed", "this form is only accepted from the broker's own page")
+        return None
+    return BrokerError("method_not_allowed", "use GET, or POST from the page itself")

@@ -195,9 +195,12 @@ class Audit:
         write = self._setup.audit if self._setup is not None else _structlog_audit
         if write is _no_audit:  # above info level: not even the line's fields are worth building
             return
+        # a per-user route's line names the platform client and the end user
+        who = {"client": outcome.client, "user": outcome.user} if outcome.client is not None else {}
         write(
             request_id=outcome.id,
             route=outcome.route,
+            **who,
             method=outcome.method,
             path=safe_path(outcome.raw_path),
             status=outcome.status,

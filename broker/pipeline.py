@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 _new = tuple.__new__
 DETAILED = frozenset({"policy_denied", "rate_limited"})  # the audit line says which rule refused
+_NOBODY = (None, None)
 NOT_FORWARDED = proxy.Forwarded(None, None, None, False, None, 0)
 
 
@@ -82,7 +83,11 @@ class Pipeline:
                     return await admin.handle(request, rt)
                 if target is not None:
                     route = target.route.name
-                    call = _new(Call, (rid, route, request, target, snap.credentials[route]))
+                    if route in snap.per_user:  # identity: the platform client, then its end user
+                        user, credential = await snap.end_user(request, target.route)
+                        call = _new(Call, (rid, route, request, target, credential, user))
+                    else:
+                        call = _new(Call, (rid, route, request, target, snap.credentials[route], None))
                     body = RequestBody(request, snap.config.limits.max_body_bytes, route)
                     for hook in snap.hooks.by_route[route]:
                         verdict = await hook.request(call, body)
@@ -143,6 +148,7 @@ class Pipeline:
                 err.message if err is not None and err.code in DETAILED else None,
                 body.size if body is not None else 0,
                 bytes_out,
+                *(call[5] if call is not None and call[5] is not None else _NOBODY),  # client, user
             ),
         )
         for verdict in verdicts:

@@ -26,7 +26,7 @@ from broker.http.framing import NO_BODY_STATUS, tokens
 from broker.http.server import HeadersWithBody, Request, StreamResponse
 
 if TYPE_CHECKING:
-    from broker.config import Timeouts
+    from broker.config import Auth, Timeouts
     from broker.hooks import Call, Rewrite
     from broker.routing import RouteTable, Target
     from broker.scrub import StreamScrubber
@@ -118,9 +118,21 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str] | frozenset[s
     return set(tokens(values))
 
 
-def upstream_headers(agent: CIMultiDictProxy[str], credential: dict[str, str]) -> CIMultiDict[str]:
+_NO_HEADERS: frozenset[str] = frozenset()
+
+
+def _identity_headers(auth: Auth) -> frozenset[str]:
+    names = (getattr(auth, "user_header", None), getattr(auth, "user_label_header", None))
+    return frozenset(n.lower() for n in names if n)
+
+
+def upstream_headers(
+    agent: CIMultiDictProxy[str], credential: dict[str, str], also_drop: frozenset[str] = _NO_HEADERS
+) -> CIMultiDict[str]:
     """Agent headers minus credentials/hop-by-hop, then the route's credential added last."""
     drop = REQUEST_DROP | _connection_tokens(agent) if "Connection" in agent else REQUEST_DROP
+    if also_drop:
+        drop = drop | also_drop
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in agent.items():
         lower = name.lower()
@@ -170,12 +182,14 @@ async def forward(
     `rewrites`: applied, in order, to a successful answer read whole (a filtered tools/list).
     """
     trip = _Trip()
-    _, _, request, _, credential = call  # unpacked once: a named tuple's fields are slow to read on 3.11
+    _, _, request, target, credential, user = call  # unpacked once: a named tuple's fields are slow on 3.11
+    # a per-user route's identity headers are the broker's business, not the upstream's
+    identity = _identity_headers(target.route.auth) if user is not None else _NO_HEADERS
     try:
         if body.declared_too_large:
             raise body.too_large()
         auth = credential.ready_authorization() or await credential.authorization()
-        headers = upstream_headers(request.headers, auth)
+        headers = upstream_headers(request.headers, auth, identity)
         if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
             # only now, with the request accepted, ask the agent for its body (curl waits 1 s otherwise)
             request.send_continue()
@@ -191,7 +205,7 @@ async def forward(
         if up.status == 401 and replayable:
             up.release()
             if await credential.retry_after_rejection(auth):
-                headers = upstream_headers(request.headers, await credential.authorization())
+                headers = upstream_headers(request.headers, await credential.authorization(), identity)
                 up = await _send(call, headers, body, out.timeouts, pool, trip)
         try:
             headers = _answer_head(call, up, out, trip)
@@ -217,7 +231,7 @@ async def _send(
     trip: _Trip,
 ) -> upstream.Response:
     """One upstream request, with the held body or else the agent's, streamed."""
-    _, route, request, target, _ = call
+    _, route, request, target, _, _ = call
     streamed = body.held is None and body.exists
     # a pooled keep-alive connection the upstream had closed: requests that cannot spend try twice
     attempts = 2 if request.method in SAFE_TO_RETRY and not body.exists else 1
@@ -266,7 +280,7 @@ def _malformed(trip: _Trip, route: str, why: str = "") -> BrokerError:
 
 def _answer_head(call: Call, up: upstream.Response, out: Outbound, trip: _Trip) -> CIMultiDict[str]:
     """The upstream's answer checked and its headers made fit for the agent."""
-    rid, route, request, target, credential = call
+    rid, route, request, target, credential, _ = call
     trip.upstream_status = up.status
     if up.failed:  # broken right after its head, before anything went to the agent
         raise _malformed(trip, route)

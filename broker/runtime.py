@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -24,16 +25,22 @@ from broker import config as config_mod
 from broker import guard, heap, logs, proxy
 from broker.auth import Credential, make_credential
 from broker.auth.secret_store import SecretStore, open_store
-from broker.config import Config, ConfigError, file_stamp
+from broker.config import Config, ConfigError, OAuthAuth, Route, file_stamp
 from broker.errors import BrokerError
+from broker.hooks import UserKey
 from broker.http import client as upstream
 from broker.http.server import Request
+from broker.identity import PlatformClients, user_of
 from broker.metrics import Metrics
 from broker.pipeline import Hooks, register_hooks
 from broker.policy.budget import BudgetLedger
 from broker.policy.route import RoutePolicy
 from broker.routing import RouteTable
 from broker.scrub import SecretSet
+from broker.store import StateStore
+
+if TYPE_CHECKING:
+    from broker.auth.per_user import UserGrants
 
 log = structlog.get_logger("broker")
 STATUS_WAIT_S = 5.0  # status and metrics wait this long at most for start-up's credential read
@@ -41,6 +48,10 @@ STATUS_WAIT_S = 5.0  # status and metrics wait this long at most for start-up's 
 
 class ListenError(Exception):
     pass
+
+
+def per_user_routes(config: Config) -> frozenset[str]:
+    return frozenset(r.name for r in config.routes if isinstance(r.auth, OAuthAuth) and r.auth.per_user)
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,9 @@ class Snapshot:
     policies: Mapping[str, RoutePolicy]
     hooks: Hooks
     outbound: proxy.Outbound
+    per_user: frozenset[str] = frozenset()  # the per-user routes' names
+    user_grants: Mapping[str, UserGrants] = field(default_factory=dict)  # by per-user route
+    platform: PlatformClients | None = None  # None: no per-user route, or the store did not open
     _hosts: dict[int | None, frozenset[str]] = field(default_factory=dict, repr=False)  # a memo
 
     def guard(self, request: Request) -> BrokerError | None:
@@ -62,7 +76,23 @@ class Snapshot:
         hosts = self._hosts.get(port)
         if hosts is None:
             hosts = self._hosts[port] = guard.allowed_host_values(cfg, port)
-        return guard.check(request, cfg, hosts) or self.connections.check_peer(request, cfg)
+        if self.per_user and guard.is_browser_page(request.raw_path):
+            refusal = guard.check_page(request, cfg, hosts)
+        else:
+            refusal = guard.check(request, cfg, hosts)
+        return refusal or self.connections.check_peer(request, cfg)
+
+    async def end_user(self, request: Request, route: Route) -> tuple[UserKey, Credential]:
+        """On a per-user route: (platform client, user id) and that end user's credential."""
+        grants = self.user_grants.get(route.name)
+        if grants is None or self.platform is None:
+            raise BrokerError(
+                "store_unavailable", "the state store holding end users' grants is not open", route.name
+            )
+        client = await self.platform.authenticate(request)
+        assert isinstance(route.auth, OAuthAuth)
+        user, label = user_of(request, route.auth, route.name)
+        return (client, user), grants.credential(client, user, label)
 
 
 class Runtime:
@@ -86,6 +116,7 @@ class Runtime:
         self.metrics = Metrics()
         self.store = store or open_store(config.secret_store, config.state_path())
         self.ledger = BudgetLedger(config.state_path() / "budgets.json")
+        self.state_store: StateStore | None = None  # opened by start() when a route is per-user
         self.connections = guard.Connections()
         self.snapshot = self._build(config, None)
         # No cap on upstream connections: each one serves an agent connection, so agents and the
@@ -122,6 +153,22 @@ class Runtime:
                     policies[r.name] = kept
                 else:
                     policies[r.name] = RoutePolicy(r.name, r.policy, self.ledger)
+        per_user = per_user_routes(config)
+        grants: dict[str, UserGrants] = {}
+        if per_user and self.state_store is not None:
+            from broker.auth.per_user import UserGrants
+
+            for r in config.routes:
+                if r.name not in per_user:
+                    continue
+                had = old.user_grants.get(r.name) if old is not None else None
+                prev_route = old.config.route(r.name) if old is not None else None
+                same = old is not None and prev_route == r and old.config.public_url == config.public_url
+                if had is not None and same:
+                    grants[r.name] = had
+                else:
+                    grants[r.name] = UserGrants(r, config, self.state_store, self.store, self.secrets)
+        platform = PlatformClients(config, self.state_store) if per_user and self.state_store else None
         request_hooks = {r.name: (policies[r.name],) if r.name in policies else () for r in config.routes}
         done = (self.metrics, logs.Audit(self.log_setup)) if config.log.audit else (self.metrics,)
         hooks = register_hooks(request_hooks, done)
@@ -134,12 +181,31 @@ class Runtime:
             policies=MappingProxyType(policies),
             hooks=hooks,
             outbound=proxy.Outbound(timeouts=config.timeouts, table=table, answer=self.secrets),
+            per_user=per_user,
+            user_grants=MappingProxyType(grants),
+            platform=platform,
         )
 
     def uptime(self) -> float:
         return time.monotonic() - self._started
 
+    async def open_state_store(self, config: Config) -> None:
+        """Open the state store when `config` has a per-user route (once; it outlives reloads)."""
+        if self.state_store is not None:
+            return
+        if not per_user_routes(config):
+            return
+        from broker.store.sqlite import SqliteStore, default_path
+
+        try:
+            self.state_store = await SqliteStore.open(default_path(config.state_path()), self.store)
+        except Exception as exc:  # noqa: BLE001 - per-user routes answer store_unavailable, the rest serve
+            log.error("store.unavailable", error=str(exc), note="per-user routes answer store_unavailable")
+
     async def start(self) -> None:
+        await self.open_state_store(self.snapshot.config)
+        if self.state_store is not None:
+            self.snapshot = self._build(self.snapshot.config, self.snapshot)
         if self.snapshot.config.secret_store == "file":
             log.warning(
                 "secret_store.plaintext_file",
@@ -188,6 +254,10 @@ class Runtime:
         self.connections.peers.close()
         for cred in self.credentials.values():
             await cred.close()
+        for grants in self.snapshot.user_grants.values():
+            await grants.close()
+        if self.state_store is not None:
+            await self.state_store.close()
         # the budget ledger's pending writes (refunds) reach the disk before the daemon exits
         failed = await asyncio.to_thread(self.ledger.close)
         if failed is not None:
@@ -212,6 +282,7 @@ class Runtime:
                     log.error("config.rejected", reason=reason, errors=[str(exc)], kept="previous config")
                     return
             self.config_error = None
+            await self.open_state_store(new)
             fresh = self._build(new, old)
             for cred in fresh.credentials.values():
                 cred.invalidate()  # kept ones re-read the store: the reload may follow a set-key
@@ -219,6 +290,9 @@ class Runtime:
             for name, cred in old.credentials.items():
                 if fresh.credentials.get(name) is not cred:
                     await cred.close()
+            for name, grants in old.user_grants.items():
+                if fresh.user_grants.get(name) is not grants:
+                    await grants.close()
             if self.log_setup is not None:
                 self.log_setup.reconfigure(new.log.level, new.log.format)
             log.info("config.reloaded", reason=reason, routes=[r.name for r in new.routes])

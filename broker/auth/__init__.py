@@ -75,6 +75,12 @@ def check_credentials(cfg: Config) -> CredentialsCheck:
     routes: list[RouteCheck] = []
     problems: list[str] = []
     for r in cfg.routes:
+        if isinstance(r.auth, OAuthAuth) and r.auth.per_user:
+            # each end user connects through a link; there is nothing to log in to here
+            routes.append(
+                RouteCheck(r.name, r.prefix, "oauth per user", "end users' grants in the state store", None)
+            )
+            continue
         found = make_credential(r, store, secrets).check()
         routes.append(RouteCheck(r.name, r.prefix, r.auth.type, found.stored, found.problem))
         if found.problem:

@@ -23,9 +23,11 @@ from broker import jsonrpc
 from broker.body import RequestBody
 from broker.config import Policy
 from broker.errors import BrokerError
-from broker.hooks import Call, Outcome, Verdict
+from broker.hooks import Call, Outcome, UserKey, Verdict
 from broker.policy.budget import BudgetLedger
 from broker.policy.rules import deny, find_amounts, number, path_segments, rule_matches, unmatchable
+
+USER_WINDOWS_SWEEP = 10_000  # per-user rate windows kept before the quiet ones are forgotten
 
 
 @dataclass
@@ -34,24 +36,35 @@ class RoutePolicy:
     policy: Policy
     ledger: BudgetLedger
     _recent: deque[float] = field(default_factory=deque)
+    # on a per-user route the rate counts per end user, keyed by (platform client, user id)
+    _by_user: dict[UserKey, deque[float]] = field(default_factory=dict)
 
     # -- rate
 
-    def _rate(self, now: float) -> None:
+    def _rate(self, now: float, user: UserKey | None) -> None:
         rate = self.policy.rate
         if rate is None:
             return
-        while self._recent and self._recent[0] <= now - rate.seconds:
-            self._recent.popleft()
-        if len(self._recent) >= rate.amount:
-            wait = max(1, math.ceil(self._recent[0] + rate.seconds - now))
+        recent = self._recent if user is None else self._user_window(user, now - rate.seconds)
+        while recent and recent[0] <= now - rate.seconds:
+            recent.popleft()
+        if len(recent) >= rate.amount:
+            wait = max(1, math.ceil(recent[0] + rate.seconds - now))
             raise BrokerError(
                 "rate_limited",
                 f"route {self.route!r} allows {rate.amount} requests per {rate.text}; try again in {wait}s",
                 self.route,
                 retry_after=wait,
             )
-        self._recent.append(now)
+        recent.append(now)
+
+    def _user_window(self, user: UserKey, since: float) -> deque[float]:
+        window = self._by_user.get(user)
+        if window is None:
+            if len(self._by_user) >= USER_WINDOWS_SWEEP:  # forget users quiet for a whole window
+                self._by_user = {k: w for k, w in self._by_user.items() if w and w[-1] > since}
+            window = self._by_user[user] = deque()
+        return window
 
     # -- REST rules
 
@@ -134,7 +147,7 @@ class RoutePolicy:
     async def request(self, call: Call, body: RequestBody) -> Verdict | None:
         """Let the call through, or raise the refusal (BrokerError policy_denied / rate_limited)."""
         now = time.time()
-        self._rate(now)
+        self._rate(now, call.user)
         p = self.policy
         request = call.request
         forwarded_path = call.target.url.raw_path
@@ -183,16 +196,18 @@ class RoutePolicy:
             rewrite = _ToolsListFilter(list_ids, self._tool_allowed)
         if p.budget is None or total <= 0:
             return Verdict(rewrite=rewrite) if rewrite is not None else None
-        used = await self.ledger.reserve(self.route, total, p.budget.amount, p.budget.seconds, now)
+        # on a per-user route each end user has the budget to themselves
+        account = self.route if call.user is None else "\x1f".join((self.route, *call.user))
+        used = await self.ledger.reserve(account, total, p.budget.amount, p.budget.seconds, now)
         if used is None:
-            used_now = self.ledger.used(self.route, p.budget.seconds, now)
+            used_now = self.ledger.used(account, p.budget.seconds, now)
             raise deny(
                 self.route,
                 "budget",
                 f"{BudgetLedger.cents(used_now)} of {p.budget.amount} used in the last {p.budget.text}; "
                 f"this request needs {BudgetLedger.cents(total)}",
             )
-        return Verdict(rewrite=rewrite, settle=_Reservation(self.ledger, self.route, now, total).settle)
+        return Verdict(rewrite=rewrite, settle=_Reservation(self.ledger, account, now, total).settle)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
