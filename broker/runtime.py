@@ -241,6 +241,8 @@ class Runtime:
         creds = list(self.credentials.values())
         for cred in creds:
             cred.invalidate()
+        for grants in self.snapshot.user_grants.values():
+            grants.invalidate()
         reads = [asyncio.ensure_future(cred.prepare()) for cred in creds]
         for task in reads:  # a failed read is the credential's own state to show, never an error here
             task.add_done_callback(lambda t: t.cancelled() or t.exception())

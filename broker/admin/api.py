@@ -52,6 +52,23 @@ def status_document(rt: Runtime) -> dict[str, Any]:
     }
 
 
+async def _count_users(rt: Runtime, doc: dict[str, Any]) -> None:
+    """Per-user routes: how many end users are in each state (never who they are)."""
+    snap = rt.snapshot
+    for r in doc["routes"]:
+        if r["name"] not in snap.per_user:
+            continue
+        # the route-level credential of a per-user route is never used: its state would mislead
+        r.update(state="per_user", reason=None, mode=None, expires_at=None)
+        if rt.state_store is None:
+            r.update(state="store_unavailable", users=None)
+            continue
+        counts: dict[str, int] = {}
+        for grant in await rt.state_store.list_grants(r["name"]):
+            counts[grant.state] = counts.get(grant.state, 0) + 1
+        r["users"] = counts
+
+
 def _process_counts() -> dict[str, int | None]:
     """Tasks and open file descriptors: what a leak would grow (benchmarks watch these)."""
     import asyncio
@@ -81,8 +98,10 @@ async def handle(request: Request, rt: Runtime) -> StreamResponse:
     if path == "/_broker/status":
         _only(request, "GET", "HEAD")
         await rt.credentials_read()
+        doc = status_document(rt)
+        await _count_users(rt, doc)
         # reasons can quote an upstream (a token endpoint's error): nothing held goes out
-        return _json(json.loads(rt.secrets.redact(json.dumps(status_document(rt)))))
+        return _json(json.loads(rt.secrets.redact(json.dumps(doc))))
     if path == "/_broker/metrics":
         _only(request, "GET", "HEAD")
         await rt.credentials_read()

@@ -131,6 +131,12 @@ class UserGrants:
             cred.label = label
         return cred
 
+    def invalidate(self) -> None:
+        """Every cached user reads its grant from the store again on its next request (after
+        `users revoke` or a reconnect made in another process)."""
+        for cred in self._users.values():
+            cred.invalidate()
+
     def _forget(self, client: str, user: str) -> None:
         cred = self._users.get((client, user))
         if cred is not None:
