@@ -297,7 +297,13 @@ def _print_status(doc: dict[str, Any]) -> None:
             print(f"{r['name']}: {who}scopes {scopes}, refreshes {r.get('refreshes', 0)}")
     for r in doc["routes"]:
         budget = r.get("budget")
-        if isinstance(budget, dict):
+        if isinstance(r.get("users"), dict):
+            counts = ", ".join(f"{n} {state}" for state, n in sorted(r["users"].items())) or "none yet"
+            print(f"{r['name']}: end users: {counts}")
+        if isinstance(budget, dict) and budget.get("each_user"):
+            each = f"{_cents(budget.get('amount_cents'))} cents per user per {budget.get('per')}"
+            print(f"{r['name']}: budget {each}")
+        elif isinstance(budget, dict):
             print(
                 f"{r['name']}: budget {_cents(budget.get('used'))} of {_cents(budget.get('amount_cents'))} "
                 f"cents used per {budget.get('per')}, {_cents(budget.get('left'))} left"

@@ -59,7 +59,9 @@ async def _count_users(rt: Runtime, doc: dict[str, Any]) -> None:
         if r["name"] not in snap.per_user:
             continue
         # the route-level credential of a per-user route is never used: its state would mislead
-        r.update(state="per_user", reason=None, mode=None, expires_at=None)
+        r.update(state="per_user", reason=None, mode=None, expires_at=None, scopes=None, subject=None)
+        if isinstance(r.get("budget"), dict):  # each end user has the budget to themselves
+            r["budget"] = {k: r["budget"][k] for k in ("amount_cents", "per")} | {"each_user": True}
         if rt.state_store is None:
             r.update(state="store_unavailable", users=None)
             continue
