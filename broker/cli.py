@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from broker import __version__
+from broker.admin import report
 
 if TYPE_CHECKING:
     from broker.auth.route_secret import OutputLine
@@ -155,12 +156,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- check
 
 
-def _print_table(rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -191,7 +186,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"secret store: {found.secret_store}")
     rows = [["ROUTE", "PREFIX", "AUTH", "CREDENTIAL", "OK"]]
     rows += [[r.name, r.prefix, r.auth, r.credential, "no" if r.problem else "yes"] for r in found.routes]
-    _print_table(rows)
+    print(*report.table(rows), sep="\n")
     for p in found.problems:
         print(p, file=sys.stderr)
     print(f"{len(found.problems)} problem(s)" if found.problems else "no problems")
@@ -273,48 +268,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        _print_status(doc)
+        print(*report.status_lines(doc), sep="\n")
     return 0
-
-
-def _print_status(doc: dict[str, Any]) -> None:
-    """`status` for people: the daemon, a table of its routes, then what each route has or needs."""
-    print(f"agentcard-broker {doc['version']} pid {doc['pid']} listening on {', '.join(doc['listen'])}")
-    print(f"config: {doc['config']['path']}")
-    if doc["config"]["error"]:
-        print(f"config error (previous config still in force):\n{doc['config']['error']}")
-    rows = [("ROUTE", "PREFIX", "AUTH", "STATE", "MODE", "EXPIRES", "REQUESTS")]
-    for r in doc["routes"]:
-        state, mode, expires = (r[k] or "-" for k in ("state", "mode", "expires_at"))
-        rows.append((r["name"], r["prefix"], r["auth"], state, mode, expires, str(r["requests"])))
-    _print_table(rows)
-    for r in doc["routes"]:
-        if r["state"] != "ready" and r.get("reason"):
-            print(f"{r['name']}: {r['reason']}")
-        elif r.get("scopes") or r.get("subject"):
-            who = f"account {r['subject']}, " if r.get("subject") else ""
-            scopes = " ".join(r.get("scopes") or []) or "-"
-            print(f"{r['name']}: {who}scopes {scopes}, refreshes {r.get('refreshes', 0)}")
-    for r in doc["routes"]:
-        budget = r.get("budget")
-        if isinstance(r.get("users"), dict):
-            counts = ", ".join(f"{n} {state}" for state, n in sorted(r["users"].items())) or "none yet"
-            print(f"{r['name']}: end users: {counts}")
-        if isinstance(budget, dict) and budget.get("each_user"):
-            each = f"{_cents(budget.get('amount_cents'))} cents per user per {budget.get('per')}"
-            print(f"{r['name']}: budget {each}")
-        elif isinstance(budget, dict):
-            print(
-                f"{r['name']}: budget {_cents(budget.get('used'))} of {_cents(budget.get('amount_cents'))} "
-                f"cents used per {budget.get('per')}, {_cents(budget.get('left'))} left"
-            )
-
-
-def _cents(value: Any) -> str:
-    """Cents as a whole number when they are whole (a daemon may send 3000.0)."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 # ---------------------------------------------------------------- service files
@@ -483,7 +438,7 @@ def _print_listing(doc: list[dict[str, Any]], table: list[list[str]], as_json: b
     if as_json:
         print(json.dumps(doc, indent=2))
     elif len(table) > 1:
-        _print_table(table)
+        print(*report.table(table), sep="\n")
     else:
         print("none yet")
 
