@@ -83,12 +83,14 @@ class Pipeline:
                     return await admin.handle(request, rt)
                 if target is not None:
                     route = target.route.name
+                    # before identity: its refusals are answered in JSON-RPC too (the id is read
+                    # from the body only then, bounded)
+                    body = RequestBody(request, snap.config.limits.max_body_bytes, route)
                     if route in snap.per_user:  # identity: the platform client, then its end user
                         user, credential = await snap.end_user(request, target.route)
                         call = _new(Call, (rid, route, request, target, credential, user))
                     else:
                         call = _new(Call, (rid, route, request, target, snap.credentials[route], None))
-                    body = RequestBody(request, snap.config.limits.max_body_bytes, route)
                     for hook in snap.hooks.by_route[route]:
                         verdict = await hook.request(call, body)
                         if verdict is not None:
