@@ -81,15 +81,19 @@ class UserCredential(Credential):
         return self._header(tokens)
 
     async def retry_after_rejection(self, used: dict[str, str]) -> bool:
-        """An upstream 401 for `used`: refresh once (unless someone already did). True = retry."""
+        """An upstream 401 for `used`: refresh once (unless someone already did). True = retry.
+        Raises `needs_connect` when the grant turns out to be over: the user gets the link, not
+        the route-level `needs_login` an unretried 401 would give."""
         tokens = self._tokens
         if tokens is None or tokens.dead:
-            return False
+            return True  # re-read or ended meanwhile: authorization() reads the store again
         if used.get("Authorization") != f"Bearer {tokens.access_token}":
             return True  # refreshed meanwhile: retry with the new token
         try:
             await self._refresh(tokens, forced=True)
-        except BrokerError:
+        except BrokerError as exc:
+            if exc.code == "needs_connect":
+                raise
             return False
         return True
 

@@ -338,6 +338,26 @@ async def test_an_upstream_401_refreshes_once(setup: Setup) -> None:
     assert up.recorder.grants["refresh_token"] == 1
 
 
+async def test_an_upstream_401_on_a_revoked_grant_asks_to_connect(setup: Setup) -> None:
+    """The 401 for a grant AgentCard revoked ends in the user's connect link, not the route-level
+    `needs_login` an unretried 401 answers; another request that used the dead token also
+    re-reads the grant and gets a link."""
+    up, g = setup.up, setup.grants
+    await connect(g, "librechat", "alice")
+    cred = g.credential("librechat", "alice", None)
+    used = await cred.authorization()
+    up.provider.revoke_everything()
+    with pytest.raises(BrokerError) as err:
+        await cred.retry_after_rejection(used)
+    assert err.value.code == "needs_connect" and err.value.connect_url
+    assert up.recorder.grants["refresh_token"] == 1
+    assert await cred.retry_after_rejection(used)  # ended meanwhile: retry reads the store ...
+    with pytest.raises(BrokerError) as err:
+        await cred.authorization()  # ... and asks to connect, without a second refresh
+    assert err.value.code == "needs_connect"
+    assert up.recorder.grants["refresh_token"] == 1
+
+
 async def test_revoke_ends_the_grant_upstream_and_here(setup: Setup) -> None:
     up, g = setup.up, setup.grants
     await connect(g, "librechat", "alice")
