@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     us.add_argument("--json", action="store_true", help="machine-readable output")
     sb = sub.add_parser("sandbox", help="run a local stand-in for AgentCard (test data only) on 127.0.0.1")
     sb.add_argument("--port", type=int, default=8780, help="port on 127.0.0.1 (default 8780)")
-    sub.add_parser("demo", help="see the broker work end to end against the sandbox, offline")
+    dm = sub.add_parser("demo", help="see the broker work end to end against the sandbox, offline")
+    dm.add_argument("--per-user", action="store_true", help="a chat platform's per-user route, two end users")
     ins = sub.add_parser(
         "install-service", parents=[common], help="write the systemd user unit / launchd agent for this user"
     )
@@ -460,7 +461,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from broker.tools import ToolError, run_demo
 
     try:
-        return run_demo(_say)
+        return run_demo(_say, per_user=getattr(args, "per_user", False))
     except ToolError as exc:
         print(exc, file=sys.stderr)
         return 1

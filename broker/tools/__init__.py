@@ -37,12 +37,13 @@ def run_sandbox(port: int, say: Say) -> int:
         raise ToolError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}") from None
 
 
-def run_demo(say: Say) -> int:
-    """`agentcard-broker demo`: the broker end to end against the sandbox, offline."""
+def run_demo(say: Say, per_user: bool = False) -> int:
+    """`agentcard-broker demo [--per-user]`: the broker end to end against the sandbox, offline
+    (with `per_user`: a chat platform's per-user route, two end users each with their own grant)."""
     _require_sandbox_extra()
-    from broker.tools import demo
+    from broker.tools import demo, demo_per_user
 
     try:
-        return asyncio.run(demo.run(say))
+        return asyncio.run(demo_per_user.run(say) if per_user else demo.run(say))
     except Exception as exc:  # noqa: BLE001 - the demo reports any failure in one line
         raise ToolError(f"demo failed: {type(exc).__name__}: {exc}") from None
