@@ -149,7 +149,7 @@ class SandboxAuthServer(OAuthAuthorizationServerProvider[AuthorizationCode, Refr
         self.pairs.clear()
 
     def _issue(
-        self, client_id: str, scopes: list[str], resource: str | None, subject: str | None
+        self, client_id: str, scopes: list[str], resource: str | None, subject: str | None = None
     ) -> OAuthToken:
         now = int(time.time())
         at = "at_" + secrets.token_urlsafe(24)
