@@ -419,3 +419,39 @@ async def test_a_used_link_and_a_forged_state_store_nothing(platform: Platform) 
         assert r.status == 410
     assert await p.grant_tokens("carol") == first
     assert [g.user for g in await store.list_grants("mcp")] == ["carol"]
+
+
+# ---------------------------------------------------------------- policies count per end user
+
+
+async def test_budget_and_rate_count_per_end_user(make_broker: BrokerFactory, tmp_path: Path) -> None:
+    async with run_mcp_upstream(access_ttl=60) as up:
+        port = free_port()
+        doc = per_user_doc(up, port, tmp_path / "state")
+        doc["routes"][0]["policy"] = {
+            "budget": {"amount_cents": 1000, "per": "24h"},
+            "rate": {"requests": 30, "per": "1m"},
+        }
+        cfg = config_mod.load(write_config(tmp_path / "clients.yaml", doc))
+        lines = await asyncio.to_thread(add_client, cfg, "librechat")
+        token = next(line.text for line in lines if not line.to_stderr)
+        p = Platform(await make_broker(doc), up, token, f"http://127.0.0.1:{port}", tmp_path / "state")
+        for user in ("alice", "bob"):
+            status, page, _ = await browser_connect(p, await connect_url_of(p, user))
+            assert status == 200, page
+        # each user has the whole budget: alice spends 800, then 300 more is over hers, not bob's
+        async with mcp_client(p, "auto", "alice") as agent:
+            assert not (await agent.call_tool("create_card", {"amount_cents": 800})).is_error
+            with pytest.raises(MCPError) as refused:
+                await agent.call_tool("create_card", {"amount_cents": 300})
+        assert "budget" in str(refused.value)
+        async with mcp_client(p, "auto", "bob") as agent:
+            assert not (await agent.call_tool("create_card", {"amount_cents": 800})).is_error
+        # and their own rate: alice runs out of requests, bob does not
+        for _ in range(40):
+            status, h, _body = await p.post(LIST, headers=p.headers("alice"))
+            if status == 429:
+                break
+        assert (status, h["X-Broker-Error"]) == (429, "rate_limited")
+        status, h, _ = await p.post(LIST, headers=p.headers("bob"))
+        assert h.get("X-Broker-Error") != "rate_limited"
