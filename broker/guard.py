@@ -8,7 +8,7 @@ read the body, touch a credential, or reach the upstream.
 from __future__ import annotations
 
 import asyncio
-import weakref
+from typing import NamedTuple
 
 from broker.config import Config
 from broker.errors import BrokerError
@@ -16,44 +16,45 @@ from broker.http.server import Request
 from broker.service.peers import UNKNOWN, PeerLookup
 
 _CROSS_SITE = frozenset({"cross-site", "same-site"})
-_UNSEEN = object()
+
+
+class ConnectionFacts(NamedTuple):
+    """What the guard needs of a connection, asked once as it opens (each costs a system call)."""
+
+    port: int | None  # the local TCP port it arrived on; None for a unix socket
+    uid: int | None  # the peer process's uid; None: this OS cannot tell; UNKNOWN: lookup failed
 
 
 class Connections:
-    """What the guard learns of each agent connection once (each costs a system call): the
-    local port it arrived on and the uid of the process at the other end. Kept as long as the
-    connection lives; one object for the daemon's life, across reloads."""
+    """Looks each agent connection up once, as it opens: the engine keeps the answer with the
+    connection and hands it to every request on it (`request.connection_facts`). One object for
+    the daemon's life, across reloads."""
 
     def __init__(self) -> None:
-        self._ports: weakref.WeakKeyDictionary[asyncio.BaseTransport, int | None] = (
-            weakref.WeakKeyDictionary()
-        )
         self.peers = PeerLookup()
 
-    def opened(self, transport: asyncio.BaseTransport) -> None:
-        """Ask both as the connection opens, before its first request waits on them."""
-        self.port(transport)
-        self.peers.peer_uid(transport)
-
-    def port(self, transport: asyncio.BaseTransport | None) -> int | None:
-        """The local TCP port of a connection; None for a unix socket."""
-        if transport is None:
-            return None
-        port = self._ports.get(transport, _UNSEEN)
-        if port is _UNSEEN:
+    def opened(self, transport: asyncio.BaseTransport | None) -> ConnectionFacts:
+        """The connection's facts, asked while the agent is still writing its first request."""
+        port = None
+        if transport is not None:
             sockname = transport.get_extra_info("sockname")
             port = int(sockname[1]) if isinstance(sockname, tuple) and len(sockname) >= 2 else None
-            self._ports[transport] = port
-        return port  # type: ignore[return-value]
+        return ConnectionFacts(port, self.peers.peer_uid(transport))
 
-    def check_peer(self, request: Request, cfg: Config) -> BrokerError | None:
-        """Refuse a peer process owned by a uid not in `allowed_uids` (unix sockets; Linux TCP)."""
-        uid = self.peers.peer_uid(request.transport)
-        if uid is None or uid in cfg.allowed_uids:
-            return None
-        if uid == UNKNOWN:
-            return BrokerError("peer_not_allowed", "cannot tell which user owns the connecting process")
-        return BrokerError("peer_not_allowed", f"processes of uid {uid} are not in allowed_uids")
+    def facts(self, request: Request) -> ConnectionFacts:
+        facts = request.connection_facts
+        if isinstance(facts, ConnectionFacts):
+            return facts
+        return self.opened(request.transport)  # the lookup at connect failed: ask now
+
+
+def check_peer(uid: int | None, cfg: Config) -> BrokerError | None:
+    """Refuse a peer process owned by a uid not in `allowed_uids` (unix sockets; Linux TCP)."""
+    if uid is None or uid in cfg.allowed_uids:
+        return None
+    if uid == UNKNOWN:
+        return BrokerError("peer_not_allowed", "cannot tell which user owns the connecting process")
+    return BrokerError("peer_not_allowed", f"processes of uid {uid} are not in allowed_uids")
 
 
 def allowed_host_values(cfg: Config, port: int | None) -> frozenset[str]:

@@ -135,6 +135,8 @@ class Pipeline:
         started: float,
     ) -> None:
         _, _, up_status, maybe_sent, error, bytes_out = fwd or NOT_FORWARDED
+        who = call[5] if call is not None else None
+        client, user = who if who is not None else _NOBODY
         outcome = _new(  # tuple.__new__ straight: this runs for every request
             Outcome,
             (
@@ -150,7 +152,8 @@ class Pipeline:
                 err.message if err is not None and err.code in DETAILED else None,
                 body.size if body is not None else 0,
                 bytes_out,
-                *(call[5] if call is not None and call[5] is not None else _NOBODY),  # client, user
+                client,
+                user,
             ),
         )
         for verdict in verdicts:

@@ -72,7 +72,7 @@ class Snapshot:
 
     def guard(self, request: Request) -> BrokerError | None:
         cfg = self.config
-        port = self.connections.port(request.transport)
+        port, uid = self.connections.facts(request)
         hosts = self._hosts.get(port)
         if hosts is None:
             hosts = self._hosts[port] = guard.allowed_host_values(cfg, port)
@@ -80,7 +80,7 @@ class Snapshot:
             refusal = guard.check_page(request, cfg, hosts)
         else:
             refusal = guard.check(request, cfg, hosts)
-        return refusal or self.connections.check_peer(request, cfg)
+        return refusal or guard.check_peer(uid, cfg)
 
     async def end_user(self, request: Request, route: Route) -> tuple[UserKey, Credential]:
         """On a per-user route: (platform client, user id) and that end user's credential."""

@@ -150,6 +150,7 @@ class Request:
         "_conn",
         "_continue_sent",
         "body_exists",
+        "connection_facts",
         "content",
         "content_length",
         "headers",
@@ -171,6 +172,9 @@ class Request:
         keep_alive: bool = True,
     ) -> None:
         self._conn = conn
+        # what the server's on_connect returned for this connection (who the peer is, which
+        # listener): asked once per connection, read by every request on it
+        self.connection_facts = conn.facts
         self.method = method
         self.raw_path = raw_path
         self.version = version

@@ -68,6 +68,7 @@ class AgentConnection(asyncio.Protocol):
 
     def __init__(self, server: AgentServer) -> None:
         self.server = server
+        self.facts: object = None  # what on_connect found out about this connection
         self.date = server.date
         self.transport: asyncio.Transport | None = None
         self.closing = False  # set at shutdown or after a framing error: close after the current answer
@@ -101,7 +102,7 @@ class AgentConnection(asyncio.Protocol):
             # per-connection lookups (who the peer is, which listener) while the agent is still
             # writing its request, rather than after it arrived
             try:
-                self.server.on_connect(self.transport)
+                self.facts = self.server.on_connect(self.transport)
             except Exception:
                 log.warning("broker.connection_lookup_failed", exc_info=True)
 

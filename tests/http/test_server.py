@@ -474,9 +474,8 @@ async def test_peer_and_listener_are_looked_up_when_the_connection_opens(broker:
     reader, writer = await connect(broker)
     await asyncio.sleep(0.1)  # no request sent yet
     (conn,) = broker.daemon.server.connections
-    connections = broker.daemon.rt.connections
-    assert connections.peers.known(conn.transport) == os.getuid()
-    assert connections._ports.get(conn.transport) == broker.port
+    assert conn.facts == (broker.port, os.getuid())  # kept with the connection for its requests
+    assert broker.daemon.rt.connections.peers.known(conn.transport) == os.getuid()
     writer.write(get(broker, "/_broker/health"))
     assert (await read_answer(reader))[0] == 200
     writer.close()
