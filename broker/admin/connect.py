@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 from broker.auth.per_user import CONNECT_PATH, ConnectError, UserGrants, read_link, take_link
 from broker.errors import BrokerError
 from broker.http.server import Request, Response
-from broker.store import StoreError
+from broker.store import ConnectRecord, StoreError
 
 if TYPE_CHECKING:
     from broker.runtime import Runtime
@@ -62,9 +62,21 @@ def _unavailable(exc: Exception) -> Response:
     return _page(503, "The broker cannot continue", [str(exc), "Try again in a moment."])
 
 
-def _grants_for(rt: Runtime, route: str) -> UserGrants | None:
-    grants: UserGrants | None = rt.snapshot.user_grants.get(route)
-    return grants
+async def _link(rt: Runtime, connect_id: str, *, use: bool) -> tuple[ConnectRecord, UserGrants] | Response:
+    """The link's record and its route's grants (taken once when `use`), or the page saying why not."""
+    store = rt.state_store
+    if store is None:
+        return _page(404, "Unknown link", [_AGAIN])
+    try:
+        record = await (take_link if use else read_link)(store, connect_id)
+    except StoreError as exc:
+        return _unavailable(exc)
+    if record is None:
+        return _gone()
+    grants = rt.snapshot.user_grants.get(record.route)
+    if grants is None:
+        return _page(404, "Unknown link", [_AGAIN])
+    return record, grants
 
 
 def _origin(url: str) -> str:
@@ -91,18 +103,12 @@ async def connect_page(request: Request, rt: Runtime, connect_id: str) -> Respon
         return _page(405, "Not here", ["Open the link from the chat in your browser."])
     if not CONNECT_ID.fullmatch(connect_id) or not rt.snapshot.user_grants:
         return _page(404, "Unknown link", [_AGAIN])
-    store = next(iter(rt.snapshot.user_grants.values())).store  # one store for every route
     public = (rt.snapshot.config.public_url or "").rstrip("/")
     if request.method == "GET":
-        try:
-            record = await read_link(store, connect_id)
-        except StoreError as exc:
-            return _unavailable(exc)
-        if record is None:
-            return _gone()
-        grants = _grants_for(rt, record.route)
-        if grants is None:
-            return _page(404, "Unknown link", [_AGAIN])
+        found = await _link(rt, connect_id, use=False)
+        if isinstance(found, Response):
+            return found
+        record = found[0]
         action = html.escape(f"{public}{CONNECT_PATH}{connect_id}", quote=True)
         form = (
             f"<form method='post' action='{action}'>"
@@ -128,15 +134,10 @@ async def connect_page(request: Request, rt: Runtime, connect_id: str) -> Respon
     posted = await _form_field(request, "connect_id")
     if posted is None or not pysecrets.compare_digest(posted.encode(), connect_id.encode()):
         return _page(400, "Refused", ["The form did not come from this page.", _AGAIN])
-    try:
-        record = await take_link(store, connect_id)
-    except StoreError as exc:
-        return _unavailable(exc)
-    if record is None:
-        return _gone()
-    grants = _grants_for(rt, record.route)
-    if grants is None:
-        return _page(404, "Unknown link", [_AGAIN])
+    found = await _link(rt, connect_id, use=True)
+    if isinstance(found, Response):
+        return found
+    record, grants = found
     try:
         url = await grants.begin_authorization(record)
     except ConnectError as exc:

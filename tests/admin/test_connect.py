@@ -56,7 +56,7 @@ class Pages:
 
 @pytest.fixture
 async def pages(tmp_path: Path) -> AsyncIterator[Pages]:
-    rt = SimpleNamespace(snapshot=SimpleNamespace(user_grants={}, config=None))
+    rt = SimpleNamespace(snapshot=SimpleNamespace(user_grants={}, config=None), state_store=None)
 
     async def handle(request: Request) -> StreamResponse:
         try:
@@ -73,6 +73,7 @@ async def pages(tmp_path: Path) -> AsyncIterator[Pages]:
         store = await SqliteStore.open(tmp_path / "state.sqlite3", KeyringStore(), clock=clock)
         grants = UserGrants(route, cfg, store, KeyringStore(), SecretSet())
         rt.snapshot = SimpleNamespace(user_grants={"mcp": grants}, config=cfg)
+        rt.state_store = store
         async with aiohttp.ClientSession() as browser:
             yield Pages(up, grants, store, clock, base, browser)
         await grants.close()
