@@ -21,7 +21,7 @@ import structlog
 
 from broker import heap
 from broker.config import Config, Listen, file_stamp
-from broker.http import server as agents
+from broker.http.listener import AgentServer
 from broker.logs import LogSetup
 from broker.pipeline import Pipeline
 from broker.runtime import ListenError, Runtime
@@ -60,7 +60,7 @@ def _prepare_unix_path(path: Path) -> None:
     raise ListenError(f"unix:{path} is in use by a running process (another broker?)")
 
 
-async def _bind(server: agents.AgentServer, listen: Listen, socket_mode: int) -> asyncio.Server:
+async def _bind(server: AgentServer, listen: Listen, socket_mode: int) -> asyncio.Server:
     try:
         if listen.kind == "unix":
             path = Path(listen.path)
@@ -73,7 +73,7 @@ async def _bind(server: agents.AgentServer, listen: Listen, socket_mode: int) ->
         raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
 
 
-def _bound_addresses(server: agents.AgentServer) -> list[str]:
+def _bound_addresses(server: AgentServer) -> list[str]:
     out = []
     for addr in server.addresses():
         if isinstance(addr, tuple):
@@ -151,7 +151,7 @@ def _log_file_in(directory: Path) -> str | None:
 class Daemon:
     """A started broker: the runtime plus its bound listeners. `serve()` and tests use this."""
 
-    def __init__(self, rt: Runtime, server: agents.AgentServer, sites: dict[Listen, asyncio.Server]) -> None:
+    def __init__(self, rt: Runtime, server: AgentServer, sites: dict[Listen, asyncio.Server]) -> None:
         self.rt = rt
         self.server = server
         self.sites = sites
@@ -167,7 +167,7 @@ class Daemon:
     ) -> Daemon:
         rt = Runtime(config, secrets, gc_meter=gc_meter, log_setup=log_setup)
         await rt.start()
-        server = agents.AgentServer(
+        server = AgentServer(
             Pipeline(rt).handle,
             lambda: rt.snapshot.config.limits.max_header_bytes,
             on_connect=rt.connections.opened,

@@ -13,10 +13,9 @@ unread body on a connection that is reused, or put anything but the handler's an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 import structlog
@@ -25,7 +24,6 @@ from broker.errors import BrokerError
 from broker.http.agent_messages import (
     AgentGone,
     Body,
-    DateHeader,
     HeadersWithBody,
     Request,
     Response,
@@ -35,7 +33,6 @@ from broker.http.agent_messages import (
 )
 from broker.http.framing import (
     CHUNK_LINE_MAX,
-    REQUEST_LINE_MAX,
     BadRequest,
     check_method,
     check_target,
@@ -44,16 +41,15 @@ from broker.http.framing import (
     refused_request,
 )
 
+if TYPE_CHECKING:
+    from broker.http.listener import AgentServer
+
 __all__ = [  # the agents' side as the rest of the broker imports it
-    "AgentConnection", "AgentGone", "AgentServer", "Body", "Handler",
+    "AgentConnection", "AgentGone", "Body", "Handler",
     "HeadersWithBody", "Request", "Response", "StreamResponse",
 ]  # fmt: skip
 
 log = structlog.get_logger("broker")
-
-KEEPALIVE_S = 75.0  # an idle connection, or one whose request head never completes, is closed after this
-SWEEP_S = 5.0  # how often idle connections are looked for
-BACKLOG = 1024
 
 Handler = Callable[[Request], Awaitable[StreamResponse]]
 _HEAD, _BODY, _DONE = 0, 1, 2  # where llhttp is in the message it reads
@@ -366,7 +362,7 @@ class AgentConnection(asyncio.Protocol):
             self.resume_reading()
 
     def expire(self) -> None:
-        """Idle past KEEPALIVE_S: a half-read head is answered 408 first."""
+        """Idle past listener.KEEPALIVE_S: a half-read head is answered 408 first."""
         if self._phase == _HEAD and self._request is None:
             self._reject(BadRequest("the request head was not sent in time", 408, "request_timeout"))
         self.close()
@@ -378,85 +374,3 @@ class AgentConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(refusal(exc, self.date.value()))
         self.close()
-
-
-class AgentServer:
-    """Every listener's connections, the handler they call, and shutting them down."""
-
-    def __init__(
-        self,
-        handler: Handler,
-        max_header_bytes: Callable[[], int],
-        on_connect: Callable[[asyncio.Transport], object] | None = None,
-        body_idle: Callable[[], float] = lambda: 300.0,
-    ) -> None:
-        self.handler = handler
-        self.body_idle = body_idle  # seconds a body the broker reads may stall (timeouts.idle)
-        self.on_connect = on_connect
-        self._max_header_bytes = max_header_bytes
-        self.connections: set[AgentConnection] = set()
-        self.date = DateHeader()
-        self.listeners: list[asyncio.Server] = []
-        self.loop = asyncio.get_running_loop()
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._sweep()
-
-    def max_fields(self) -> int:
-        """The bytes of header (or trailer) fields allowed, each counted as name + value + 4."""
-        return self._max_header_bytes()
-
-    def max_head(self) -> int:
-        """The raw bytes of a head still being read: the fields and the request line."""
-        return self._max_header_bytes() + REQUEST_LINE_MAX
-
-    def protocol(self) -> AgentConnection:
-        return AgentConnection(self)
-
-    def _sweep(self) -> None:
-        """Close connections idle (no request being answered) for KEEPALIVE_S: one timer for all."""
-        now = self.loop.time()
-        for conn in list(self.connections):
-            if conn.idle and now - conn.idle_since > KEEPALIVE_S:
-                conn.expire()
-        self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
-
-    async def listen_tcp(self, host: str, port: int) -> asyncio.Server:
-        server = await self.loop.create_server(self.protocol, host, port, reuse_address=True, backlog=BACKLOG)
-        self.listeners.append(server)
-        return server
-
-    async def listen_unix(self, path: str) -> asyncio.Server:
-        server = await self.loop.create_unix_server(self.protocol, path, backlog=BACKLOG)
-        self.listeners.append(server)
-        return server
-
-    async def stop_listening(self, server: asyncio.Server) -> None:
-        server.close()
-        with contextlib.suppress(ValueError):
-            self.listeners.remove(server)
-
-    def addresses(self) -> list[Any]:
-        return [sock.getsockname() for server in self.listeners for sock in server.sockets]
-
-    async def shutdown(self, grace: float) -> None:
-        """Stop accepting, let requests in flight finish for up to `grace` s, close the rest."""
-        for server in self.listeners:
-            server.close()
-        self.listeners.clear()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for conn in list(self.connections):
-            conn.closing = True  # each closes after its current answer
-            if conn.idle:
-                conn.close()
-        tasks = {c._task for c in self.connections if c._task is not None}
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace)
-        left = {c._task for c in self.connections if c._task is not None and not c._task.done()}
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
-        for task in left:
-            task.cancel()
-        if left:
-            await asyncio.wait(left, timeout=1.0)

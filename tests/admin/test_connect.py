@@ -23,7 +23,8 @@ from broker.admin import api
 from broker.auth.per_user import UserGrants
 from broker.auth.secret_store import KeyringStore
 from broker.errors import BrokerError, error_response
-from broker.http.server import AgentServer, Request, StreamResponse
+from broker.http.listener import AgentServer
+from broker.http.server import Request, StreamResponse
 from broker.scrub import SecretSet
 from broker.store.sqlite import SqliteStore
 from tests.auth.test_per_user import authorize_in_browser, per_user_config

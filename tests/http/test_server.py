@@ -20,7 +20,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.http import framing
+from broker.http import framing, listener
 from broker.http import server as agents
 from broker.http.agent_messages import DateHeader
 from tests.conftest import (
@@ -254,8 +254,8 @@ async def test_head_and_no_body_answers_carry_no_body(broker: Broker, upstream: 
 async def test_idle_connections_are_closed(
     make_broker: BrokerFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(agents, "KEEPALIVE_S", 0.3)
-    monkeypatch.setattr(agents, "SWEEP_S", 0.1)
+    monkeypatch.setattr(listener, "KEEPALIVE_S", 0.3)
+    monkeypatch.setattr(listener, "SWEEP_S", 0.1)
     store_key(TEST_KEY)
     b = await make_broker(api_config(upstream.url))
     reader, writer = await connect(b)
@@ -324,7 +324,7 @@ class _Reader(agents.AgentConnection):
     """A connection whose requests are collected instead of answered."""
 
     def __init__(self) -> None:
-        server = agents.AgentServer.__new__(agents.AgentServer)
+        server = listener.AgentServer.__new__(listener.AgentServer)
         server.connections = set()
         server.on_connect = None
         server.date = DateHeader()
@@ -512,9 +512,9 @@ async def test_an_answer_header_with_a_line_break_is_never_written() -> None:
     async def handler(_request: agents.Request) -> agents.StreamResponse:
         return agents.Response(headers={"X-Echo": value}, body=b"ok")
 
-    server = agents.AgentServer(handler, lambda: 32768)
-    listener = await server.listen_tcp("127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
+    server = listener.AgentServer(handler, lambda: 32768)
+    site = await server.listen_tcp("127.0.0.1", 0)
+    port = site.sockets[0].getsockname()[1]
     try:
         for value, status in (("plain", 200), ("a\r\nSet-Cookie: x=1", 500), ("a\nX-Injected: 1", 500)):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
