@@ -43,7 +43,7 @@ from broker.scrub import SECRET_SHAPE as SECRET_LITERAL
 
 DEFAULT_PORT = 8765
 
-SECRET_KEY_NAMES = frozenset({"key", "secret", "client_secret", "api_key", "token", "password"})
+SECRET_KEY_NAMES = frozenset({"key", "secret", "client_secret", "api_key", "token", "password", "master_key"})
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_PREFIX = "/_broker"
@@ -439,6 +439,7 @@ def build_config(data: Any, lines: dict[str, int], path: str, issues: list[Confi
         secret_store=store,
         public_url=platform.public_url,
         store=platform.store,
+        redis=platform.redis,
         clients=platform.clients,
         state_dir=str(Path(sdir).expanduser()) if sdir else "",
         socket_mode=socket_mode,

@@ -16,6 +16,7 @@ from broker.config.locations import state_dir
 
 DEFAULT_REDIRECT_PORT = 8766
 DEFAULT_ALLOWED_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+DEFAULT_REDIS_PREFIX = "agentcard-broker"
 DEFAULT_AMOUNT_FIELDS = ("amount_cents", "spend_limit_cents", "amountCents", "spendLimitCents")
 
 
@@ -158,6 +159,22 @@ class PlatformClient:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """`store: redis://…` (or its mapping form): the state store shared by broker replicas."""
+
+    url: str  # redis:// or rediss:// (TLS), host, port and db; never a password (refused in the URL)
+    password: SecretRef | None = None  # keyring: account `store:redis_password`
+    username: str | None = None  # a Redis 6 ACL user, when not `default`
+    ca_file: str | None = None  # rediss://: trust this CA bundle instead of the system's
+    master_key: SecretRef | None = None  # None or keyring: `store:master_key` in the secret store
+    prefix: str = DEFAULT_REDIS_PREFIX  # every key starts with `prefix:`; several brokers on one Redis
+
+    def where(self) -> str:
+        """The URL as shown in status and errors (it never holds a password)."""
+        return self.url
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     listen: tuple[Listen, ...]
@@ -169,7 +186,8 @@ class Config:
     allow_insecure_upstream: bool = False
     secret_store: Literal["keyring", "file"] = "keyring"
     public_url: str | None = None  # where end users' browsers reach the broker (connect pages, callback)
-    store: str = "sqlite"  # per-user state: "sqlite" (a file in the state dir); "redis://…" (issue 17)
+    store: Literal["sqlite", "redis"] = "sqlite"  # per-user state: a file in the state dir, or Redis
+    redis: RedisSettings | None = None  # set exactly when store is "redis"
     clients: tuple[PlatformClient, ...] = ()  # platform backends allowed on per-user routes
     state_dir: str = ""  # "" = the platform's user state dir
     socket_mode: int = 0o600  # unix listeners; 0o660 for the system-user setup (group access)

@@ -1,8 +1,8 @@
 """The keys of SPEC.md "Per-user routes": `public_url`, `store`, `clients`, and the user fields of
 an `oauth` auth block.
 
-Owns: what each of those keys may hold (an https origin for `public_url`, `sqlite` for `store`
-while the Redis engine is not built, platform client names, user header names the broker does
+Owns: what each of those keys may hold (an https origin for `public_url`, `store` through
+`store_settings`, platform client names, user header names the broker does
 not itself reason about), and that a per-user route has the `public_url` and `clients` it needs.
 Must never: read files, touch the store or the secret store, or echo a value in an issue beyond
 what the rule needs to be understood (a URL's parts could carry a pasted secret).
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from broker.config.checker import Checker, child_place, kind_of
-from broker.config.model import OAuthAuth, PlatformClient, Route
+from broker.config.model import OAuthAuth, PlatformClient, RedisSettings, Route
+from broker.config.store_settings import parse_store
 
 PER_USER_KEYS = frozenset({"per_user", "user_header", "user_label_header"})
 CLIENT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -40,7 +41,8 @@ _AUTHORITY = re.compile(
 
 class PlatformSettings(NamedTuple):
     public_url: str | None
-    store: str
+    store: Literal["sqlite", "redis"]
+    redis: RedisSettings | None
     clients: tuple[PlatformClient, ...]
 
 
@@ -97,7 +99,7 @@ def parse_platform(
 ) -> PlatformSettings:
     """The top-level per-user keys, and what a per-user route needs of them."""
     public_url = parse_public_url(top.get("public_url"), insecure_ok, c) if "public_url" in top else None
-    store = parse_store(top.get("store", "sqlite"), c)
+    store, redis = parse_store(top.get("store", "sqlite"), c)
     clients = parse_clients(top.get("clients"), c)
     per_user = [r for r in routes if isinstance(r.auth, OAuthAuth) and r.auth.per_user]
     if per_user:
@@ -115,7 +117,7 @@ def parse_platform(
                 "`clients: [{name: librechat}]` at the top level, then run "
                 "`agentcard-broker clients add librechat` for its token",
             )
-    return PlatformSettings(public_url, store, clients)
+    return PlatformSettings(public_url, store, redis, clients)
 
 
 def _has_issue_under(c: Checker, place: str) -> bool:
@@ -166,20 +168,6 @@ def parse_public_url(value: Any, insecure_ok: bool, c: Checker) -> str | None:
     if port is not None and int(port) != _DEFAULT_PORTS[scheme]:
         host = f"{host}:{int(port)}"
     return f"{scheme}://{host}"
-
-
-def parse_store(value: Any, c: Checker) -> str:
-    if value == "sqlite":
-        return "sqlite"
-    if isinstance(value, str) and value.lower().startswith(("redis://", "rediss://")):
-        c.err(
-            "store",
-            "the Redis store is not available in this version (issue 17); use `store: sqlite`, "
-            "the embedded default (one file under the state dir)",
-        )
-    else:
-        c.err("store", f"must be `sqlite` (the embedded default) or a redis:// URL, got {kind_of(value)}")
-    return "sqlite"
 
 
 def parse_clients(value: Any, c: Checker) -> tuple[PlatformClient, ...]:
