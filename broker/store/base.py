@@ -1,7 +1,9 @@
-"""The state store interface: per-user grants, connect states, platform clients, refresh leases.
+"""The state store interface: per-user grants, connect states, platform clients, refresh leases,
+sealed documents (OAuth client registrations), and shared budgets and rate windows.
 
-Owns: `StateStore` (what every engine offers, all keyed by plain strings matched exactly), its
-small frozen values, and `StoreError`. Must never: put a token, a client token or a connect
+Owns: `StateStore` (what every engine offers, all keyed by plain strings matched exactly),
+`SharedCounters` (what a store shared by replicas adds: budgets and rates counted atomically),
+their small frozen values, and `StoreError`. Must never: put a token, a client token or a connect
 state's flow values into a repr, an exception or a log event; know how an engine keeps them.
 """
 
@@ -27,6 +29,8 @@ class Grant:
     state: str  # the credential's word for it ("active", "dead", ...); the store never interprets it
     expires_at: float | None = None  # the access token's expiry, epoch seconds
     last_used: float | None = None
+    # bumped by every write of the grant; `replace_grant` writes only over the version it read
+    version: int = 0
 
     def info(self) -> GrantInfo:
         return GrantInfo(self.route, self.client, self.user, self.state, self.expires_at, self.last_used)
@@ -70,8 +74,17 @@ class StateStore(Protocol):
         """Stamp the last use only: a request must never write back tokens a refresh just rotated."""
         ...
 
+    async def replace_grant(self, grant: Grant, version: int) -> bool:
+        """Write `grant` only if the stored grant is still at `version` (compare and set), and
+        return whether it was written. A refresh stores its rotated pair this way: it never
+        overwrites a grant that a reconnect or another replica wrote meanwhile."""
+        ...
+
     async def delete_grant(self, route: str, client: str, user: str) -> bool: ...
     async def list_grants(self, route: str | None = None) -> list[GrantInfo]: ...
+    async def count_grants(self, route: str) -> dict[str, int]:
+        """How many grants the route has in each state (what status shows; never who)."""
+        ...
 
     async def put_connect(self, connect_id: str, record: ConnectRecord, ttl_s: float) -> None: ...
     async def take_connect(self, connect_id: str) -> ConnectRecord | None:
@@ -89,4 +102,47 @@ class StateStore(Protocol):
         ...
 
     async def release_lease(self, key: str, holder: str) -> None: ...  # only the holder's own lease
+
+    async def get_doc(self, name: str) -> str | None:
+        """A small document kept sealed (an OAuth client registration, which may hold a secret)."""
+        ...
+
+    async def put_doc(self, name: str, value: str, only_new: bool = False) -> bool:
+        """Store the document; with `only_new`, only when there is none yet. True when written."""
+        ...
+
+    async def delete_doc(self, name: str) -> bool: ...
+
+    async def ping(self) -> float:
+        """Seconds one round trip to the store takes; raises StoreError when it cannot be used."""
+        ...
+
+    @property
+    def description(self) -> str:
+        """Which store this is, for status and errors: engine and place, never a password."""
+        ...
+
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """The answer to a budget reservation."""
+
+    ok: bool  # recorded: it fits under the limit
+    used: float  # cents used in the window before this reservation (when refused: used now)
+    entry: str  # what `refund_budget` needs to give it back ("" when refused)
+
+
+class SharedCounters(Protocol):
+    """Budgets and rate windows that several replicas count together (`store: redis://`). Each
+    call is one atomic step on the store: N concurrent spends let exactly as many through as fit.
+    Windows are rolling and timed by the store's own clock, the same for every replica."""
+
+    async def reserve_budget(self, account: str, amount: float, limit: float, window_s: float) -> Spend: ...
+    async def refund_budget(self, account: str, entry: str) -> None: ...
+    async def budget_used(self, account: str, window_s: float) -> float: ...
+    async def hit_rate(self, key: str, limit: int, window_s: float) -> float:
+        """Count one request against `limit` per `window_s`: 0.0 when admitted (and counted),
+        else the seconds until the oldest request in the window leaves it (nothing counted)."""
+        ...

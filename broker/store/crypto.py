@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from broker.auth.secret_store import SecretStore, SecretStoreError
+from broker.auth.secret_store import SecretStore, SecretStoreError, resolve
+from broker.config import SecretRef
 from broker.store.base import StoreError
 
 MASTER_KEY_ACCOUNT = "store:master_key"
@@ -45,6 +46,10 @@ def grant_place(route: str, client: str, user: str) -> tuple[str, ...]:
 
 def connect_place(connect_id: str) -> tuple[str, ...]:
     return ("connect", connect_id)
+
+
+def doc_place(name: str) -> tuple[str, ...]:
+    return ("doc", name)
 
 
 _KEY_CHECK_PLACE = ("key-check",)
@@ -93,6 +98,14 @@ class Sealer:
         """A sealed constant stored beside the data: the next start knows whether its key is the same."""
         return self.seal(_KEY_CHECK_PLAINTEXT, _KEY_CHECK_PLACE)
 
+    def matches(self, stored_check: bytes) -> bool:
+        """Was `stored_check` made by this sealer's key?"""
+        try:
+            self.open(stored_check, _KEY_CHECK_PLACE)
+        except SealBroken:
+            return False
+        return True
+
 
 @dataclass(frozen=True, slots=True)
 class Unlocked:
@@ -105,22 +118,39 @@ def _where(secrets: SecretStore) -> str:
     return f"account {MASTER_KEY_ACCOUNT!r} in {secrets.description}"
 
 
-def _parse_key(raw: str, secrets: SecretStore) -> bytes:
+def _parse_key(raw: str, where: str) -> bytes:
     try:
         key = base64.b64decode(raw.strip(), validate=True)
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != 32:
-        raise MasterKeyError(f"the master key ({_where(secrets)}) is not a base64 256-bit key")
+        raise MasterKeyError(f"the master key ({where}) is not a base64 256-bit key")
     return key
 
 
-def unlock(secrets: SecretStore, stored_check: bytes | None, data_place: str) -> Unlocked:
+def unlock(
+    secrets: SecretStore, stored_check: bytes | None, data_place: str, given: SecretRef | None = None
+) -> Unlocked:
     """The sealer for data at `data_place` (a file, a Redis URL) whose key check is `stored_check`.
 
-    A missing key is created only when the data has no key check yet: a new key beside data sealed
-    with a lost one would hide the loss until every user failed one by one."""
+    The key is `given` (an `env:` or `file:` reference: replicas on several machines share one
+    key that way; never created here) or else the secret store's `store:master_key`. A missing key
+    is created only when the data has no key check yet: a new key beside data sealed with a lost
+    one would hide the loss until every user failed one by one."""
     afresh = f"restore that key, or move {data_place} aside and every user connects again"
+    if given is not None and given.kind != "keyring":
+        found = resolve(given, MASTER_KEY_ACCOUNT, secrets)
+        if found.value is None:
+            raise MasterKeyError(
+                f"the master key ({given.describe()}) cannot be read: {found.reason}; every replica "
+                "needs the same key: make one once with `openssl rand -base64 32`"
+            )
+        sealer = Sealer({KEY_ID: _parse_key(found.value, given.describe())})
+        if stored_check is not None and not sealer.matches(stored_check):
+            raise MasterKeyError(
+                f"the master key ({given.describe()}) is not the one {data_place} was sealed with: {afresh}"
+            )
+        return Unlocked(sealer, sealer.key_check() if stored_check is None else None)
     try:
         raw = secrets.get(MASTER_KEY_ACCOUNT)
     except SecretStoreError as exc:
@@ -138,7 +168,7 @@ def unlock(secrets: SecretStore, stored_check: bytes | None, data_place: str) ->
             raise MasterKeyError(f"the master key cannot be stored: {exc}") from None
         sealer = Sealer({KEY_ID: key})
         return Unlocked(sealer, sealer.key_check())
-    sealer = Sealer({KEY_ID: _parse_key(raw, secrets)})
+    sealer = Sealer({KEY_ID: _parse_key(raw, _where(secrets))})
     if stored_check is None:
         return Unlocked(sealer, sealer.key_check())
     try:
