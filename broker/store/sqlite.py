@@ -2,9 +2,10 @@
 
 Owns: the file (created 0600 in a 0700 directory, refused when others can read it), its schema
 and migrations (`schema_version`), WAL mode, the one connection and the one worker thread every
-SQLite call runs on, expiry of connect states and leases by stored deadlines, and the key check
-that ties the file to the master key. Must never: call SQLite on the event loop, build SQL from
-values (parameters only), or write a token or a connect state unsealed.
+SQLite call runs on, grant versions (compare and set in one statement), expiry of connect states
+and leases by stored deadlines, and the key check that ties the file to the master key. Must
+never: call SQLite on the event loop, build SQL from values (parameters only), or write a token,
+a connect state or a document unsealed.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from broker.store import crypto
 from broker.store.base import ClientInfo, ConnectRecord, Grant, GrantInfo, StoreError
 
 FILE_NAME = "state.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000  # another process (a CLI command beside the daemon) holding the write lock
 
-# MIGRATIONS[n] takes the schema from n - 1 to n; each runs in the one open transaction
+# MIGRATIONS[n] takes the schema from n - 1 to n; each runs in the one open transaction. Never
+# edit a released one: files out there were made by it
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         "CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
@@ -44,7 +46,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " created_at REAL NOT NULL)",
         "CREATE TABLE leases (key TEXT PRIMARY KEY, holder TEXT NOT NULL, deadline REAL NOT NULL)",
     ),
+    2: (
+        # grants written by schema 1 are version 0: a refresh that read one can still replace it
+        "ALTER TABLE grants ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE docs (name TEXT PRIMARY KEY, sealed BLOB NOT NULL)",
+    ),
 }
+
+_PUT_DOC = (
+    "INSERT INTO docs (name, sealed) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET sealed = excluded.sealed"
+)
+_PUT_NEW_DOC = "INSERT INTO docs (name, sealed) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
 
 _T = TypeVar("_T")
 
@@ -116,7 +128,11 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {type(exc).__name__}: {exc}") from None
         except UnicodeEncodeError:
-            raise StoreError("a route, client or user name is not valid text (lone surrogates)") from None
+            raise StoreError("a name or a value is not valid text (lone surrogates)") from None
+
+    @property
+    def description(self) -> str:
+        return f"sqlite {self.path}"
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -187,7 +203,7 @@ class SqliteStore:
 
     def _get_grant(self, route: str, client: str, user: str) -> Grant | None:
         row = self._db.execute(
-            "SELECT sealed, state, expires_at, last_used FROM grants"
+            "SELECT sealed, state, expires_at, last_used, version FROM grants"
             " WHERE route = ? AND client = ? AND user = ?",
             (route, client, user),
         ).fetchone()
@@ -199,17 +215,31 @@ class SqliteStore:
             raise crypto.SealBroken(
                 f"the grant of user {user!r} of client {client!r} on route {route!r} in {self.path}: {exc}"
             ) from None
-        return Grant(route, client, user, tokens.decode("utf-8"), row[1], row[2], row[3])
+        return Grant(route, client, user, tokens.decode("utf-8"), row[1], row[2], row[3], row[4])
+
+    def _sealed_tokens(self, g: Grant) -> bytes:
+        return self._seal.seal(g.tokens.encode("utf-8"), crypto.grant_place(g.route, g.client, g.user))
 
     def _put_grant(self, g: Grant) -> None:
-        sealed = self._seal.seal(g.tokens.encode("utf-8"), crypto.grant_place(g.route, g.client, g.user))
+        # one statement: two writers (threads or processes) cannot both make the same next version
         self._db.execute(
-            "INSERT OR REPLACE INTO grants (route, client, user, sealed, state, expires_at, last_used)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (g.route, g.client, g.user, sealed, g.state, g.expires_at, g.last_used),
+            "INSERT INTO grants (route, client, user, sealed, state, expires_at, last_used, version)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (route, client, user) DO UPDATE"
+            " SET sealed = excluded.sealed, state = excluded.state, expires_at = excluded.expires_at,"
+            " last_used = excluded.last_used, version = grants.version + 1",
+            (g.route, g.client, g.user, self._sealed_tokens(g), g.state, g.expires_at, g.last_used),
         )
 
+    def _replace_grant(self, g: Grant, version: int) -> bool:
+        cur = self._db.execute(
+            "UPDATE grants SET sealed = ?, state = ?, expires_at = ?, last_used = ?, version = version + 1"
+            " WHERE route = ? AND client = ? AND user = ? AND version = ?",
+            (self._sealed_tokens(g), g.state, g.expires_at, g.last_used, g.route, g.client, g.user, version),
+        )
+        return cur.rowcount > 0
+
     def _touch_grant(self, route: str, client: str, user: str, when: float) -> None:
+        # not a write of the grant: the version stays, so requests never fail a refresh's replace
         self._db.execute(
             "UPDATE grants SET last_used = ? WHERE route = ? AND client = ? AND user = ?",
             (when, route, client, user),
@@ -230,11 +260,20 @@ class SqliteStore:
             rows = self._db.execute(columns + " WHERE route = ?" + order, (route,)).fetchall()
         return [GrantInfo(*row) for row in rows]
 
+    def _count_grants(self, route: str) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT state, count(*) FROM grants WHERE route = ? GROUP BY state ORDER BY state", (route,)
+        ).fetchall()
+        return {str(state): int(n) for state, n in rows}
+
     async def get_grant(self, route: str, client: str, user: str) -> Grant | None:
         return await self._run(self._get_grant, route, client, user)
 
     async def put_grant(self, grant: Grant) -> None:
         await self._run(self._put_grant, grant)
+
+    async def replace_grant(self, grant: Grant, version: int) -> bool:
+        return await self._run(self._replace_grant, grant, version)
 
     async def touch_grant(self, route: str, client: str, user: str, when: float) -> None:
         await self._run(self._touch_grant, route, client, user, when)
@@ -244,6 +283,9 @@ class SqliteStore:
 
     async def list_grants(self, route: str | None = None) -> list[GrantInfo]:
         return await self._run(self._list_grants, route)
+
+    async def count_grants(self, route: str) -> dict[str, int]:
+        return await self._run(self._count_grants, route)
 
     # ------------------------------------------------------------ connect states
 
@@ -332,6 +374,44 @@ class SqliteStore:
 
     async def release_lease(self, key: str, holder: str) -> None:
         await self._run(self._release_lease, key, holder)
+
+    # ------------------------------------------------------------ sealed documents
+
+    def _get_doc(self, name: str) -> str | None:
+        row = self._db.execute("SELECT sealed FROM docs WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return self._seal.open(row[0], crypto.doc_place(name)).decode("utf-8")
+        except crypto.SealBroken as exc:
+            raise crypto.SealBroken(f"the document {name!r} in {self.path}: {exc}") from None
+
+    def _put_doc(self, name: str, value: str, only_new: bool) -> bool:
+        sealed = self._seal.seal(value.encode("utf-8"), crypto.doc_place(name))
+        statement = _PUT_NEW_DOC if only_new else _PUT_DOC
+        return self._db.execute(statement, (name, sealed)).rowcount > 0
+
+    def _delete_doc(self, name: str) -> bool:
+        return self._db.execute("DELETE FROM docs WHERE name = ?", (name,)).rowcount > 0
+
+    async def get_doc(self, name: str) -> str | None:
+        return await self._run(self._get_doc, name)
+
+    async def put_doc(self, name: str, value: str, only_new: bool = False) -> bool:
+        return await self._run(self._put_doc, name, value, only_new)
+
+    async def delete_doc(self, name: str) -> bool:
+        return await self._run(self._delete_doc, name)
+
+    # ------------------------------------------------------------ the store itself
+
+    def _ping(self) -> None:
+        self._db.execute("SELECT max(version) FROM schema_version").fetchone()  # reads the file
+
+    async def ping(self) -> float:
+        start = time.perf_counter()
+        await self._run(self._ping)
+        return time.perf_counter() - start
 
     async def close(self) -> None:
         if self._closed:

@@ -45,7 +45,7 @@ async def test_grant_round_trip_list_touch_and_delete(store: SqliteStore) -> Non
     await store.put_grant(grant("bob", state="dead"))
     await store.put_grant(grant("carol", route="other"))
     got = await store.get_grant("mcp", "librechat", "alice")
-    assert got == grant()
+    assert got == grant(version=1)
     assert AT not in repr(got) and RT not in repr(got)
     await store.touch_grant("mcp", "librechat", "alice", 1_000_123.0)
     touched = await store.get_grant("mcp", "librechat", "alice")
@@ -58,6 +58,7 @@ async def test_grant_round_trip_list_touch_and_delete(store: SqliteStore) -> Non
     await store.put_grant(grant(tokens='{"access_token": "at_FAKEnew"}'))  # a refresh replaces
     replaced = await store.get_grant("mcp", "librechat", "alice")
     assert replaced is not None and replaced.tokens == '{"access_token": "at_FAKEnew"}'
+    assert replaced.version == 2
     assert await store.delete_grant("mcp", "librechat", "alice") is True
     assert await store.delete_grant("mcp", "librechat", "alice") is False
     assert await store.get_grant("mcp", "librechat", "alice") is None
@@ -92,7 +93,7 @@ async def test_a_grant_moved_to_another_user_does_not_open(store: SqliteStore, d
     text = str(err.value)
     assert "'bob'" in text and "'librechat'" in text and str(db_path) in text and "does not open" in text
     assert AT not in text and RT not in text and "at_FAKEbob" not in text
-    assert await store.get_grant("mcp", "librechat", "alice") == grant("alice")
+    assert await store.get_grant("mcp", "librechat", "alice") == grant("alice", version=1)
 
 
 async def test_a_lost_or_replaced_master_key_fails_at_open(store: SqliteStore, db_path: Path) -> None:
@@ -112,7 +113,7 @@ async def test_a_lost_or_replaced_master_key_fails_at_open(store: SqliteStore, d
     assert other not in str(err.value) and key not in str(err.value)
     keyring.set_password(SERVICE, MASTER_KEY_ACCOUNT, key)
     again = await open_store(db_path)
-    assert await again.get_grant("mcp", "librechat", "alice") == grant()
+    assert await again.get_grant("mcp", "librechat", "alice") == grant(version=1)
     await again.close()
 
 
@@ -208,13 +209,13 @@ async def test_file_modes_and_reopening_keeps_the_data(store: SqliteStore, db_pa
         assert stat.S_IMODE(Path(str(db_path) + suffix).stat().st_mode) == 0o600, suffix
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
     await store.close()
     with pytest.raises(StoreError, match="is closed"):
         await store.get_grant("mcp", "librechat", "alice")
     again = await open_store(db_path)
     try:
-        assert await again.get_grant("mcp", "librechat", "alice") == grant()
+        assert await again.get_grant("mcp", "librechat", "alice") == grant(version=1)
         assert await again.client_for_token_hash("hash-1") == "librechat"
         assert await again.take_connect(CONNECT_ID) == ConnectRecord("mcp", "librechat", "alice")
     finally:
