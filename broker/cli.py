@@ -39,7 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
     ck = sub.add_parser("check", parents=[common], help="validate the config and the credentials it names")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
-    sk = sub.add_parser("set-key", parents=[common], help="store a route's API key or client secret")
+    sk = sub.add_parser(
+        "set-key",
+        parents=[common],
+        help="store a route's API key or client secret (or `store`: the Redis password)",
+    )
     sk.add_argument("route")
     sk.add_argument("--stdin", action="store_true", help="read the secret from standard input")
     st = sub.add_parser("status", parents=[common], help="ask the running daemon for its state")

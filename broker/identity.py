@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from broker.errors import BrokerError
+from broker.store import StoreError
 
 if TYPE_CHECKING:
     from broker.config import Config, OAuthAuth
@@ -54,7 +55,10 @@ class PlatformClients:
         if hit is not None and hit[1] > now:
             name = hit[0]
         else:
-            name = await self._store.client_for_token_hash(key)
+            try:
+                name = await self._store.client_for_token_hash(key)
+            except StoreError as exc:
+                raise BrokerError("store_unavailable", f"the state store cannot be used: {exc}") from None
             if len(self._cache) >= CACHE_MAX:
                 self._cache.clear()
             self._cache[key] = (name, now + (FOUND_TTL_S if name is not None else MISSING_TTL_S))

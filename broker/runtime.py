@@ -37,13 +37,16 @@ from broker.policy.budget import BudgetLedger
 from broker.policy.route import RoutePolicy
 from broker.routing import RouteTable
 from broker.scrub import SecretSet
-from broker.store import StateStore
+from broker.store import SharedCounters, StateStore, StoreError
+from broker.store.opening import UnavailableStore, store_place
+from broker.store.opening import open_store as open_state_store
 
 if TYPE_CHECKING:
     from broker.auth.per_user import UserGrants
 
 log = structlog.get_logger("broker")
 STATUS_WAIT_S = 5.0  # status and metrics wait this long at most for start-up's credential read
+STORE_CHECK_S = 1.0  # how often the state store's health is checked (a round trip) while it runs
 
 
 class ListenError(Exception):
@@ -52,6 +55,32 @@ class ListenError(Exception):
 
 def per_user_routes(config: Config) -> frozenset[str]:
     return frozenset(r.name for r in config.routes if isinstance(r.auth, OAuthAuth) and r.auth.per_user)
+
+
+@dataclass
+class StoreHealth:
+    """The state store's health as the last check found it: read by every per-user request
+    without a round trip, written once a second by `Runtime._watch_store`."""
+
+    place: str
+    ok: bool = True  # until a check says otherwise: the first check runs at start
+    error: str | None = None
+    latency_ms: float | None = None
+    checked_at: float | None = None  # epoch seconds
+
+    def refusal(self, route: str) -> BrokerError | None:
+        if self.ok:
+            return None
+        return BrokerError("store_unavailable", f"the state store cannot be used: {self.error}", route)
+
+    def document(self) -> dict[str, object]:
+        return {
+            "place": self.place,
+            "ok": self.ok,
+            "error": self.error,
+            "latency_ms": self.latency_ms,
+            "checked_at": self.checked_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -68,6 +97,7 @@ class Snapshot:
     per_user: frozenset[str] = frozenset()  # the per-user routes' names
     user_grants: Mapping[str, UserGrants] = field(default_factory=dict)  # by per-user route
     platform: PlatformClients | None = None  # None: no per-user route, or the store did not open
+    store_health: StoreHealth | None = None  # the runtime's one, across snapshots; None: no store
     _hosts: dict[int | None, frozenset[str]] = field(default_factory=dict, repr=False)  # a memo
 
     def guard(self, request: Request) -> BrokerError | None:
@@ -89,6 +119,11 @@ class Snapshot:
             raise BrokerError(
                 "store_unavailable", "the state store holding end users' grants is not open", route.name
             )
+        health = self.store_health
+        if health is not None and not health.ok:  # a cached token must not outlive a store gone
+            refusal = health.refusal(route.name)
+            if refusal is not None:
+                raise refusal
         client = await self.platform.authenticate(request)
         assert isinstance(route.auth, OAuthAuth)
         user, label = user_of(request, route.auth, route.name)
@@ -116,7 +151,12 @@ class Runtime:
         self.metrics = Metrics()
         self.store = store or open_store(config.secret_store, config.state_path())
         self.ledger = BudgetLedger(config.state_path() / "budgets.json")
-        self.state_store: StateStore | None = None  # opened by start() when a route is per-user
+        # opened by start() when a route is per-user, or always for `store: redis://` (budgets, rates)
+        self.state_store: StateStore | None = None
+        self.store_health: StoreHealth | None = None
+        self.counters: SharedCounters | None = None  # the Redis store's budgets and rates
+        self._store_opened_for: tuple[object, ...] | None = None
+        self._store_watch: asyncio.Task[None] | None = None
         self.connections = guard.Connections()
         self.snapshot = self._build(config, None)
         # No cap on upstream connections: each one serves an agent connection, so agents and the
@@ -149,10 +189,11 @@ class Runtime:
                 creds[r.name] = make_credential(r, self.store, self.secrets)
             if r.policy is not None:
                 kept = old.policies.get(r.name) if old is not None else None
-                if kept is not None and kept.policy == r.policy:
+                shared = self.shared_counters(config)
+                if kept is not None and kept.policy == r.policy and kept.shared is shared:
                     policies[r.name] = kept
                 else:
-                    policies[r.name] = RoutePolicy(r.name, r.policy, self.ledger)
+                    policies[r.name] = RoutePolicy(r.name, r.policy, self.ledger, shared)
         per_user = per_user_routes(config)
         grants: dict[str, UserGrants] = {}
         if per_user and self.state_store is not None:
@@ -184,23 +225,64 @@ class Runtime:
             per_user=per_user,
             user_grants=MappingProxyType(grants),
             platform=platform,
+            store_health=self.store_health,
         )
 
     def uptime(self) -> float:
         return time.monotonic() - self._started
 
-    async def open_state_store(self, config: Config) -> None:
-        """Open the state store when `config` has a per-user route (once; it outlives reloads)."""
-        if self.state_store is not None:
-            return
-        if not per_user_routes(config):
-            return
-        from broker.store.sqlite import SqliteStore, default_path
+    def shared_counters(self, config: Config) -> SharedCounters | None:
+        """With `store: redis://`, budgets and rates count in the store every replica shares.
+        One that could not be opened refuses them (never a silent local count)."""
+        return self.counters if config.store == "redis" else None
 
+    async def open_state_store(self, config: Config) -> None:
+        """Open the config's state store when it has a per-user route or names Redis (once: it
+        outlives reloads; a changed `store:` takes effect at the next start)."""
+        wanted = (config.store, config.redis, config.state_path())
+        if self.state_store is not None:
+            if wanted != self._store_opened_for:
+                log.warning("store.changed", note="a changed `store:` takes effect when the daemon restarts")
+            elif isinstance(self.state_store, UnavailableStore):
+                self.state_store = None  # a reload after fixing its cause (a password) tries again
+            if self.state_store is not None:
+                return
+        if not per_user_routes(config) and config.store != "redis":
+            return
+        self._store_opened_for = wanted
+        place = store_place(config)
         try:
-            self.state_store = await SqliteStore.open(default_path(config.state_path()), self.store)
-        except Exception as exc:  # noqa: BLE001 - per-user routes answer store_unavailable, the rest serve
-            log.error("store.unavailable", error=str(exc), note="per-user routes answer store_unavailable")
+            self.state_store, self.counters = await open_state_store(config, self.store)
+        except Exception as exc:  # noqa: BLE001 - the routes needing it answer store_unavailable
+            reason = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+            log.error("store.unavailable", store=place, error=reason, note="routes that need it answer 503")
+            self.state_store = self.counters = UnavailableStore(place, reason)
+        if self.store_health is None:
+            self.store_health = StoreHealth(place)
+        if self._store_watch is None:
+            self._store_watch = asyncio.get_running_loop().create_task(self._watch_store())
+
+    async def check_store(self) -> None:
+        """One health check of the state store (a round trip), recorded in `store_health`."""
+        store, health = self.state_store, self.store_health
+        if store is None or health is None:
+            return
+        try:
+            seconds = await store.ping()
+        except StoreError as exc:
+            if health.ok:
+                log.error("store.down", store=health.place, error=str(exc))
+            health.ok, health.error, health.latency_ms = False, str(exc), None
+        else:
+            if not health.ok:
+                log.info("store.back", store=health.place)
+            health.ok, health.error, health.latency_ms = True, None, round(seconds * 1000, 2)
+        health.checked_at = time.time()
+
+    async def _watch_store(self) -> None:
+        while True:
+            await self.check_store()
+            await asyncio.sleep(STORE_CHECK_S)
 
     async def start(self) -> None:
         await self.open_state_store(self.snapshot.config)
@@ -252,6 +334,8 @@ class Runtime:
     async def close(self) -> None:
         if self._warmup is not None:
             self._warmup.cancel()
+        if self._store_watch is not None:
+            self._store_watch.cancel()
         self.pool.close()
         self.connections.peers.close()
         for cred in self.credentials.values():

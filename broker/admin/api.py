@@ -14,12 +14,13 @@ from broker import __version__
 from broker.auth.base import AuthState
 from broker.errors import BrokerError
 from broker.http.server import Request, Response, StreamResponse
+from broker.store import StoreError
 
 if TYPE_CHECKING:
     from broker.runtime import Runtime
 
 
-def status_document(rt: Runtime) -> dict[str, Any]:
+async def status_document(rt: Runtime) -> dict[str, Any]:
     cfg, policies = rt.snapshot.config, rt.snapshot.policies
     routes = []
     for r in cfg.routes:
@@ -36,7 +37,7 @@ def status_document(rt: Runtime) -> dict[str, Any]:
                 "expires_at": cred.expires_at.isoformat() if cred and cred.expires_at else None,
                 "requests": rt.metrics.by_route.get(r.name, 0),
                 **(cred.details() if cred else {}),
-                **(policies[r.name].status() if r.name in policies else {}),
+                **(await policies[r.name].status() if r.name in policies else {}),
             }
         )
     return {
@@ -45,6 +46,9 @@ def status_document(rt: Runtime) -> dict[str, Any]:
         "listen": rt.listen_addresses,
         "config": {"path": rt.config_path, "error": rt.config_error},
         "secret_store": rt.store.description,
+        # the state store (per-user grants; with Redis also budgets and rates): where, and its
+        # health as the last check (once a second) found it
+        "store": rt.store_health.document() if rt.store_health is not None else None,
         "uptime_s": round(rt.uptime(), 1),
         "in_flight": rt.in_flight,
         "process": _process_counts(),
@@ -65,10 +69,10 @@ async def _count_users(rt: Runtime, doc: dict[str, Any]) -> None:
         if rt.state_store is None:
             r.update(state="store_unavailable", users=None)
             continue
-        counts: dict[str, int] = {}
-        for grant in await rt.state_store.list_grants(r["name"]):
-            counts[grant.state] = counts.get(grant.state, 0) + 1
-        r["users"] = counts
+        try:
+            r["users"] = await rt.state_store.count_grants(r["name"])
+        except StoreError:
+            r.update(state="store_unavailable", users=None)  # the store's own entry says why
 
 
 def _process_counts() -> dict[str, int | None]:
@@ -100,7 +104,7 @@ async def handle(request: Request, rt: Runtime) -> StreamResponse:
     if path == "/_broker/status":
         _only(request, "GET", "HEAD")
         await rt.credentials_read()
-        doc = status_document(rt)
+        doc = await status_document(rt)
         await _count_users(rt, doc)
         # reasons can quote an upstream (a token endpoint's error): nothing held goes out
         return _json(json.loads(rt.secrets.redact(json.dumps(doc))))

@@ -24,6 +24,12 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
     out.append(f"config: {doc['config']['path']}")
     if doc["config"]["error"]:
         out.append(f"config error (previous config still in force):\n{doc['config']['error']}")
+    store = doc.get("store")
+    if isinstance(store, dict):
+        if store.get("ok"):
+            out.append(f"store: {store.get('place')}: ok, {store.get('latency_ms')} ms round trip")
+        else:
+            out.append(f"store: {store.get('place')}: UNAVAILABLE: {store.get('error')}")
     rows = [("ROUTE", "PREFIX", "AUTH", "STATE", "MODE", "EXPIRES", "REQUESTS")]
     for r in doc["routes"]:
         state, mode, expires = (r[k] or "-" for k in ("state", "mode", "expires_at"))
@@ -44,6 +50,9 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
         if isinstance(budget, dict) and budget.get("each_user"):
             each = f"{cents(budget.get('amount_cents'))} cents per user per {budget.get('per')}"
             out.append(f"{r['name']}: budget {each}")
+        elif isinstance(budget, dict) and budget.get("used") is None:
+            every = f"{cents(budget.get('amount_cents'))} cents per {budget.get('per')}"
+            out.append(f"{r['name']}: budget {every}")
         elif isinstance(budget, dict):
             out.append(
                 f"{r['name']}: budget {cents(budget.get('used'))} of {cents(budget.get('amount_cents'))} "

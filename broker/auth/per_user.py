@@ -1,7 +1,8 @@
 """`UserGrants`: one per per-user route; its end users' AgentCard grants, kept in the StateStore.
 
 Owns: the route's OAuth client (discovered and registered once, redirect URI the `public_url`
-callback, kept in the secret store and reused; or the `client_id` pinned in the config), connect
+callback, kept sealed in the state store so every replica uses the same registration; or the
+`client_id` pinned in the config), connect
 links (random, single use, 15 minutes), the authorization request a connect page starts (PKCE
 S256, `resource`, a `state` whose flow values are sealed in the store), the callback's code
 exchange into that user's `Grant`, revocation, and a bounded cache of the users' credentials
@@ -104,8 +105,10 @@ class UserGrants:
         # the callback URL is the same for every route: a state names its route by this tag
         self._state_tag = hashlib.sha256(route.name.encode("utf-8")).hexdigest()[:12]
         self._secret_store = secret_store
-        # the per-user client is kept apart from the route's `login` client: other redirect URI
-        self._client_store = OAuthStore(f"{route.name}:per_user", secret_store)
+        # where versions before the shared store kept the per-user client (read once, moved over)
+        self._old_client_store = OAuthStore(f"{route.name}:per_user", secret_store)
+        # apart from the route's `login` client (another redirect URI), shared by every replica
+        self._client_doc = f"oauth_client:{route.name}"
         self._meta: ServerMetadata | None = None
         self._client: ClientRecord | None = None
         self._client_lock = asyncio.Lock()
@@ -187,10 +190,44 @@ class UserGrants:
 
     async def _stored_client(self) -> ClientRecord | None:
         try:
-            stored = await asyncio.to_thread(self._client_store.load_client)
+            raw = await self.store.get_doc(self._client_doc)
+        except StoreError:
+            return None
+        if raw is None:
+            raw = await self._moved_client()
+        try:
+            stored = ClientRecord.from_json(raw) if raw is not None else None
+        except (ValueError, TypeError):
+            return None
+        if stored is None or stored.redirect_uri != self.redirect_uri:
+            return None
+        self.secrets.add(stored.client_secret)
+        return stored
+
+    async def _moved_client(self) -> str | None:
+        """A registration an earlier version kept in the secret store, moved into the state store."""
+        try:
+            old = await asyncio.to_thread(self._old_client_store.load_client)
         except SecretStoreError:
             return None
-        return stored if stored is not None and stored.redirect_uri == self.redirect_uri else None
+        if old is None:
+            return None
+        raw = old.to_json()
+        with contextlib.suppress(StoreError):
+            await self.store.put_doc(self._client_doc, raw, only_new=True)
+            await asyncio.to_thread(self._old_client_store.drop_client)
+        return raw
+
+    async def _keep_client(self, client: ClientRecord) -> ClientRecord:
+        """Keep a new registration for every replica. Two replicas registering at once: the first
+        one kept wins, and the other uses it too (its own registration is left unused)."""
+        try:
+            if await self.store.put_doc(self._client_doc, client.to_json(), only_new=True):
+                return client
+            kept = await self._stored_client()
+        except StoreError:
+            return client  # used here all the same; the next start registers again
+        return kept if kept is not None else client
 
     async def _client_at(self, meta: ServerMetadata) -> ClientRecord:
         if self.auth.client_id:
@@ -208,17 +245,15 @@ class UserGrants:
             self.http(), meta, self.redirect_uri, self.auth.scopes, application_type="web"
         )
         self.secrets.add(client.client_secret)
-        with contextlib.suppress(SecretStoreError):  # used here all the same; a restart registers again
-            await asyncio.to_thread(self._client_store.save_client, client)
-        return client
+        return await self._keep_client(client)
 
     async def forget_client(self) -> None:
         """The server no longer knows our registration (invalid_client): register again next time."""
         async with self._client_lock:
             if self._client is not None and self._client.registered:
                 self._meta = self._client = None
-                with contextlib.suppress(SecretStoreError):
-                    await asyncio.to_thread(self._client_store.drop_client)
+                with contextlib.suppress(StoreError):
+                    await self.store.delete_doc(self._client_doc)
 
     # ------------------------------------------------------------ connecting a user
 

@@ -1,11 +1,14 @@
 """`UserCredential`: one end user's AgentCard grant on a per-user route, asked for a header.
 
 Owns: that user's tokens read from the StateStore and kept fresh: one refresh at a time for the
-user (an asyncio.Lock here, a store lease across processes; the grant read again once the lease
-is held, since another process may have refreshed it), the rotated refresh token stored before
-the new access token is used, a refused refresh ending that user's grant only, and the
-`needs_connect` error carrying a fresh connect link. Must never: let a token reach `reason`, an
-error or a log; refresh a grant another process is refreshing; touch another user's grant.
+user (an asyncio.Lock here, a store lease across processes and replicas, renewed while the token
+request runs so it expires within seconds only when its holder died; the grant read again once
+the lease is held, since another replica may have refreshed it), the rotated refresh token
+stored before the new access token is used (compare and set on the grant's version: it never
+overwrites what a reconnect or another replica wrote meanwhile), a refused refresh ending that
+user's grant only, and the `needs_connect` error carrying a fresh connect link. Must never: let
+a token reach `reason`, an error or a log; refresh a grant another replica is refreshing; send a
+refresh token the store no longer holds; touch another user's grant.
 """
 
 from __future__ import annotations
@@ -17,13 +20,18 @@ from datetime import UTC, datetime
 
 from broker.auth.base import AuthState, Credential, CredentialCheck
 from broker.auth.oauth.tokens import TokenSet, parse_token_response, token_request
-from broker.auth.oauth.transport import OAuthError
+from broker.auth.oauth.transport import HTTP_TIMEOUT, OAuthError
 from broker.auth.per_user import GRANT_ACTIVE, UserGrants
 from broker.auth.secret_store import SecretStoreError
 from broker.errors import BrokerError
 from broker.store import Grant, StoreError
 
-LEASE_TTL_S = 30.0  # longer than a token request may take (HTTP_TIMEOUT: 20 s)
+# A live holder renews its lease every LEASE_RENEW_S while its token request runs (up to
+# HTTP_TIMEOUT, 20 s); a dead holder's lease is free again within LEASE_TTL_S.
+LEASE_TTL_S = 10.0
+LEASE_RENEW_S = 3.0
+# a waiter gives up after the longest live hold
+LEASE_WAIT_S = (HTTP_TIMEOUT.total or 20.0) + LEASE_TTL_S + 5.0
 LEASE_POLL_S = 0.05
 TOUCH_EVERY_S = 60.0  # the last use is a day-level figure: a stamp a minute per user is plenty
 REFRESH_FAILURE_BACKOFF_S = 5.0
@@ -44,6 +52,7 @@ class UserCredential(Credential):
         self.label = ""
         self._tokens: TokenSet | None = None
         self._last_used: float | None = None
+        self._version = 0  # the stored grant's version when last read
         self._lock = asyncio.Lock()
         self._touched = float("-inf")
         self._refresh_failed_at = float("-inf")
@@ -116,6 +125,7 @@ class UserCredential(Credential):
         if grant is None:
             return None
         self._last_used = grant.last_used
+        self._version = grant.version
         try:
             tokens = TokenSet.from_json(grant.tokens)
         except (ValueError, TypeError):
@@ -165,17 +175,28 @@ class UserCredential(Credential):
                 return current  # refreshed while we waited: one refresh per expiry
             g = self._grants
             key = self._lease_key()
-            await self._acquire_lease(key)  # other processes: one refresh of this grant at a time
+            await self._acquire_lease(key)  # other replicas: one refresh of this grant at a time
+            renewing = asyncio.get_running_loop().create_task(self._renew_lease(key))
             try:
                 return await self._refresh_held(seen, forced)
             finally:
+                renewing.cancel()
                 with contextlib.suppress(StoreError):  # else it expires by itself
                     await g.store.release_lease(key, g.holder)
+
+    async def _renew_lease(self, key: str) -> None:
+        """Keep the lease while this replica is alive and refreshing: a slow token endpoint must
+        not let another replica send the same refresh token meanwhile."""
+        g = self._grants
+        while True:
+            await asyncio.sleep(LEASE_RENEW_S)
+            with contextlib.suppress(StoreError):  # a store blip: the next renewal tries again
+                await g.store.acquire_lease(key, g.holder, LEASE_TTL_S)
 
     async def _acquire_lease(self, key: str) -> None:
         g = self._grants
         # a holder that died leaves its lease to expire: wait that long, and a little more
-        deadline = time.monotonic() + LEASE_TTL_S + 5.0
+        deadline = time.monotonic() + LEASE_WAIT_S
         while True:
             try:
                 if await g.store.acquire_lease(key, g.holder, LEASE_TTL_S):
@@ -236,12 +257,20 @@ class UserCredential(Credential):
         grant = Grant(
             self.route, self.client, self.user, new.to_json(), GRANT_ACTIVE, new.expires_at, self._last_used
         )
+        self.refreshes += 1
         try:
-            await g.store.put_grant(grant)
+            written = await g.store.replace_grant(grant, self._version)
         except StoreError as exc:
             self.reason = f"refreshed, but the new tokens could not be stored: {exc}"
+            written = True  # this replica uses them; the next refresh (or a reconnect) heals the store
+        if not written:
+            # a reconnect (or a replica that took over a lapsed lease) wrote the grant meanwhile:
+            # theirs stands; this request still uses the pair it was just given
+            self._remember(new)
+            self._tokens = None  # the next request reads what the store holds now
+            return new
+        self._version += 1
         self._remember(new)
-        self.refreshes += 1
         return new
 
     async def _end(self, why: str) -> BrokerError:

@@ -64,22 +64,16 @@ def state_file(cfg: Config) -> Path:
 
 
 def _with_store(cfg: Config, action: Callable[[StateStore], Awaitable[_T]], *, create: bool) -> _T | None:
-    """Run `action` on the config's state store, then close it. None (and nothing created: no file,
-    no master key) when the store does not exist yet and `create` is false."""
-    if cfg.store != "sqlite":
-        # never echo the setting: a redis:// URL may carry a password
-        raise PlatformClientError(
-            f"{cfg.path}: `store:` names a shared store; this command reaches only the embedded "
-            "sqlite store so far"
-        )
-    path = state_file(cfg)
-    if not create and not path.exists():
+    """Run `action` on the config's state store (the same one the daemon uses: the SQLite file
+    or the shared Redis), then close it. None (and nothing created: no file, no master key) when
+    the SQLite store does not exist yet and `create` is false."""
+    if cfg.store == "sqlite" and not create and not state_file(cfg).exists():
         return None
 
     async def run() -> _T:
-        from broker.store.sqlite import SqliteStore
+        from broker.store.opening import open_store as open_state_store
 
-        store = await SqliteStore.open(path, open_store(cfg.secret_store, cfg.state_path()))
+        store, _ = await open_state_store(cfg, open_store(cfg.secret_store, cfg.state_path()))
         try:
             return await action(store)
         finally:

@@ -63,6 +63,34 @@ def _api_key_mode(value: str) -> str:
     return mode
 
 
+STORE_TARGET = "store"  # `set-key store`: the Redis password of `store:` (when no route is named so)
+STORE_PASSWORD_ACCOUNT = "store:redis_password"
+
+
+def _set_store_password(cfg: Config, read_secret: ReadSecret) -> list[OutputLine]:
+    redis = cfg.redis
+    if redis is None:
+        raise RouteSecretError(
+            f"no route named 'store', and `store:` in {cfg.path} is not Redis; `set-key store` keeps "
+            "the password of a `store: {url: redis://…, password: keyring}`"
+        )
+    if redis.password is None or redis.password.kind != "keyring":
+        where = redis.password.describe() if redis.password is not None else "nowhere (no `password:`)"
+        raise RouteSecretError(
+            f"`store:` reads its Redis password from {where}, not the secret store; set "
+            "`store.password: keyring` to use set-key"
+        )
+    value = read_secret("Redis password for `store:` (input hidden): ").strip()
+    if not value:
+        raise RouteSecretError("no password given; nothing stored")
+    store = open_store(cfg.secret_store, cfg.state_path())
+    try:
+        store.set(STORE_PASSWORD_ACCOUNT, value)
+    except SecretStoreError as exc:
+        raise RouteSecretError(f"could not store the Redis password: {exc}") from None
+    return [OutputLine(f"stored the Redis password of `store:` in {store.description}")]
+
+
 def set_route_secret(cfg: Config, route_name: str, read_secret: ReadSecret) -> list[OutputLine]:
     """Store the API key or client secret of route `route_name` in the config's secret store.
 
@@ -71,6 +99,8 @@ def set_route_secret(cfg: Config, route_name: str, read_secret: ReadSecret) -> l
     print; raises RouteSecretError when nothing was stored.
     """
     route = cfg.route(route_name)
+    if route is None and route_name == STORE_TARGET:
+        return _set_store_password(cfg, read_secret)
     if route is None:
         raise RouteSecretError(unknown_route_message(cfg, route_name))
     slot = _slot_of(route)

@@ -165,7 +165,7 @@ class RedisSettings:
     url: str  # redis:// or rediss:// (TLS), host, port and db; never a password (refused in the URL)
     password: SecretRef | None = None  # keyring: account `store:redis_password`
     username: str | None = None  # a Redis 6 ACL user, when not `default`
-    ca_file: str | None = None  # rediss://: trust this CA bundle instead of the system's
+    ca_file: str | None = None  # rediss://: trust this CA bundle too (beside the system's)
     master_key: SecretRef | None = None  # None or keyring: `store:master_key` in the secret store
     prefix: str = DEFAULT_REDIS_PREFIX  # every key starts with `prefix:`; several brokers on one Redis
 

@@ -11,6 +11,7 @@ crash on any body an agent sends.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -26,6 +27,7 @@ from broker.errors import BrokerError
 from broker.hooks import Call, Outcome, UserKey, Verdict
 from broker.policy.budget import BudgetLedger
 from broker.policy.rules import deny, find_amounts, number, path_segments, rule_matches, unmatchable
+from broker.store import SharedCounters, StoreError
 
 USER_WINDOWS_SWEEP = 10_000  # per-user rate windows kept before the quiet ones are forgotten
 
@@ -35,11 +37,42 @@ class RoutePolicy:
     route: str
     policy: Policy
     ledger: BudgetLedger
+    # `store: redis://`: budgets and rates counted in the store every replica shares
+    shared: SharedCounters | None = None
     _recent: deque[float] = field(default_factory=deque)
     # on a per-user route the rate counts per end user, keyed by (platform client, user id)
     _by_user: dict[UserKey, deque[float]] = field(default_factory=dict)
+    _refunds: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def _account(self, user: UserKey | None) -> str:
+        # on a per-user route each end user has the budget (and the rate) to themselves
+        return self.route if user is None else "\x1f".join((self.route, *user))
+
+    def _store_error(self, exc: StoreError) -> BrokerError:
+        return BrokerError("store_unavailable", f"the shared store cannot be used: {exc}", self.route)
 
     # -- rate
+
+    def _limited(self, wait: float) -> BrokerError:
+        rate = self.policy.rate
+        assert rate is not None
+        seconds = max(1, math.ceil(wait))
+        return BrokerError(
+            "rate_limited",
+            f"route {self.route!r} allows {rate.amount} requests per {rate.text}; try again in {seconds}s",
+            self.route,
+            retry_after=seconds,
+        )
+
+    async def _shared_rate(self, shared: SharedCounters, user: UserKey | None) -> None:
+        rate = self.policy.rate
+        assert rate is not None
+        try:
+            wait = await shared.hit_rate(self._account(user), rate.amount, rate.seconds)
+        except StoreError as exc:
+            raise self._store_error(exc) from None
+        if wait > 0:
+            raise self._limited(wait)
 
     def _rate(self, now: float, user: UserKey | None) -> None:
         rate = self.policy.rate
@@ -49,13 +82,7 @@ class RoutePolicy:
         while recent and recent[0] <= now - rate.seconds:
             recent.popleft()
         if len(recent) >= rate.amount:
-            wait = max(1, math.ceil(recent[0] + rate.seconds - now))
-            raise BrokerError(
-                "rate_limited",
-                f"route {self.route!r} allows {rate.amount} requests per {rate.text}; try again in {wait}s",
-                self.route,
-                retry_after=wait,
-            )
+            raise self._limited(recent[0] + rate.seconds - now)
         recent.append(now)
 
     def _user_window(self, user: UserKey, since: float) -> deque[float]:
@@ -147,7 +174,11 @@ class RoutePolicy:
     async def request(self, call: Call, body: RequestBody) -> Verdict | None:
         """Let the call through, or raise the refusal (BrokerError policy_denied / rate_limited)."""
         now = time.time()
-        self._rate(now, call.user)
+        shared = self.shared
+        if shared is None:
+            self._rate(now, call.user)
+        elif self.policy.rate is not None:
+            await self._shared_rate(shared, call.user)
         p = self.policy
         request = call.request
         forwarded_path = call.target.url.raw_path
@@ -196,8 +227,9 @@ class RoutePolicy:
             rewrite = _ToolsListFilter(list_ids, self._tool_allowed)
         if p.budget is None or total <= 0:
             return Verdict(rewrite=rewrite) if rewrite is not None else None
-        # on a per-user route each end user has the budget to themselves
-        account = self.route if call.user is None else "\x1f".join((self.route, *call.user))
+        account = self._account(call.user)
+        if shared is not None:
+            return await self._shared_spend(shared, account, total, rewrite)
         used = await self.ledger.reserve(account, total, p.budget.amount, p.budget.seconds, now)
         if used is None:
             used_now = self.ledger.used(account, p.budget.seconds, now)
@@ -209,17 +241,42 @@ class RoutePolicy:
             )
         return Verdict(rewrite=rewrite, settle=_Reservation(self.ledger, account, now, total).settle)
 
-    def status(self) -> dict[str, Any]:
+    async def _shared_spend(
+        self, shared: SharedCounters, account: str, total: float, rewrite: _ToolsListFilter | None
+    ) -> Verdict:
+        budget = self.policy.budget
+        assert budget is not None
+        try:
+            spend = await shared.reserve_budget(account, total, budget.amount, budget.seconds)
+        except StoreError as exc:
+            raise self._store_error(exc) from None
+        if not spend.ok:
+            raise deny(
+                self.route,
+                "budget",
+                f"{BudgetLedger.cents(spend.used)} of {budget.amount} used in the last {budget.text}; "
+                f"this request needs {BudgetLedger.cents(total)}",
+            )
+        give_back = _SharedReservation(shared, account, spend.entry, self._refunds)
+        return Verdict(rewrite=rewrite, settle=give_back.settle)
+
+    async def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         p = self.policy
         now = time.time()
         if p.budget is not None:
-            used = self.ledger.used(self.route, p.budget.seconds, now)  # an int when whole
+            if self.shared is None:
+                used: float | None = self.ledger.used(self.route, p.budget.seconds, now)  # int when whole
+            else:
+                try:
+                    used = await self.shared.budget_used(self.route, p.budget.seconds)
+                except StoreError:
+                    used = None  # status still answers; the store's own health says why
             out["budget"] = {
                 "amount_cents": p.budget.amount,
                 "per": p.budget.text,
                 "used": used,
-                "left": BudgetLedger.cents(max(0, p.budget.amount - used)),
+                "left": None if used is None else BudgetLedger.cents(max(0, p.budget.amount - used)),
             }
         if p.rate is not None:
             out["rate"] = {"requests": p.rate.amount, "per": p.rate.text}
@@ -265,3 +322,27 @@ class _Reservation:
         refused = outcome.upstream_status is not None and outcome.upstream_status >= 400
         if refused or not outcome.maybe_sent:
             self.ledger.refund(self.route, self.when, self.amount)
+
+
+@dataclass(frozen=True, slots=True)
+class _SharedReservation:
+    """A reservation in the shared store, given back on the same terms as `_Reservation`. The
+    refund is a store call: it runs beside the answer, never holding it up."""
+
+    shared: SharedCounters
+    account: str
+    entry: str
+    pending: set[asyncio.Task[None]]
+
+    def settle(self, outcome: Outcome) -> None:
+        refused = outcome.upstream_status is not None and outcome.upstream_status >= 400
+        if refused or not outcome.maybe_sent:
+            task = asyncio.get_running_loop().create_task(self._refund())
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+
+    async def _refund(self) -> None:
+        try:
+            await self.shared.refund_budget(self.account, self.entry)
+        except StoreError:
+            return  # kept counted: over-counting is the safe side of a budget
