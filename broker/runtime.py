@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("broker")
 STATUS_WAIT_S = 5.0  # status and metrics wait this long at most for start-up's credential read
 STORE_CHECK_S = 1.0  # how often the state store's health is checked (a round trip) while it runs
+STORE_FIRST_CHECK_S = 3.0  # start-up waits this long at most for the first check
 
 
 class ListenError(Exception):
@@ -260,6 +261,9 @@ class Runtime:
         if self.store_health is None:
             self.store_health = StoreHealth(place)
         if self._store_watch is None:
+            # the first check before serving (bounded): status is true from the first request on
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.check_store(), STORE_FIRST_CHECK_S)
             self._store_watch = asyncio.get_running_loop().create_task(self._watch_store())
 
     async def check_store(self) -> None:
@@ -269,10 +273,11 @@ class Runtime:
             return
         try:
             seconds = await store.ping()
-        except StoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the failure, the store is not usable
+            why = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
             if health.ok:
-                log.error("store.down", store=health.place, error=str(exc))
-            health.ok, health.error, health.latency_ms = False, str(exc), None
+                log.error("store.down", store=health.place, error=why)
+            health.ok, health.error, health.latency_ms = False, why, None
         else:
             if not health.ok:
                 log.info("store.back", store=health.place)
@@ -281,8 +286,8 @@ class Runtime:
 
     async def _watch_store(self) -> None:
         while True:
-            await self.check_store()
             await asyncio.sleep(STORE_CHECK_S)
+            await self.check_store()
 
     async def start(self) -> None:
         await self.open_state_store(self.snapshot.config)

@@ -10,6 +10,7 @@ caller refuses.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import socket
 import struct
@@ -116,6 +117,10 @@ class PeerLookup:
             local = transport.get_extra_info("sockname")
             peer = transport.get_extra_info("peername")
             uid = self.tcp_peer_uid(local[:2], peer[:2], sock.family) if local and peer else UNKNOWN
+            if uid == UNKNOWN and peer and not _is_loopback(peer[0]):
+                # no socket of this machine's owns the other end: a remote peer (`allow_remote`),
+                # which no uid can describe; a local process on a non-loopback address is found
+                uid = None
         else:
             uid = None
         if uid is not None:
@@ -155,3 +160,12 @@ class PeerLookup:
         if len(data) < _UID_OFFSET + 4 or struct.unpack_from("=H", data, 4)[0] == NLMSG_ERROR:
             return UNKNOWN
         return int(struct.unpack_from("=I", data, _UID_OFFSET)[0])
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)

@@ -272,7 +272,7 @@ class RedisStore:
             raise StoreError(f"{self._down_reason} (the next try in {wait:.1f} s)")
         try:
             return await work(self._redis)
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, EOFError) as exc:
             if isinstance(exc, redis_errors.AuthenticationError):
                 reason = self._failure(exc, "refused the login (check its `password:` and `username:`)")
             else:
@@ -283,6 +283,10 @@ class RedisStore:
             raise StoreError(self._failure(exc, "refused a command")) from None
         except UnicodeEncodeError:
             raise StoreError("a lease key or name is not valid text (lone surrogates)") from None
+        except Exception as exc:  # noqa: BLE001 - at the store's edge every failure is a StoreError
+            reason = self._failure(exc, "failed")
+            self._down_reason, self._down_until = reason, time.monotonic() + FAIL_FAST_S
+            raise StoreError(reason) from None
 
     def _failure(self, exc: BaseException, what: str) -> str:
         text = str(exc) or type(exc).__name__

@@ -61,3 +61,37 @@ def test_netlink_socket_is_reused_and_skips_a_stale_reply() -> None:
     finally:
         for s in (conn, client, srv):
             s.close()
+
+
+class _SeenFrom:
+    """A real accepted socket's transport facts, with the peer address another host would have:
+    what the broker sees of a connection that came through the network (`allow_remote`)."""
+
+    def __init__(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        self.sock, self.peer = sock, peer
+
+    def get_extra_info(self, name: str) -> object:
+        return {"socket": self.sock, "sockname": self.sock.getsockname(), "peername": self.peer}.get(name)
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [
+        (("192.0.2.7", 40000), None),  # another host: no uid can describe it, none is refused
+        (("2001:db8::7", 40000), None),
+        (("127.0.0.1", 1), peers.UNKNOWN),  # a loopback peer nobody owns: refused as unknown
+        (("::1", 1), peers.UNKNOWN),
+    ],
+)
+def test_a_remote_peer_has_no_uid_but_an_unowned_loopback_one_is_unknown(
+    peer: tuple[str, int], expected: int | None
+) -> None:
+    family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+    try:
+        lookup = peers.PeerLookup()
+        assert lookup.peer_uid(_SeenFrom(srv, peer)) == expected  # type: ignore[arg-type]
+        lookup.close()
+    finally:
+        srv.close()
