@@ -48,6 +48,8 @@ log = structlog.get_logger("broker")
 STATUS_WAIT_S = 5.0  # status and metrics wait this long at most for start-up's credential read
 STORE_CHECK_S = 1.0  # how often the state store's health is checked (a round trip) while it runs
 STORE_FIRST_CHECK_S = 3.0  # start-up waits this long at most for the first check
+STORE_CHECK_TIMEOUT_S = 2.5  # a check not answered in this time is a failed one
+STORE_STALE_S = 3.5  # a good check vouches for the store this long (the next one is due in 1 s)
 
 
 class ListenError(Exception):
@@ -68,16 +70,19 @@ class StoreHealth:
     error: str | None = None
     latency_ms: float | None = None
     checked_at: float | None = None  # epoch seconds
+    # monotonic: a good check counts this long; a check that never ends must not keep "ok"
+    ok_until: float = field(default_factory=lambda: time.monotonic() + STORE_STALE_S)
 
     def refusal(self, route: str) -> BrokerError | None:
-        if self.ok:
+        if self.ok and time.monotonic() < self.ok_until:
             return None
-        return BrokerError("store_unavailable", f"the state store cannot be used: {self.error}", route)
+        why = self.error or f"no answer to its health check for {STORE_STALE_S:.0f} s"
+        return BrokerError("store_unavailable", f"the state store cannot be used: {why}", route)
 
     def document(self) -> dict[str, object]:
         return {
             "place": self.place,
-            "ok": self.ok,
+            "ok": self.ok and time.monotonic() < self.ok_until,
             "error": self.error,
             "latency_ms": self.latency_ms,
             "checked_at": self.checked_at,
@@ -121,7 +126,7 @@ class Snapshot:
                 "store_unavailable", "the state store holding end users' grants is not open", route.name
             )
         health = self.store_health
-        if health is not None and not health.ok:  # a cached token must not outlive a store gone
+        if health is not None:  # a cached token must not outlive a store gone
             refusal = health.refusal(route.name)
             if refusal is not None:
                 raise refusal
@@ -272,7 +277,7 @@ class Runtime:
         if store is None or health is None:
             return
         try:
-            seconds = await store.ping()
+            seconds = await asyncio.wait_for(store.ping(), STORE_CHECK_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - whatever the failure, the store is not usable
             why = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
             if health.ok:
@@ -282,6 +287,7 @@ class Runtime:
             if not health.ok:
                 log.info("store.back", store=health.place)
             health.ok, health.error, health.latency_ms = True, None, round(seconds * 1000, 2)
+            health.ok_until = time.monotonic() + STORE_STALE_S
         health.checked_at = time.time()
 
     async def _watch_store(self) -> None:
