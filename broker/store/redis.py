@@ -358,7 +358,11 @@ class RedisStore:
     async def ping(self) -> float:
         await self._ready()
         start = time.perf_counter()
-        await self._call(lambda r: r.ping())
+        answered = await self._call(lambda r: r.ping())
+        if answered is not True:  # not Redis: a socket connected to itself reads its own PING back
+            reason = f"the Redis store {self._where} answered PING with something else than PONG"
+            self._down_reason, self._down_until = reason, time.monotonic() + FAIL_FAST_S
+            raise StoreError(reason)
         return time.perf_counter() - start
 
     # ------------------------------------------------------------ grants

@@ -103,3 +103,35 @@ async def test_a_wrong_password_is_a_clear_refusal_without_the_password(
         text = await r.text()
         assert r.status == 503 and r.headers["X-Broker-Error"] == "store_unavailable"
     assert "refused the login" in text and "FAKEwrongPassw0rd" not in text and PASSWORD not in text
+
+
+async def test_a_peer_that_echoes_is_not_taken_for_redis(tmp_path: Path) -> None:
+    """What a client socket connected to itself does (TCP simultaneous open on a port Redis has
+    left): every byte sent comes back. That is not a healthy store, and nothing is stored there."""
+    import asyncio
+
+    from broker.auth.secret_store import FileStore
+    from broker.config import RedisSettings
+    from broker.store import StoreError
+    from broker.store.base import Grant
+    from broker.store.redis import RedisStore
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = await RedisStore.open(
+        RedisSettings(f"redis://127.0.0.1:{port}/0"), FileStore(tmp_path / "s.json")
+    )
+    try:
+        with pytest.raises(StoreError, match="PONG|PING"):
+            await store.ping()
+        with pytest.raises(StoreError):
+            await store.put_grant(Grant("mcp", "c", "u", '{"access_token": "at_FAKE"}', "active"))
+    finally:
+        await store.close()
+        server.close()
