@@ -128,7 +128,7 @@ async def test_a_peer_that_echoes_is_not_taken_for_redis(tmp_path: Path) -> None
         RedisSettings(f"redis://127.0.0.1:{port}/0"), FileStore(tmp_path / "s.json")
     )
     try:
-        with pytest.raises(StoreError, match="PONG|PING"):
+        with pytest.raises(StoreError, match=r"PONG|PING"):
             await store.ping()
         with pytest.raises(StoreError):
             await store.put_grant(Grant("mcp", "c", "u", '{"access_token": "at_FAKE"}', "active"))
