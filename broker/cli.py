@@ -166,6 +166,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from broker.auth import check_credentials
     from broker.config import ConfigError, find_config, load
+    from broker.store.opening import check_store
 
     try:
         cfg = load(find_config(args.config))
@@ -177,25 +178,30 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(line, file=sys.stderr)
         return 1
     found = check_credentials(cfg)
+    store_place, store_problem = check_store(cfg)
+    problems = [*found.problems, *([f"{cfg.path}: store: {store_problem}"] if store_problem else [])]
     if args.json:
         doc = {
             "config": {"path": cfg.path, "errors": []},
             "secret_store": found.secret_store,
+            "store": {"place": store_place, "problem": store_problem},
             "routes": [asdict(r) for r in found.routes],
-            "problems": list(found.problems),
-            "ok": not found.problems,
+            "problems": problems,
+            "ok": not problems,
         }
         print(json.dumps(doc, indent=2))
-        return 1 if found.problems else 0
+        return 1 if problems else 0
     print(f"config: {cfg.path}: ok ({len(cfg.routes)} routes, listen {', '.join(map(str, cfg.listen))})")
     print(f"secret store: {found.secret_store}")
+    if store_place is not None:
+        print(f"state store: {store_place}: {'a problem' if store_problem else 'ok'}")
     rows = [["ROUTE", "PREFIX", "AUTH", "CREDENTIAL", "OK"]]
     rows += [[r.name, r.prefix, r.auth, r.credential, "no" if r.problem else "yes"] for r in found.routes]
     print(*report.table(rows), sep="\n")
-    for p in found.problems:
+    for p in problems:
         print(p, file=sys.stderr)
-    print(f"{len(found.problems)} problem(s)" if found.problems else "no problems")
-    return 1 if found.problems else 0
+    print(f"{len(problems)} problem(s)" if problems else "no problems")
+    return 1 if problems else 0
 
 
 # ---------------------------------------------------------------- set-key

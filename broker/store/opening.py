@@ -49,6 +49,42 @@ async def open_store(config: Config, secrets: SecretStore) -> tuple[StateStore, 
     return await SqliteStore.open(default_path(config.state_path()), secrets), None
 
 
+def check_store(config: Config) -> tuple[str | None, str | None]:
+    """What `check` says of the state store: (its place, the problem or None); (None, None) when
+    the config uses none (no per-user route, not Redis). Redis is reached (a round trip, and its
+    master key checked against the key check there); a SQLite file that does not exist yet is no
+    problem. Blocking: runs its own event loop."""
+    import asyncio
+
+    from broker.auth.secret_store import open_store as open_secret_store
+    from broker.config import OAuthAuth
+
+    if config.store != "redis" and not any(
+        isinstance(r.auth, OAuthAuth) and r.auth.per_user for r in config.routes
+    ):
+        return None, None
+    secrets = open_secret_store(config.secret_store, config.state_path())
+    place = store_place(config)
+    if config.store != "redis":
+        from broker.store.sqlite import default_path
+
+        if not default_path(config.state_path()).exists():
+            return f"{place} (not created yet)", None
+
+    async def reach() -> None:
+        store, _ = await open_store(config, secrets)
+        try:
+            await store.ping()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(reach())
+    except StoreError as exc:
+        return place, str(exc)
+    return place, None
+
+
 class UnavailableStore:
     """A store that could not be opened: every call raises StoreError with the reason."""
 

@@ -4,6 +4,7 @@ opens it. Real redis-server with a password, real keyring file backend, in-proce
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,21 @@ async def test_a_peer_that_echoes_is_not_taken_for_redis(tmp_path: Path) -> None
     finally:
         await store.close()
         server.close()
+
+
+async def test_check_reaches_the_store_and_names_the_fix(tmp_path: Path, locked_redis: RedisServer) -> None:
+    from tests.e2e.conftest import cli
+
+    path = write_config(tmp_path / "c.yaml", doc_for(locked_redis.url))
+    code, out, err = await cli("check", "--config", str(path))
+    assert code == 1
+    assert f"state store: redis {locked_redis.url}: a problem" in out
+    assert "store:" in err and "agentcard-broker set-key store" in err
+    code, out, err = await cli("set-key", "store", "--stdin", "--config", str(path), stdin=PASSWORD.encode())
+    assert code == 0, (out, err)
+    code, out, err = await cli("check", "--config", str(path), "--json")
+    doc = json.loads(out)
+    assert doc["store"] == {"place": f"redis {locked_redis.url}", "problem": None}
+    # what is left is the route's own key (an env: reference this test never sets)
+    assert code == 1 and [p for p in doc["problems"] if ": store:" in p] == [], doc["problems"]
+    assert PASSWORD not in out + err
