@@ -118,6 +118,12 @@ async def handle(request: Request, rt: Runtime) -> StreamResponse:
         text = rt.metrics.render(states, [str(s) for s in AuthState])
         if rt.gc_meter is not None:
             text += "\n".join(rt.gc_meter.render()) + "\n"
+        if rt.store_health is not None:
+            up = 1 if rt.store_health.document()["ok"] else 0
+            text += (
+                "# HELP agentcard_broker_store_up 1 when the state store answered its last health check\n"
+                f"# TYPE agentcard_broker_store_up gauge\nagentcard_broker_store_up {up}\n"
+            )
         return Response(
             text=text, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
         )

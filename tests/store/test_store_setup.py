@@ -84,6 +84,8 @@ async def test_missing_password_refuses_then_set_key_and_reload_serve(
     async with b.request("GET", "/_broker/status") as r:
         store = (await r.json())["store"]
     assert store["ok"] is False and "set-key store" in store["error"]
+    async with b.request("GET", "/_broker/metrics") as r:
+        assert "agentcard_broker_store_up 0\n" in await r.text()
     # the password, now stored, and a reload: the store opens and the route counts in Redis
     keyring.set_password("agentcard-broker", "store:redis_password", PASSWORD)
     await b.daemon.rt.reload("test")
@@ -92,6 +94,8 @@ async def test_missing_password_refuses_then_set_key_and_reload_serve(
         assert r.headers.get("X-Broker-Error") != "store_unavailable"  # on to the (absent) key
     async with b.request("GET", "/_broker/status") as r:
         assert (await r.json())["store"]["ok"] is True
+    async with b.request("GET", "/_broker/metrics") as r:
+        assert "agentcard_broker_store_up 1\n" in await r.text()
 
 
 async def test_a_wrong_password_is_a_clear_refusal_without_the_password(
