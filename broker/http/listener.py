@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,7 @@ from broker.http.agent_messages import DateHeader
 from broker.http.framing import REQUEST_LINE_MAX
 from broker.http.server import AgentConnection, Handler
 
+FIRST_REQUEST_S = 1.0  # at shutdown, a connection with no request yet has this long to send one
 KEEPALIVE_S = 75.0  # an idle connection, or one whose request head never completes, is closed after this
 SWEEP_S = 5.0  # how often idle connections are looked for
 BACKLOG = 1024
@@ -82,19 +85,45 @@ class AgentServer:
         return [sock.getsockname() for server in self.listeners for sock in server.sockets]
 
     async def shutdown(self, grace: float) -> None:
-        """Stop accepting, let requests in flight finish for up to `grace` s, close the rest."""
+        """Stop accepting, let requests in flight finish for up to `grace` s, close the rest.
+
+        A client that connected just before (its connection still in the kernel's backlog, or
+        accepted with its request not yet sent) has sent, or is sending, a request it expects to
+        be read: closing on it would make a reverse proxy answer 502 rather than send a POST
+        again. Those are accepted and their first request served (FIRST_REQUEST_S at most to
+        arrive); connections idle after an answer are closed at once, as a client expects of
+        keep-alive."""
+        queued: list[socket.socket] = []
         for server in self.listeners:
+            queued += self._take_backlog(server)
             server.close()
         self.listeners.clear()
+        await asyncio.gather(*(self._serve_adopted(conn) for conn in queued))
         if self._sweeper is not None:
             self._sweeper.cancel()
+        loop = self.loop
+        deadline = loop.time() + grace
+        first_by = loop.time() + min(FIRST_REQUEST_S, grace)
         for conn in list(self.connections):
             conn.closing = True  # each closes after its current answer
-            if conn.idle:
+            if conn.idle and not conn.fresh:
                 conn.close()
-        tasks = {c._task for c in self.connections if c._task is not None}
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace)
+        while True:
+            now = loop.time()
+            for conn in self.connections:
+                conn.closing = True  # the adopted ones too, once they are set up
+            if now >= first_by:
+                for conn in list(self.connections):
+                    if conn.idle and conn.fresh:
+                        conn.close()  # its request never came
+            busy = {c._task for c in self.connections if c._task is not None and not c._task.done()}
+            waiting = now < first_by and any(c.idle and c.fresh for c in self.connections)
+            if (not busy and not waiting) or now >= deadline:
+                break
+            if busy:
+                await asyncio.wait(busy, timeout=min(0.05, deadline - now))
+            else:
+                await asyncio.sleep(0.01)
         left = {c._task for c in self.connections if c._task is not None and not c._task.done()}
         for conn in list(self.connections):
             if conn.transport is not None:
@@ -103,3 +132,29 @@ class AgentServer:
             task.cancel()
         if left:
             await asyncio.wait(left, timeout=1.0)
+
+    def _take_backlog(self, server: asyncio.Server) -> list[socket.socket]:
+        """Accept what the kernel already accepted for this listener, before it closes (closing a
+        listening socket resets the connections still in its backlog)."""
+        taken: list[socket.socket] = []
+        for listening in server.sockets:
+            try:
+                dup = socket.socket(fileno=os.dup(listening.fileno()))
+            except OSError:
+                continue
+            with dup:
+                dup.setblocking(False)
+                for _ in range(BACKLOG):
+                    try:
+                        conn, _ = dup.accept()
+                    except OSError:  # BlockingIOError: none left
+                        break
+                    conn.setblocking(False)
+                    taken.append(conn)
+        return taken
+
+    async def _serve_adopted(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.protocol, conn)
+        except OSError:
+            conn.close()

@@ -69,6 +69,7 @@ class AgentConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closing = False  # set at shutdown or after a framing error: close after the current answer
         self.idle_since = 0.0
+        self.fresh = True  # no request started on it yet: at shutdown its first one is still served
         self._parser = httptools.HttpRequestParser(self)
         self._phase = _DONE
         self._url = b""
@@ -313,6 +314,7 @@ class AgentConnection(asyncio.Protocol):
 
     # -- requests
     def _start(self, req: Request) -> None:
+        self.fresh = False
         self._request = req
         self._task = self.server.loop.create_task(self._respond(req))
 

@@ -575,3 +575,76 @@ async def test_a_head_under_the_limit_sent_in_pieces_is_read(broker: Broker, ups
     assert json.loads(body)["path"] == "/trickled"
     assert upstream.seen[-1].headers["X-Pad-23"] == "p" * 1000
     writer.close()
+
+
+async def _ok_server() -> tuple[listener.AgentServer, int]:
+    async def handler(request: agents.Request) -> agents.StreamResponse:
+        return agents.Response(body=request.raw_path.encode())
+
+    server = listener.AgentServer(handler, lambda: 32768)
+    site = await server.listen_tcp("127.0.0.1", 0)
+    return server, site.sockets[0].getsockname()[1]
+
+
+async def test_shutdown_serves_the_first_request_of_a_connection_just_made() -> None:
+    # a reverse proxy opens a connection per request: one accepted just before the shutdown has
+    # its request on the way; closing it would turn that request into a 502 the proxy cannot retry
+    server, port = await _ok_server()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(100):
+        if server.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert server.connections  # accepted, nothing sent yet
+    stopping = asyncio.create_task(server.shutdown(5.0))
+    await asyncio.sleep(0.2)
+    writer.write(b"GET /late HTTP/1.1\r\nHost: h\r\n\r\n")
+    status, headers, body, _ = await read_answer(reader)
+    assert (status, body) == (200, b"/late")
+    assert headers["connection"] == "close" and await closed(reader)
+    await asyncio.wait_for(stopping, 3)
+    with pytest.raises(OSError):  # and nothing new is accepted
+        await asyncio.open_connection("127.0.0.1", port)
+    writer.close()
+
+
+async def test_shutdown_accepts_what_the_kernel_already_accepted() -> None:
+    # connections in the listen backlog (the kernel finished their handshake; the event loop has
+    # not accepted them yet) would be reset when the listening socket closes
+    server, port = await _ok_server()
+    clients = []
+    for _ in range(3):
+        s = socket.socket()
+        s.connect(("127.0.0.1", port))  # no await since: the loop has not accepted them
+        s.sendall(b"GET /queued HTTP/1.1\r\nHost: h\r\n\r\n")
+        clients.append(s)
+    stopping = asyncio.create_task(server.shutdown(5.0))
+
+    def answer(s: socket.socket) -> bytes:
+        s.settimeout(5)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+        return got
+
+    answers = await asyncio.gather(*(asyncio.to_thread(answer, s) for s in clients))
+    await asyncio.wait_for(stopping, 3)
+    for got in answers:
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"/queued"), got[:200]
+    for s in clients:
+        s.close()
+
+
+async def test_shutdown_closes_a_connection_whose_first_request_never_comes() -> None:
+    server, port = await _ok_server()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(100):
+        if server.connections:
+            break
+        await asyncio.sleep(0.01)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(server.shutdown(10.0), 5)
+    took = asyncio.get_running_loop().time() - started
+    assert listener.FIRST_REQUEST_S - 0.1 <= took < listener.FIRST_REQUEST_S + 1.0
+    assert await closed(reader)
+    writer.close()
