@@ -153,9 +153,11 @@ class UserGrants:
 
     async def _touch(self, client: str, user: str) -> None:
         try:
-            await self.store.touch_grant(self.route.name, client, user, time.time())
+            there = await self.store.touch_grant(self.route.name, client, user, time.time())
         except StoreError:
             return
+        if not there:  # revoked meanwhile (`users revoke`, perhaps through another replica)
+            self._forget(client, user)
 
     def store_error(self, exc: StoreError) -> BrokerError:
         return BrokerError("store_unavailable", f"the state store cannot be used: {exc}", self.route.name)

@@ -33,7 +33,7 @@ LEASE_RENEW_S = 3.0
 # a waiter gives up after the longest live hold
 LEASE_WAIT_S = (HTTP_TIMEOUT.total or 20.0) + LEASE_TTL_S + 5.0
 LEASE_POLL_S = 0.05
-TOUCH_EVERY_S = 60.0  # the last use is a day-level figure: a stamp a minute per user is plenty
+TOUCH_EVERY_S = 60.0  # a stamp a minute per user: the last use, and a grant revoked elsewhere seen
 REFRESH_FAILURE_BACKOFF_S = 5.0
 _ENDED = ("invalid_grant", "invalid_client", "unauthorized_client")
 

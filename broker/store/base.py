@@ -70,8 +70,9 @@ class StateStore(Protocol):
 
     async def get_grant(self, route: str, client: str, user: str) -> Grant | None: ...
     async def put_grant(self, grant: Grant) -> None: ...  # insert or replace, tokens sealed
-    async def touch_grant(self, route: str, client: str, user: str, when: float) -> None:
-        """Stamp the last use only: a request must never write back tokens a refresh just rotated."""
+    async def touch_grant(self, route: str, client: str, user: str, when: float) -> bool:
+        """Stamp the last use only: a request must never write back tokens a refresh just rotated.
+        False: there is no such grant (any more: revoked, perhaps by another replica)."""
         ...
 
     async def replace_grant(self, grant: Grant, version: int) -> bool:

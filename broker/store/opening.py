@@ -108,7 +108,7 @@ class UnavailableStore:
     async def replace_grant(self, grant: Grant, version: int) -> bool:
         self._fail()
 
-    async def touch_grant(self, route: str, client: str, user: str, when: float) -> None:
+    async def touch_grant(self, route: str, client: str, user: str, when: float) -> bool:
         self._fail()
 
     async def delete_grant(self, route: str, client: str, user: str) -> bool:

@@ -82,7 +82,9 @@ redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[2])
 return redis.call('HINCRBY', KEYS[1], 'version', 1)""",
     "touch_grant": """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_used', ARGV[1]) end""",
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'last_used', ARGV[1])
+return 1""",
     "delete_grant": """
 local gone = redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
@@ -403,9 +405,9 @@ class RedisStore:
     async def replace_grant(self, grant: Grant, version: int) -> bool:
         return await self._write_grant(grant, str(version))
 
-    async def touch_grant(self, route: str, client: str, user: str, when: float) -> None:
+    async def touch_grant(self, route: str, client: str, user: str, when: float) -> bool:
         keys = self._grant_keys(route, client, user)[0][:1]
-        await self._eval(self._scripts["touch_grant"], keys, [_number(when)])
+        return int(await self._eval(self._scripts["touch_grant"], keys, [_number(when)])) == 1
 
     async def delete_grant(self, route: str, client: str, user: str) -> bool:
         keys, grant_id = self._grant_keys(route, client, user)

@@ -238,12 +238,13 @@ class SqliteStore:
         )
         return cur.rowcount > 0
 
-    def _touch_grant(self, route: str, client: str, user: str, when: float) -> None:
+    def _touch_grant(self, route: str, client: str, user: str, when: float) -> bool:
         # not a write of the grant: the version stays, so requests never fail a refresh's replace
-        self._db.execute(
+        cur = self._db.execute(
             "UPDATE grants SET last_used = ? WHERE route = ? AND client = ? AND user = ?",
             (when, route, client, user),
         )
+        return cur.rowcount > 0
 
     def _delete_grant(self, route: str, client: str, user: str) -> bool:
         cur = self._db.execute(
@@ -275,8 +276,8 @@ class SqliteStore:
     async def replace_grant(self, grant: Grant, version: int) -> bool:
         return await self._run(self._replace_grant, grant, version)
 
-    async def touch_grant(self, route: str, client: str, user: str, when: float) -> None:
-        await self._run(self._touch_grant, route, client, user, when)
+    async def touch_grant(self, route: str, client: str, user: str, when: float) -> bool:
+        return await self._run(self._touch_grant, route, client, user, when)
 
     async def delete_grant(self, route: str, client: str, user: str) -> bool:
         return await self._run(self._delete_grant, route, client, user)

@@ -411,3 +411,33 @@ async def test_credentials_are_cached_and_bounded(setup: Setup, monkeypatch: pyt
     assert g.credential("librechat", "alice", None) is alice
     assert g.credential("librechat", "bob", None) is not bob  # evicted: a new one reads the store
     assert g.credential("openwebui", "alice", None) is not alice
+
+
+async def test_a_grant_revoked_elsewhere_is_forgotten_at_the_next_stamp(
+    setup: Setup, up: McpUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica (or `users revoke`) deleted the grant: this one's cached token is dropped
+    when it next stamps the last use, with no store read on the requests in between."""
+    from broker.auth import per_user_credential
+
+    await connect(setup.grants, "librechat", "alice")
+    cred = setup.grants.credential("librechat", "alice", None)
+    await cred.authorization()
+    assert cred.ready_authorization() is not None  # cached: no store read
+    second = await open_grants(up, setup.db_path)
+    try:
+        assert await second.store.delete_grant("mcp", "librechat", "alice")
+    finally:
+        await second.grants.close()
+        await second.store.close()
+    assert cred.ready_authorization() is not None  # not known here yet
+    monkeypatch.setattr(per_user_credential, "TOUCH_EVERY_S", 0.0)
+    cred.ready_authorization()  # the stamp goes out beside this request ...
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if cred.ready_authorization() is None:
+            break
+    assert cred.ready_authorization() is None  # ... finds no grant, and the cache forgets it
+    with pytest.raises(BrokerError) as info:
+        await cred.authorization()
+    assert info.value.code == "needs_connect"
