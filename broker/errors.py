@@ -44,6 +44,11 @@ STATUS_BY_CODE: dict[str, int] = {
     "user_required": 400,
     "needs_connect": 403,
     "store_unavailable": 503,
+    # approvals (SPEC "Approvals, the dashboard, and card data")
+    "approval_denied": 403,
+    "approval_timeout": 403,
+    "approval_required": 403,  # per-user routes: the end user approves through a link (like needs_connect)
+    "admin_required": 403,  # a /_broker/ endpoint that decides something, asked without the admin key
 }
 
 

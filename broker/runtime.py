@@ -42,6 +42,7 @@ from broker.store.opening import UnavailableStore, store_place
 from broker.store.opening import open_store as open_state_store
 
 if TYPE_CHECKING:
+    from broker.admin.access import AdminKey
     from broker.auth.per_user import UserGrants
 
 log = structlog.get_logger("broker")
@@ -161,6 +162,7 @@ class Runtime:
         self.state_store: StateStore | None = None
         self.store_health: StoreHealth | None = None
         self.counters: SharedCounters | None = None  # the Redis store's budgets and rates
+        self.admin_key: AdminKey | None = None  # written at start; None: endpoints that decide refuse
         self._store_opened_for: tuple[object, ...] | None = None
         self._store_watch: asyncio.Task[None] | None = None
         self.connections = guard.Connections()
@@ -296,6 +298,16 @@ class Runtime:
             await self.check_store()
 
     async def start(self) -> None:
+        from broker.admin.access import AdminKey, write_new_key
+
+        try:  # the key the owner's command line proves itself with (approvals, the dashboard)
+            self.admin_key = AdminKey(
+                await asyncio.to_thread(write_new_key, self.snapshot.config.state_path())
+            )
+        except OSError as exc:
+            log.warning(
+                "admin_key.unwritable", error=str(exc), note="approve/deny from the CLI will not work"
+            )
         await self.open_state_store(self.snapshot.config)
         if self.state_store is not None:
             self.snapshot = self._build(self.snapshot.config, self.snapshot)

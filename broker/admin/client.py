@@ -71,6 +71,33 @@ class DaemonClient:
         conn = http.client.HTTPConnection(listen.host, listen.port, timeout=self.timeout)
         return conn, f"{name}:{listen.port}"
 
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        """An endpoint that decides something, asked with the admin key the running daemon wrote
+        to the state dir. (status, JSON answer); (0, {}) when nothing answered or there is no key."""
+        from broker.admin.access import HEADER, read_key
+
+        key = read_key(self.config.state_path())
+        if key is None:
+            return 0, {}
+        raw = json.dumps(body).encode() if body is not None else b""
+        conn, host_header = self._connection()
+        headers = {"Host": host_header, "Content-Length": str(len(raw)), HEADER: key}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=raw, headers=headers)
+            resp = conn.getresponse()
+            answer = resp.read()
+        except (OSError, http.client.HTTPException):
+            return 0, {}
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(answer)
+        except ValueError:
+            doc = {}
+        return resp.status, doc if isinstance(doc, dict) else {}
+
     def _request(self, method: str, path: str) -> dict[str, Any] | None:
         conn, host_header = self._connection()
         try:

@@ -14,16 +14,18 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from broker.config.checker import Checker, child_place, kind_of
 from broker.config.issues import ConfigIssue
 from broker.config.model import (
+    CARD_DATA,
     DEFAULT_ALLOWED_HOSTS,
     DEFAULT_AMOUNT_FIELDS,
     DEFAULT_REDIRECT_PORT,
     ApiKeyAuth,
+    ApprovePolicy,
     Auth,
     ClientCredentialsAuth,
     Config,
@@ -266,6 +268,8 @@ def parse_policy(value: Any, place: str, c: Checker) -> Policy | None:
         "budget",
         "rate",
         "require_test_mode",
+        "approve",
+        "card_data",
     }
     m = c.mapping(value, place, keys)
     if m is None:
@@ -300,7 +304,49 @@ def parse_policy(value: Any, place: str, c: Checker) -> Policy | None:
         else None,
         rate=_window(m["rate"], child_place(place, "rate"), "requests", c) if "rate" in m else None,
         require_test_mode=c.boolean(m, "require_test_mode", place, False),
+        approve=_approve(m["approve"], child_place(place, "approve"), c) if "approve" in m else None,
+        card_data=_card_data(m, place, c),
     )
+
+
+def _approve(value: Any, place: str, c: Checker) -> ApprovePolicy | None:
+    keys = {"above_cents", "tools", "requests", "wait", "require_passkey"}
+    m = c.mapping(value, place, keys)
+    if m is None:
+        return None
+    above = c.integer(m, "above_cents", place, 0, 0, 2**53) if "above_cents" in m else None
+    requests: list[PathRule] = []
+    raw = m.get("requests", [])
+    if not isinstance(raw, list):
+        c.err(child_place(place, "requests"), 'must be a list of "METHOD /glob" rules')
+    else:
+        requests = [r for i, v in enumerate(raw) if (r := parse_path_rule(v, f"{place}.requests[{i}]", c))]
+    tools = frozenset(c.strings(m, "tools", place, ()))
+    wait_text = str(m.get("wait", "120s"))
+    wait = parse_duration(m.get("wait", "120s"), child_place(place, "wait"), c)
+    if wait is not None and wait > 3600:
+        c.err(child_place(place, "wait"), "must be at most 1h (a held request keeps its agent waiting)")
+    if above is None and not tools and not requests:
+        c.err(place, "holds nothing: give `above_cents`, `tools` or `requests`")
+    return ApprovePolicy(
+        above_cents=above,
+        tools=tools,
+        requests=tuple(requests),
+        wait_s=wait or 120.0,
+        wait_text=wait_text,
+        require_passkey=c.boolean(m, "require_passkey", place, False),
+    )
+
+
+def _card_data(m: dict[str, Any], place: str, c: Checker) -> Literal["allow", "redact", "approve"]:
+    value = m.get("card_data", "allow")
+    if value == "redact":
+        return "redact"
+    if value == "approve":
+        return "approve"
+    if value != "allow":
+        c.err(child_place(place, "card_data"), f"must be one of: {', '.join(CARD_DATA)}")
+    return "allow"
 
 
 TOP_KEYS = {

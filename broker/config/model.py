@@ -83,6 +83,25 @@ class Window:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovePolicy:
+    """`policy.approve`: the calls held until a person decides (SPEC "Approvals")."""
+
+    above_cents: int | None = None  # a call spending more than this
+    tools: frozenset[str] = frozenset()  # MCP tools/call by name
+    requests: tuple[PathRule, ...] = ()  # REST calls by "METHOD /glob" on the forwarded path
+    wait_s: float = 120.0  # then approval_timeout
+    wait_text: str = "120s"
+    require_passkey: bool = False  # approving needs the dashboard's passkey
+
+    @property
+    def reads_body(self) -> bool:
+        return self.above_cents is not None or bool(self.tools)
+
+
+CARD_DATA = ("allow", "redact", "approve")
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     allow: tuple[PathRule, ...] | None = None  # None: everything not denied
     deny: tuple[PathRule, ...] = ()
@@ -93,6 +112,8 @@ class Policy:
     budget: Window | None = None  # amount_cents per window
     rate: Window | None = None  # requests per window
     require_test_mode: bool = False
+    approve: ApprovePolicy | None = None
+    card_data: Literal["allow", "redact", "approve"] = "allow"  # card numbers, CVV, expiry in answers
 
     @property
     def reads_body(self) -> bool:
@@ -103,6 +124,8 @@ class Policy:
             or self.tools_allow is not None
             or bool(self.tools_deny)
             or self.require_test_mode
+            or (self.approve is not None and self.approve.reads_body)
+            or self.card_data == "approve"
         )
 
 
