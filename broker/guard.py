@@ -73,6 +73,8 @@ def allowed_host_values(cfg: Config, port: int | None) -> frozenset[str]:
 
 def check(request: Request, cfg: Config, hosts: frozenset[str]) -> BrokerError | None:
     """The first gate. Returns the refusal, or None to let the request go on."""
+    if request.raw_path.startswith(DASHBOARD) and is_dashboard(request.raw_path):
+        return check_dashboard(request, hosts)
     host_values = request.headers.getall("Host", [])
     if len(host_values) != 1 or host_values[0].lower() not in hosts:
         return BrokerError(
@@ -128,3 +130,42 @@ def check_page(request: Request, cfg: Config, hosts: frozenset[str]) -> BrokerEr
             return BrokerError("origin_not_allowed", "this form is only accepted from the broker's own page")
         return None
     return BrokerError("method_not_allowed", "use GET, or POST from the page itself")
+
+
+DASHBOARD = "/_broker/ui"
+DASHBOARD_HOSTS = ("localhost", "127.0.0.1")  # the names its link and its passkeys use
+_OWN_SITE = frozenset({"", "same-origin", "none"})  # none: typed, a bookmark, opened by the CLI
+
+
+def is_dashboard(raw_path: str) -> bool:
+    """The dashboard's paths, as sent (another spelling gets the ordinary guard)."""
+    return raw_path.startswith(DASHBOARD + "/") or raw_path.partition("?")[0] == DASHBOARD
+
+
+def check_dashboard(request: Request, hosts: frozenset[str]) -> BrokerError | None:
+    """The guard for the dashboard, served to the owner's browser at http://localhost:PORT: its
+    own origin may call it (Origin equal to the page's own scheme and Host), and any page may
+    open it with a top-level navigation (the session cookie is SameSite=Strict, so such a visit
+    arrives logged out). Every other page is refused: another origin, a same-site one included
+    (`localhost:3000` is the same site as `localhost:8765`), and embedding. The session, CSRF
+    token and passkey are the dashboard's own checks, after this one."""
+    host_values = request.headers.getall("Host", [])
+    if len(host_values) != 1 or host_values[0].lower() not in hosts:
+        return BrokerError("host_not_allowed", "the Host header is not one the broker serves")
+    host = host_values[0].lower()
+    origin = request.headers.get("Origin")
+    if origin is not None and (
+        origin.lower() != f"http://{host}" or host.rpartition(":")[0] not in DASHBOARD_HOSTS
+    ):
+        return BrokerError("origin_not_allowed", "the dashboard answers only its own page")
+    if request.method not in ("GET", "HEAD", "POST"):
+        return BrokerError("method_not_allowed", "the dashboard takes GET and POST")
+    if request.headers.get("Sec-Fetch-Site", "").lower() not in _OWN_SITE:
+        navigation = (
+            request.method in ("GET", "HEAD")
+            and request.headers.get("Sec-Fetch-Mode", "").lower() == "navigate"
+            and request.headers.get("Sec-Fetch-Dest", "document").lower() == "document"
+        )
+        if not navigation:
+            return BrokerError("origin_not_allowed", "other pages may only open the dashboard, not call it")
+    return None

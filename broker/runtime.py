@@ -23,6 +23,8 @@ import structlog
 
 from broker import config as config_mod
 from broker import guard, heap, logs, proxy
+from broker.admin.dashboard_auth import DashboardSessions
+from broker.admin.recent import RecentRequests
 from broker.auth import Credential, make_credential
 from broker.auth.secret_store import SecretStore, open_store
 from broker.config import Config, ConfigError, OAuthAuth, Route, file_stamp
@@ -156,6 +158,8 @@ class Runtime:
         self.config_error: str | None = None
         self.secrets = secrets if secrets is not None else SecretSet()
         self.metrics = Metrics()
+        self.recent = RecentRequests()  # the dashboard's live list of requests (a done hook)
+        self.dashboard = DashboardSessions()  # its one-time links and sessions, in memory
         self.store = store or open_store(config.secret_store, config.state_path())
         self.ledger = BudgetLedger(config.state_path() / "budgets.json")
         # opened by start() when a route is per-user, or always for `store: redis://` (budgets, rates)
@@ -219,8 +223,8 @@ class Runtime:
                     grants[r.name] = UserGrants(r, config, self.state_store, self.store, self.secrets)
         platform = PlatformClients(config, self.state_store) if per_user and self.state_store else None
         request_hooks = {r.name: (policies[r.name],) if r.name in policies else () for r in config.routes}
-        done = (self.metrics, logs.Audit(self.log_setup)) if config.log.audit else (self.metrics,)
-        hooks = register_hooks(request_hooks, done)
+        audit = (logs.Audit(self.log_setup),) if config.log.audit else ()
+        hooks = register_hooks(request_hooks, (self.metrics, self.recent, *audit))
         table = RouteTable(config.routes)
         return Snapshot(
             config=config,
@@ -359,6 +363,7 @@ class Runtime:
             self._warmup.cancel()
         if self._store_watch is not None:
             self._store_watch.cancel()
+        await self.dashboard.close()
         self.pool.close()
         self.connections.peers.close()
         for cred in self.credentials.values():
