@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument(
         "--system", action="store_true", help="Linux: the unit for a separate system user (root)"
     )
+    ap = sub.add_parser("approvals", parents=[common], help="requests held for your approval (a table)")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    ap.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    for verb, what in (("approve", "let a held request go on"), ("deny", "refuse a held request")):
+        sub.add_parser(verb, parents=[common], help=what).add_argument("id", metavar="ID")
     uns = sub.add_parser(
         "uninstall-service", parents=[common], help="stop, disable and remove the service file"
     )
@@ -104,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         "connect": cmd_connect,
         "clients": cmd_clients,
         "users": cmd_users,
+        "approvals": cmd_approvals,
+        "approve": cmd_approvals,
+        "deny": cmd_approvals,
         "login": cmd_login,
         "logout": cmd_logout,
         "install-service": cmd_install_service,
@@ -452,6 +460,12 @@ def _print_listing(doc: list[dict[str, Any]], table: list[list[str]], as_json: b
         print(*report.table(table), sep="\n")
     else:
         print("none yet")
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    from broker.admin import approvals_cli  # approvals, approve ID, deny ID
+
+    return approvals_cli.main(args, _config_for_status(args))
 
 
 # ---------------------------------------------------------------- sandbox / demo

@@ -49,6 +49,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "approval_timeout": 403,
     "approval_required": 403,  # per-user routes: the end user approves through a link (like needs_connect)
     "admin_required": 403,  # a /_broker/ endpoint that decides something, asked without the admin key
+    "approval_conflict": 409,  # deciding an approval that is unknown, decided, expired, or needs a passkey
 }
 
 

@@ -101,19 +101,20 @@ def check(request: Request, cfg: Config, hosts: frozenset[str]) -> BrokerError |
     return None
 
 
-BROWSER_PAGES = ("/_broker/connect/", "/_broker/callback")
+BROWSER_PAGES = ("/_broker/connect/", "/_broker/callback", "/_broker/approve/")
 
 
 def is_browser_page(raw_path: str) -> bool:
-    """The two paths served to end users' browsers on per-user routes (as sent, before routing
-    normalizes them: another spelling gets the ordinary guard, which refuses browsers)."""
-    return raw_path.startswith(BROWSER_PAGES[0]) or raw_path.partition("?")[0] == BROWSER_PAGES[1]
+    """The paths served to end users' browsers on per-user routes: connect, callback, approve (as
+    sent, before routing normalizes them: another spelling gets the ordinary guard, which refuses
+    browsers)."""
+    return raw_path.startswith(BROWSER_PAGES[::2]) or raw_path.partition("?")[0] == BROWSER_PAGES[1]
 
 
 def check_page(request: Request, cfg: Config, hosts: frozenset[str]) -> BrokerError | None:
-    """The guard for the connect and callback pages: browsers arrive there from the chat
-    platform's pages (a cross-site, top-level navigation) and post the connect form from
-    `public_url` itself. Nothing else from a browser is let through."""
+    """The guard for the connect, callback and approve pages: browsers arrive there from the chat
+    platform's pages (a cross-site, top-level navigation) and post the connect or approve form
+    from `public_url` itself. Nothing else from a browser is let through."""
     host_values = request.headers.getall("Host", [])
     if len(host_values) != 1 or host_values[0].lower() not in hosts:
         return BrokerError("host_not_allowed", "the Host header is not one the broker serves")

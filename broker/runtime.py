@@ -35,7 +35,10 @@ from broker.http.server import Request
 from broker.identity import PlatformClients, user_of
 from broker.metrics import Metrics
 from broker.pipeline import Hooks, register_hooks
+from broker.policy import hold
+from broker.policy.approvals import ApprovalBook
 from broker.policy.budget import BudgetLedger
+from broker.policy.notify import DesktopNotifier, Notifier
 from broker.policy.route import RoutePolicy
 from broker.routing import RouteTable
 from broker.scrub import SecretSet
@@ -167,6 +170,8 @@ class Runtime:
         self.store_health: StoreHealth | None = None
         self.counters: SharedCounters | None = None  # the Redis store's budgets and rates
         self.admin_key: AdminKey | None = None  # written at start; None: endpoints that decide refuse
+        self.approvals = ApprovalBook()  # held requests waiting for a person, across reloads
+        self.notifier: Notifier = DesktopNotifier()  # "approve this?" on the desktop, where it can
         self._store_opened_for: tuple[object, ...] | None = None
         self._store_watch: asyncio.Task[None] | None = None
         self.connections = guard.Connections()
@@ -222,7 +227,9 @@ class Runtime:
                 else:
                     grants[r.name] = UserGrants(r, config, self.state_store, self.store, self.secrets)
         platform = PlatformClients(config, self.state_store) if per_user and self.state_store else None
-        request_hooks = {r.name: (policies[r.name],) if r.name in policies else () for r in config.routes}
+        request_hooks = hold.after_policies(  # a route's approval hold runs after its policy
+            {r.name: (policies[r.name],) if r.name in policies else () for r in config.routes}, config, self
+        )
         audit = (logs.Audit(self.log_setup),) if config.log.audit else ()
         hooks = register_hooks(request_hooks, (self.metrics, self.recent, *audit))
         table = RouteTable(config.routes)

@@ -135,6 +135,10 @@ async def handle(request: Request, rt: Runtime) -> StreamResponse:
         await rt.reload(reason="api")
         await rt.reread_credentials()
         return _json({"reloaded": rt.config_error is None, "config": {"error": rt.config_error}})
+    if path == "/_broker/approvals" or path.startswith(("/_broker/approvals/", "/_broker/approve/")):
+        from broker.admin import approvals  # the owner's decisions (admin key) and end users' page
+
+        return await approvals.handle(request, rt, path)
     if path.startswith("/_broker/connect/") or path == "/_broker/callback":
         from broker.admin import connect  # the OAuth client modules, only once a browser comes
 

@@ -205,6 +205,12 @@ class Request:
         return self._conn._lost
 
     @property
+    def ended(self) -> bool:
+        """The agent's connection is lost, or it sent its FIN (closed, or half-closed to wait for
+        the answer: from here the two look the same)."""
+        return self._conn._lost or self._conn._eof
+
+    @property
     def content_type(self) -> str:
         value = self.headers.get("Content-Type")
         return value.split(";", 1)[0].strip().lower() if value else "application/octet-stream"
