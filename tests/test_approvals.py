@@ -374,3 +374,14 @@ def test_digest_binds_the_call_but_not_a_json_rpc_id() -> None:
     assert len({d, *different}) == len(different) + 1
     rest = call_digest("api", None, None, "POST", "/v1", b'{"a": 1, "id": 2}')
     assert rest != call_digest("api", None, None, "POST", "/v1", b'{"a": 1, "id": 3}')  # not JSON-RPC: raw
+
+
+async def test_a_call_that_could_not_be_sent_is_not_held(
+    make_broker: BrokerFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    b = await make_broker(approve_doc(upstream.url, tmp_path, {"approve": {"above_cents": 0, "wait": "10s"}}))
+    fake = notified(b)  # no key stored: nobody should be asked to approve what cannot go out
+    status, answer = await send(b, "POST", "/api/v1/cards", b'{"amount_cents": 1}')
+    assert status == 503 and answer["error"]["code"] == "no_credential"
+    assert b.daemon.rt.approvals.pending() == [] and b.daemon.rt.approvals.recent() == []
+    assert fake.texts == [] and upstream.seen == []

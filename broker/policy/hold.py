@@ -169,6 +169,9 @@ class HoldPolicy:
             reasons = list(dict.fromkeys(reasons + self._body_reasons(seen)))
         if not reasons:
             return None
+        if call.credential.ready_authorization() is None:
+            # a call that could not be sent is not held: the user connects (or the key is set) first
+            await call.credential.authorization()
         client, user = call.user if call.user is not None else (None, None)
         path = url.raw_path_qs
         digest = call_digest(self.route, client, user, method, path, raw)
