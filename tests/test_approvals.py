@@ -22,6 +22,7 @@ from broker.admin.client import DaemonClient
 from broker.errors import BrokerError
 from broker.policy.approvals import (
     PASSKEY_NEEDED,
+    Approval,
     ApprovalBook,
     ApprovalError,
     call_digest,
@@ -385,3 +386,29 @@ async def test_a_call_that_could_not_be_sent_is_not_held(
     assert status == 503 and answer["error"]["code"] == "no_credential"
     assert b.daemon.rt.approvals.pending() == [] and b.daemon.rt.approvals.recent() == []
     assert fake.texts == [] and upstream.seen == []
+
+
+def test_the_notification_text_and_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from broker.policy import notify
+
+    book_doc: dict[str, Any] = {"route": "mcp", "method": "POST", "path": "/mcp?k=" + TEST_KEY}
+    a = Approval(
+        id="K3QF7XWA", client=None, user=None, tools=('evil"\n<b>tool', "b"), amount_cents=2500.0,
+        arguments=TEST_KEY, digest="d", reasons=(), created_at=0.0, expires_at=1.0, **book_doc,
+    )  # fmt: skip
+    text = notify.message(a)
+    assert text == "AgentCard: approve evil???b?tool, b for $25.00? agentcard-broker approve K3QF7XWA"
+    rest = Approval(**{**a.__dict__, "tools": (), "amount_cents": None, "require_passkey": True})
+    assert notify.message(rest) == (
+        "AgentCard: approve POST /mcp? approve it in the dashboard (agentcard-broker dashboard)"
+    )  # the query (which could hold anything) is left out, and so are the arguments
+    assert notify._command(text) is None  # no desktop session (the fixture cleared it)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "notify-send").write_text("#!/bin/sh\nexit 0\n")  # never run: only found on PATH
+    (fake_bin / "notify-send").chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake_bin))
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent")
+    argv = notify._command("approve <b>x</b> & y")
+    assert argv is not None and argv[0] == str(fake_bin / "notify-send")
+    assert argv[-1] == "approve &lt;b&gt;x&lt;/b&gt; &amp; y"
