@@ -208,6 +208,7 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to timeouts.drain), close."""
+        self.rt.approvals.close()  # held requests are answered now, not sent: nobody can approve them
         await self.server.shutdown(self.rt.snapshot.config.timeouts.drain)
         await self.rt.close()
         for listen in self.sites:

@@ -412,3 +412,23 @@ def test_the_notification_text_and_command(monkeypatch: pytest.MonkeyPatch, tmp_
     argv = notify._command("approve <b>x</b> & y")
     assert argv is not None and argv[0] == str(fake_bin / "notify-send")
     assert argv[-1] == "approve &lt;b&gt;x&lt;/b&gt; &amp; y"
+
+
+async def test_stopping_the_daemon_answers_held_requests_at_once(
+    make_broker: BrokerFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    store_key(TEST_KEY)
+    doc = approve_doc(upstream.url, tmp_path, {"approve": {"above_cents": 0, "wait": "60s"}})
+    doc["timeouts"] = {"drain": 30}
+    b = await make_broker(doc)
+    notified(b)
+    agent = asyncio.create_task(send(b, "POST", "/api/v1/cards", b'{"amount_cents": 1}'))
+    (held,) = await pending(b)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await b.daemon.stop()  # SIGTERM's path: it does not wait out the drain for a held request
+    assert loop.time() - started < 5
+    status, answer = await agent
+    assert status == 403 and answer["error"]["code"] == "approval_timeout"
+    assert "stopped before anyone approved" in answer["error"]["message"]
+    assert held.state == "expired" and upstream.seen == []

@@ -185,6 +185,7 @@ class ApprovalBook:
         self._pending: dict[str, Approval] = {}
         self._recent: deque[Approval] = deque(maxlen=MAX_RECENT)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.closed = False  # the daemon is stopping
 
     # ------------------------------------------------------------ holding
 
@@ -206,6 +207,8 @@ class ApprovalBook:
     ) -> Approval:
         """A new pending approval, expiring after `wait_s`. Raises BrokerError(approval_timeout)
         when MAX_PENDING requests wait already."""
+        if self.closed:
+            raise BrokerError("approval_timeout", "the broker is stopping: ask again when it is back", route)
         if len(self._pending) >= self.max_pending:
             raise BrokerError(
                 "approval_timeout",
@@ -248,6 +251,13 @@ class ApprovalBook:
             self.withdraw(approval)
             raise
         return approval.state
+
+    def close(self) -> None:
+        """The daemon stops: every pending approval ends undecided (its request is not sent),
+        and no new one is held."""
+        self.closed = True
+        for approval in list(self._pending.values()):
+            self._finish(approval, "expired", None)
 
     def withdraw(self, approval: Approval) -> None:
         """The agent left: the hold ends as expired, undecided."""

@@ -230,6 +230,13 @@ class HoldPolicy:
             raise BrokerError(
                 "approval_denied", f"a person denied this request (approval {approval.id})", self.route
             )
+        if self.book.closed:
+            raise BrokerError(
+                "approval_timeout",
+                f"the broker stopped before anyone approved this request (approval {approval.id}); "
+                "ask again when it is back",
+                self.route,
+            )
         raise BrokerError(
             "approval_timeout",
             f"nobody approved this request within {self.settings.wait_text} (approval {approval.id}); "
