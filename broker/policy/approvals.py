@@ -116,11 +116,15 @@ def rpc_canonical(body: bytes) -> bytes | None:
 
 
 def shown_arguments(doc: Any) -> str:
-    """What a person reads: pretty JSON, at most MAX_ARGUMENTS characters."""
-    try:
-        text = json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=False)
-    except (ValueError, TypeError, RecursionError):
-        text = repr(doc)
+    """What a person reads: pretty JSON (a body that is not JSON as its text), at most
+    MAX_ARGUMENTS characters."""
+    if isinstance(doc, str):
+        text = doc
+    else:
+        try:
+            text = json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=False)
+        except (ValueError, TypeError, RecursionError):
+            text = repr(doc)
     if len(text) > MAX_ARGUMENTS:
         text = text[: MAX_ARGUMENTS - 40] + f"\n… ({len(text) - MAX_ARGUMENTS + 40} more characters)"
     return text
