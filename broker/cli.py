@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
     for verb, what in (("approve", "let a held request go on"), ("deny", "refuse a held request")):
         sub.add_parser(verb, parents=[common], help=what).add_argument("id", metavar="ID")
+    db = sub.add_parser(
+        "dashboard", parents=[common], help="open the dashboard in your browser (a one-time link)"
+    )
+    db.add_argument(
+        "--print-url", action="store_true", help="only print the link (it works once, for a minute)"
+    )
     uns = sub.add_parser(
         "uninstall-service", parents=[common], help="stop, disable and remove the service file"
     )
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "approvals": cmd_approvals,
         "approve": cmd_approvals,
         "deny": cmd_approvals,
+        "dashboard": cmd_dashboard,
         "login": cmd_login,
         "logout": cmd_logout,
         "install-service": cmd_install_service,
@@ -289,6 +296,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(*report.status_lines(doc), sep="\n")
     return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from broker.admin import dashboard_cli  # a one-time link from the running daemon
+
+    return dashboard_cli.main(args, _config_for_status(args))
 
 
 # ---------------------------------------------------------------- service files

@@ -139,6 +139,10 @@ async def handle(request: Request, rt: Runtime) -> StreamResponse:
         from broker.admin import approvals  # the owner's decisions (admin key) and end users' page
 
         return await approvals.handle(request, rt, path)
+    if path == "/_broker/ui" or path.startswith("/_broker/ui/"):
+        from broker.admin import dashboard  # the owner's page, only once a browser (or the CLI) asks
+
+        return await dashboard.handle(request, rt, path)
     if path.startswith("/_broker/connect/") or path == "/_broker/callback":
         from broker.admin import connect  # the OAuth client modules, only once a browser comes
 

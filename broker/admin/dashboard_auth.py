@@ -93,6 +93,9 @@ class DashboardSessions:
         self._links: dict[bytes, float] = {}
         self._sessions: dict[bytes, Session] = {}
         self.logins: dict[str, asyncio.Task[None]] = {}  # OAuth logins started here, by route
+        self.login_notes: dict[str, dict[str, object]] = {}  # how each one went, for the page
+        self.passkey_count: int | None = None  # registered passkeys, once read from the store
+        self.passkey_lock = asyncio.Lock()  # one ceremony's check and store write at a time
 
     async def close(self) -> None:
         """At shutdown: a login still waiting for its browser stops (its listener closes)."""

@@ -205,6 +205,11 @@ class Request:
         return self._conn._lost
 
     @property
+    def closing(self) -> bool:
+        """The connection ends after this answer (the server shuts down): a stream should end."""
+        return self._conn.closing
+
+    @property
     def ended(self) -> bool:
         """The agent's connection is lost, or it sent its FIN (closed, or half-closed to wait for
         the answer: from here the two look the same)."""

@@ -198,7 +198,10 @@ async def login(
     open_browser: bool,
     wait_s: float,
     say: Callable[[str], None],
+    on_url: Callable[[str], None] | None = None,
 ) -> LoginResult:
+    """The whole login. `on_url` is handed the authorization URL once the callback listener is
+    up (the dashboard gives it to the browser that asked, rather than opening one here)."""
     auth = route.auth
     assert isinstance(auth, OAuthAuth)
     ostore = OAuthStore(route.name, store)
@@ -235,6 +238,8 @@ async def login(
                 auth.redirect_port, state, meta.issuer, meta.iss_parameter_supported, route.name, wait_s
             )
             await listener.start()
+            if on_url is not None:
+                on_url(url)
             try:
                 say(f"open this URL in your browser to authorize route {route.name!r}:\n\n  {url}\n")
                 if open_browser:
