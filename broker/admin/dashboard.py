@@ -132,8 +132,10 @@ async def _body(request: Request) -> dict[str, Any]:
     return doc
 
 
-def _only(request: Request, method: str) -> None:
-    if request.method != method and not (method == "GET" and request.method == "HEAD"):
+def _only(request: Request, method: str, head: bool = True) -> None:
+    """Refuse other methods. `head=False` where a HEAD must not act like the GET (a link
+    previewer's HEAD must not spend a login link; an event stream has no head-only form)."""
+    if request.method != method and not (head and method == "GET" and request.method == "HEAD"):
         raise BrokerError("method_not_allowed", f"use {method} here")
 
 
@@ -148,11 +150,16 @@ async def handle(request: Request, rt: Runtime, path: str) -> StreamResponse:
         port = _port(request, rt) or _tcp_port(rt)
         if port is None:
             raise BrokerError("not_found", "the dashboard needs a TCP listener (listen: 127.0.0.1:PORT)")
+        if "localhost" not in rt.snapshot.config.allowed_hosts:
+            raise BrokerError(
+                "not_found",
+                "the dashboard is served at http://localhost:PORT: add localhost to allowed_hosts",
+            )
         token = sessions.mint_link()
         log.info("dashboard.link")
         return _json({"url": f"{own_origin(port)}/_broker/ui/login?t={token}", "expires_in": 60})
     if sub == "/login":
-        _only(request, "GET")
+        _only(request, "GET", head=False)
         if not sessions.take_link(request.query.get("t", "")):
             return _page(
                 403,
@@ -181,7 +188,7 @@ async def handle(request: Request, rt: Runtime, path: str) -> StreamResponse:
         require_session(sessions, request)
         return _json(await state_document(rt), rt=rt)
     if sub == "/api/events":
-        _only(request, "GET")
+        _only(request, "GET", head=False)
         return await _events(request, rt, require_session(sessions, request))
     # everything below changes something: the session, its CSRF token, the page's own origin
     _only(request, "POST")

@@ -73,6 +73,23 @@ async def test_a_link_needs_the_admin_key_and_works_once(broker: Broker) -> None
     assert forged == 403
 
 
+async def test_a_head_request_does_not_spend_the_link(broker: Broker) -> None:
+    _, doc = await link(broker)
+    path = "/_broker/ui/login?" + doc["url"].split("?")[1]
+    async with broker.request("HEAD", path, headers={"Host": f"localhost:{broker.port}"}) as r:
+        assert r.status == 405 and "Set-Cookie" not in r.headers  # a link previewer, say
+    assert (await open_link(broker, doc["url"]))[0] == 303
+
+
+async def test_no_link_when_localhost_is_not_an_allowed_host(
+    make_broker: BrokerFactory, upstream: Upstream
+) -> None:
+    store_key(TEST_KEY)
+    b = await make_broker(api_config(upstream.url, allowed_hosts=["127.0.0.1"]))
+    status, doc = await link(b)
+    assert status == 404 and "add localhost to allowed_hosts" in doc["error"]["message"]
+
+
 async def test_the_cookie_is_httponly_strict_and_scoped(broker: Broker) -> None:
     _, doc = await link(broker)
     async with broker.request(
