@@ -2,11 +2,13 @@
 
 A feature (a route's policy, the audit line, the metrics) is an object with `request` and/or
 `done` methods, registered in one place (`pipeline.register_hooks`). The forwarding core knows
-nothing about them: it is handed the body a hook read and the rewrites hooks asked for.
+nothing about them: it is handed the body a hook read and the rewrites and answer transforms
+hooks asked for.
 
 Owns: `Call` (a request on its way: its id, the engine's request, where it goes, the credential
 that answers for it), `Verdict` (what one request hook decided), `Outcome` (what happened, for
-`done` hooks), and the hook protocols. Must never: hold state of its own.
+`done` hooks), the hook protocols, and `AnswerTransform` (with `Chain`, several as one).
+Must never: hold state of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,41 @@ if TYPE_CHECKING:
     from broker.routing import Target
 
 Rewrite = Callable[[bytes, str], bytes]  # a whole 200 answer's body and Content-Type -> new body
+
+
+class AnswerTransform(Protocol):
+    """One answer's body on its way to the agent, chunk by chunk (a card masker). May hold back
+    a bounded tail at a chunk's end, and may change lengths: the proxy frames the result."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+AnswerFactory = Callable[[], AnswerTransform]  # a fresh transform for each answer
+
+
+class Chain:
+    """Transforms one after the other, as one: what a stage holds back, the next sees later."""
+
+    __slots__ = ("first", "rest")
+
+    def __init__(self, first: AnswerTransform, rest: tuple[AnswerTransform, ...]) -> None:
+        self.first = first
+        self.rest = rest
+
+    def feed(self, chunk: bytes) -> bytes:
+        chunk = self.first.feed(chunk)
+        for stage in self.rest:
+            chunk = stage.feed(chunk)
+        return chunk
+
+    def flush(self) -> bytes:
+        tail = self.first.flush()
+        for stage in self.rest:
+            tail = stage.feed(tail) + stage.flush()
+        return tail
+
+
 UserKey = tuple[str, str]  # (platform client, end user id): one end user of a per-user route
 
 # The values are named tuples: immutable, and built in a fifth of the time of a frozen
@@ -43,10 +80,13 @@ class Verdict(NamedTuple):
 
     `rewrite`: applied to a successful answer read whole (a filtered tools/list).
     `settle`: called with the outcome once the answer is done (a budget reservation's refund).
+    `answer`: makes a transform every answer body passes through, streamed or whole, whatever
+    its status, after the secret scrubber (card data masked).
     """
 
     rewrite: Rewrite | None = None
     settle: Callable[[Outcome], None] | None = None
+    answer: AnswerFactory | None = None
 
 
 class Outcome(NamedTuple):

@@ -1,7 +1,7 @@
 """The walk of one request, and the one place hooks are registered.
 
     agent -> guard -> route -> identity -> request hooks -> forward (credential, upstream)
-    agent <- answer (scrubbed, rewritten) <- ... ; then settle + done hooks (metrics, audit)
+    agent <- answer (scrubbed, rewritten, transformed) <- ... ; then settle + done hooks
 
 Each step hands the next a small immutable value (`Call`, `Verdict`, `Forwarded`, `Outcome`);
 nothing writes into a bag a later step reads. The whole request sees the one snapshot that was
@@ -95,8 +95,12 @@ class Pipeline:
                         verdict = await hook.request(call, body)
                         if verdict is not None:
                             verdicts += (verdict,)
-                    rewrites = tuple(v.rewrite for v in verdicts if v.rewrite is not None) if verdicts else ()
-                    fwd = await proxy.forward(call, body, rewrites, snap.outbound, rt.pool)
+                    if verdicts:
+                        rewrites = tuple(v.rewrite for v in verdicts if v.rewrite is not None)
+                        answers = tuple(v.answer for v in verdicts if v.answer is not None)
+                    else:
+                        rewrites = answers = ()
+                    fwd = await proxy.forward(call, body, rewrites, answers, snap.outbound, rt.pool)
                     err = fwd.refusal
             except BrokerError as exc:
                 err = exc

@@ -4,10 +4,10 @@ Owns: header hygiene both ways (agent credentials, cookies and hop-by-hop header
 route's credential in, added last), streaming bodies both ways with bounded memory, timeouts
 (connect, first byte, idle), the one refresh-and-retry after an upstream 401 (kept from the
 agent), redirects passed back (never followed) with Location rewritten into the broker, and
-passing every answer through the answer filter (the scrubber) and the rewrites hooks asked
-for. Knows nothing of policies: it is handed a body and rewrites. Must never: follow a
-redirect, retry a request that could spend money, buffer a whole body, or let a held secret
-through.
+passing every answer through the answer filter (the scrubber), then the rewrites and answer
+transforms hooks asked for (framing an answer a transform may resize anew). Knows nothing of
+policies: it is handed a body, rewrites and transforms. Must never: follow a redirect, retry a
+request that could spend money, buffer a whole body, or let a held secret through.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from yarl import URL
 
 from broker.body import BodyTooLarge, RequestBody
 from broker.errors import BrokerError
+from broker.hooks import Chain
 from broker.http import client as upstream
 from broker.http.framing import NO_BODY_STATUS, tokens
 from broker.http.server import HeadersWithBody, Request, StreamResponse
 
 if TYPE_CHECKING:
     from broker.config import Auth, Timeouts
-    from broker.hooks import Call, Rewrite
+    from broker.hooks import AnswerFactory, AnswerTransform, Call, Rewrite
     from broker.routing import RouteTable, Target
     from broker.scrub import StreamScrubber
 
@@ -174,12 +175,18 @@ def _rewrite_location(up: upstream.Response, target: Target, table: RouteTable, 
 
 
 async def forward(
-    call: Call, body: RequestBody, rewrites: tuple[Rewrite, ...], out: Outbound, pool: upstream.Pool
+    call: Call,
+    body: RequestBody,
+    rewrites: tuple[Rewrite, ...],
+    transforms: tuple[AnswerFactory, ...],
+    out: Outbound,
+    pool: upstream.Pool,
 ) -> Forwarded:
     """Send the call upstream with its credential and stream the answer back to the agent.
 
     `body`: what a hook already read of it is forwarded byte for byte; otherwise it streams.
     `rewrites`: applied, in order, to a successful answer read whole (a filtered tools/list).
+    `transforms`: each makes a transform every answer body passes through, after the scrubber.
     """
     trip = _Trip()
     _, _, request, target, credential, user = call  # unpacked once: a named tuple's fields are slow on 3.11
@@ -213,9 +220,9 @@ async def forward(
                 whole = up.whole(WHOLE_LIMIT)
                 if whole is not None:  # the usual small JSON answer, already here: one write, no timer
                     return trip.result(
-                        await _send_whole(request, up.status, headers, whole, out.answer, trip)
+                        await _send_whole(request, up.status, headers, whole, out.answer, trip, transforms)
                     )
-            return trip.result(await _answer(request, up, headers, rewrites, out, trip))
+            return trip.result(await _answer(request, up, headers, rewrites, transforms, out, trip))
         finally:
             up.release()
     except BrokerError as err:
@@ -300,6 +307,7 @@ async def _answer(
     up: upstream.Response,
     headers: CIMultiDict[str],
     rewrites: tuple[Rewrite, ...],
+    transforms: tuple[AnswerFactory, ...],
     out: Outbound,
     trip: _Trip,
 ) -> StreamResponse:
@@ -308,7 +316,9 @@ async def _answer(
         rewritten = await _read_whole(up, out.timeouts.idle)
         for rewrite in rewrites:
             rewritten = rewrite(rewritten, up.headers.get("Content-Type", ""))
-        return await _send_whole(request, up.status, headers, rewritten, out.answer, trip)
+        return await _send_whole(request, up.status, headers, rewritten, out.answer, trip, transforms)
+    if transforms:  # they may change the length: the answer goes out chunked
+        headers.popall("Content-Length", None)
     # A body of known length goes out with the headers in one write; an open-ended stream
     # (SSE) gets its headers at once so the agent sees the answer start.
     cls = HeadersWithBody if "Content-Length" in headers else StreamResponse
@@ -325,16 +335,25 @@ async def _answer(
     # then closed), rather than when the upstream next sends something
     request.on_gone = up.release
     try:
-        await _stream(request, up, resp, out.answer, out.timeouts.idle, trip)
+        await _stream(request, up, resp, out.answer, out.timeouts.idle, trip, transforms)
     finally:
         request.on_gone = None
     return resp
 
 
 async def _send_whole(
-    request: Request, status: int, headers: CIMultiDict[str], body: bytes, answer: AnswerFilter, trip: _Trip
+    request: Request,
+    status: int,
+    headers: CIMultiDict[str],
+    body: bytes,
+    answer: AnswerFilter,
+    trip: _Trip,
+    transforms: tuple[AnswerFactory, ...],
 ) -> StreamResponse:
     scrubbed = answer.scrub_whole(body)
+    for make in transforms:
+        transform = make()
+        scrubbed = transform.feed(scrubbed) + transform.flush()
     headers["Content-Length"] = str(len(scrubbed))  # a decoded body's length, or the same one
     resp = HeadersWithBody(status, headers)
     try:
@@ -370,8 +389,11 @@ async def _stream(
     answer: AnswerFilter,
     idle: float,
     trip: _Trip,
+    transforms: tuple[AnswerFactory, ...],
 ) -> None:
-    scrubber = answer.scrubber()
+    scrubber: AnswerTransform = answer.scrubber()
+    if transforms:
+        scrubber = Chain(scrubber, tuple(make() for make in transforms))
     loop = request.loop
     task = asyncio.current_task(loop)
     assert task is not None

@@ -3,7 +3,8 @@
 Owns: REST allow/deny by method and path glob (on the normalized path forwarded), MCP tool
 allow/deny for `tools/call` (single and batch) and filtering of `tools/list` answers (JSON and
 SSE), amount caps, the route's rolling budget (reserved before forwarding, refunded when the
-upstream refused or never saw the request), its rate limit, and `require_test_mode`. A body a
+upstream refused or never saw the request), its rate limit, `require_test_mode`, and asking for
+`card_data: redact`'s masker on every answer of the route (`policy.card_data`). A body a
 rule must read is read once, bounded, and forwarded byte for byte; one that cannot be parsed is
 refused, never forwarded unchecked. Must never: let a concurrent burst spend past the budget, or
 crash on any body an agent sends.
@@ -24,8 +25,9 @@ from broker import jsonrpc
 from broker.body import RequestBody
 from broker.config import Policy
 from broker.errors import BrokerError
-from broker.hooks import Call, Outcome, UserKey, Verdict
+from broker.hooks import AnswerFactory, Call, Outcome, UserKey, Verdict
 from broker.policy.budget import BudgetLedger
+from broker.policy.card_data import CardMasker
 from broker.policy.rules import deny, find_amounts, number, path_segments, rule_matches, unmatchable
 from broker.store import SharedCounters, StoreError
 
@@ -43,6 +45,14 @@ class RoutePolicy:
     # on a per-user route the rate counts per end user, keyed by (platform client, user id)
     _by_user: dict[UserKey, deque[float]] = field(default_factory=dict)
     _refunds: set[asyncio.Task[None]] = field(default_factory=set)
+    # `card_data: redact`: every answer of the route passes through a fresh CardMasker
+    _answer: AnswerFactory | None = field(init=False, default=None)
+    _plain: Verdict | None = field(init=False, default=None)  # the verdict of a call with no other
+
+    def __post_init__(self) -> None:
+        if self.policy.card_data == "redact":
+            self._answer = CardMasker
+            self._plain = Verdict(answer=CardMasker)
 
     def _account(self, user: UserKey | None) -> str:
         # on a per-user route each end user has the budget (and the rate) to themselves
@@ -204,7 +214,7 @@ class RoutePolicy:
             if any(k.lower() in wanted for k in request.query):
                 raise deny(self.route, "amount_fields", "an amount in the query string")
         if not p.reads_body or not body.exists:
-            return None
+            return self._plain
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if not (
@@ -226,7 +236,7 @@ class RoutePolicy:
         if list_ids and (p.tools_allow is not None or p.tools_deny):
             rewrite = _ToolsListFilter(list_ids, self._tool_allowed)
         if p.budget is None or total <= 0:
-            return Verdict(rewrite=rewrite) if rewrite is not None else None
+            return Verdict(rewrite=rewrite, answer=self._answer) if rewrite is not None else self._plain
         account = self._account(call.user)
         if shared is not None:
             return await self._shared_spend(shared, account, total, rewrite)
@@ -239,7 +249,7 @@ class RoutePolicy:
                 f"{BudgetLedger.cents(used_now)} of {p.budget.amount} used in the last {p.budget.text}; "
                 f"this request needs {BudgetLedger.cents(total)}",
             )
-        return Verdict(rewrite=rewrite, settle=_Reservation(self.ledger, account, now, total).settle)
+        return Verdict(rewrite, _Reservation(self.ledger, account, now, total).settle, self._answer)
 
     async def _shared_spend(
         self, shared: SharedCounters, account: str, total: float, rewrite: _ToolsListFilter | None
@@ -258,7 +268,7 @@ class RoutePolicy:
                 f"this request needs {BudgetLedger.cents(total)}",
             )
         give_back = _SharedReservation(shared, account, spend.entry, self._refunds)
-        return Verdict(rewrite=rewrite, settle=give_back.settle)
+        return Verdict(rewrite, give_back.settle, self._answer)
 
     async def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
