@@ -174,6 +174,7 @@ class Runtime:
         self.notifier: Notifier = DesktopNotifier()  # "approve this?" on the desktop, where it can
         self._store_opened_for: tuple[object, ...] | None = None
         self._store_watch: asyncio.Task[None] | None = None
+        self._store_watch_stopped = False
         self.connections = guard.Connections()
         self.snapshot = self._build(config, None)
         # No cap on upstream connections: each one serves an agent connection, so agents and the
@@ -287,11 +288,13 @@ class Runtime:
     async def check_store(self) -> None:
         """One health check of the state store (a round trip), recorded in `store_health`."""
         store, health = self.state_store, self.store_health
-        if store is None or health is None:
+        if store is None or health is None or self._store_watch_stopped:
             return
         try:
             seconds = await asyncio.wait_for(store.ping(), STORE_CHECK_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - whatever the failure, the store is not usable
+            if self._store_watch_stopped:
+                return  # the daemon closed the store under a check in flight
             why = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
             if health.ok:
                 log.error("store.down", store=health.place, error=why)
@@ -368,6 +371,7 @@ class Runtime:
     async def close(self) -> None:
         if self._warmup is not None:
             self._warmup.cancel()
+        self._store_watch_stopped = True  # a check finishing now must not report the closed store
         if self._store_watch is not None:
             self._store_watch.cancel()
         await self.dashboard.close()
