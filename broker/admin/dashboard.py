@@ -337,7 +337,7 @@ async def _start_login(rt: Runtime, name: str) -> Response:
         url = await asyncio.wait_for(asyncio.shield(ready), LOGIN_URL_WAIT_S)
     except TimeoutError:
         url = ""
-    if not url:
+    if not url.startswith(("https://", "http://")):  # discovery checked it; the page opens nothing else
         note = sessions.login_notes.get(route.name, {})
         message = str(note.get("message") or "the authorization server did not answer in time")
         return _json({"error": {"code": "login_failed", "message": message}}, 502, rt)

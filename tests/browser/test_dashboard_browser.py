@@ -235,3 +235,24 @@ async def test_agents_stolen_cookies_and_other_pages_cannot_approve_or_read(
     await page.locator(of("approval", approval) + " [data-action=deny]").click()
     status, _ = await asyncio.wait_for(task, 10)
     assert status == 403
+
+
+async def test_the_login_button_signs_an_oauth_route_in(
+    make_broker: BrokerFactory, chromium: BrowserContext
+) -> None:
+    from tests.e2e.test_oauth_mcp import mcp_config
+    from tests.mcp_upstream import run_mcp_upstream
+
+    async with run_mcp_upstream(access_ttl=60) as up:
+        b = await make_broker(mcp_config(up))
+        page = await open_dashboard(b, chromium)
+        row = page.locator("[data-route=mcp]")
+        await expect(row).to_contain_text("no_credential")
+        async with chromium.expect_page() as opened:
+            await row.locator("[data-login=mcp]").click()
+        signin = await opened.value  # the authorization server's page, which sends it straight back
+        await expect(signin.locator("h1")).to_have_text("Logged in")  # the daemon's loopback callback
+        await expect(row).to_contain_text("ready")
+        await expect(row).to_contain_text("logged in route 'mcp'")
+        await expect(row.locator("[data-login=mcp]")).to_have_text("Log in again")
+        assert up.recorder.grants["authorization_code"] == 1

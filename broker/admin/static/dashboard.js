@@ -208,17 +208,29 @@ async function startLogin(route, button) {
   button.disabled = true;
   try {
     const doc = await api("POST", `/api/login/${encodeURIComponent(route)}`);
+    if (!/^https?:\/\//.test(doc.url)) throw new Error("the sign-in address is not a web page");
     const link = el("a", { href: doc.url, target: "_blank", rel: "noopener noreferrer" }, "open the sign-in page");
     const box = document.getElementById("notice");
     box.replaceChildren(`Sign in for route ${route}: `, link, " (opened in a new tab if your browser allowed it).");
     box.className = "notice";
     box.hidden = false;
     window.open(doc.url, "_blank", "noopener,noreferrer");
+    watchLogin(route);
   } catch (e) {
     notice(`Login for ${route} did not start: ${e.message}`, true);
   } finally {
     button.disabled = false;
   }
+}
+
+function watchLogin(route) {
+  // the daemon waits for the browser's return to its loopback callback: look until it is done
+  const started = Date.now();
+  const timer = setInterval(async () => {
+    await loadState();
+    const note = state.doc && state.doc.logins[route];
+    if ((note && note.ok !== null) || Date.now() - started > 310000) clearInterval(timer);
+  }, 1500);
 }
 
 function renderRoutes(doc) {
