@@ -29,6 +29,24 @@ def of(kind: str, approval: dict[str, Any]) -> str:
     return f'[data-{kind}="{approval["id"]}"]'
 
 
+async def held_next(
+    b: Broker, after: str, body: dict[str, Any]
+) -> tuple[asyncio.Task[tuple[int, str]], dict[str, Any]]:
+    """Another agent request held while `after` still waits: its task and its approval."""
+
+    async def agent() -> tuple[int, str]:
+        async with b.request("POST", "/v1/cards", json=body) as r:
+            return r.status, await r.text()
+
+    task = asyncio.create_task(agent())
+    for _ in range(200):
+        others = [x for x in b.daemon.rt.approvals.pending() if x.id != after]
+        if others:
+            return task, others[0].document()
+        await asyncio.sleep(0.02)
+    raise AssertionError("the request was not held")
+
+
 def config(upstream: Upstream, require_passkey: bool = False) -> dict[str, Any]:
     api = {
         "name": "api",
@@ -142,6 +160,22 @@ async def test_approve_with_a_passkey_through_the_virtual_authenticator(
     done = b.daemon.rt.approvals.get(approval["id"])
     assert done is not None and done.state == "approved" and done.decided_by == "dashboard+passkey"
     await expect(page.locator(of("decision", approval))).to_contain_text("dashboard+passkey")
+
+    # an assertion is for the one approval it was asked for: verified for A, it does not approve B
+    task_a, a = await hold(b, {"amount_cents": 3000})
+    task_b, b_approval = await held_next(b, a["id"], {"amount_cents": 4000})
+    approve_status = """id => fetch(`/_broker/ui/api/approvals/${id}/approve`, {method: 'POST', body: '{}',
+          headers: {'Content-Type': 'application/json',
+                    'X-CSRF-Token': document.querySelector('meta[name=csrf-token]').content}})
+        .then(r => r.status)"""
+    await page.evaluate("id => passkeyFor(id)", a["id"])  # the page's own ceremony, for A
+    assert await page.evaluate(approve_status, b_approval["id"]) == 403
+    assert await page.evaluate(approve_status, a["id"]) == 403  # the proof was spent on the try above
+    await page.evaluate("id => passkeyFor(id)", a["id"])
+    assert await page.evaluate(approve_status, a["id"]) == 200
+    assert (await asyncio.wait_for(task_a, 10))[0] == 200
+    await page.locator(of("approval", b_approval) + " [data-action=deny]").click()
+    assert (await asyncio.wait_for(task_b, 10))[0] == 403
 
     # adding a passkey now needs an assertion by the one registered: asked straight, it is refused
     asked = await page.evaluate(
