@@ -78,11 +78,8 @@ def test_what_is_not_a_card_is_left_byte_for_byte(text: str) -> None:
 
 
 def test_a_number_inside_a_longer_valid_run_is_masked_but_a_longer_group_is_not() -> None:
-    # 4 groups of the 6 are a card: its digits go; the 2 other groups are not card data
-    text = b"1111 4242 4242 4242 4242 9999"
-    out = mask_whole(text)
-    assert b"4242 4242 4242 4242" not in out and out.endswith(b"4242 9999")
-    assert len(out) == len(text)
+    # 4 groups of the 6 are a card (no other 13 to 19 digits of it pass Luhn): only its digits go
+    assert mask_whole(b"1111 4242 4242 4242 4242 9999") == b"1111 **** **** **** 4242 9999"
     assert (
         mask_whole(b"a" + with_check_digit("5" * 20).encode()) == b"a" + with_check_digit("5" * 20).encode()
     )

@@ -52,7 +52,6 @@ _GROUP = re.compile(rb"[0-9]+")
 _KEY_ALT = b"|".join(re.escape(k) for k in sorted(_KEYS, key=len, reverse=True))
 _HEAD = re.compile(rb'(?<!\\)(\\?)"(' + _KEY_ALT + rb')\1"[ \t\r\n]{0,16}:[ \t\r\n]{0,16}')  # lower case
 _KEY_STARTS = (b'"cv', b'"sec', b'"card_v', b'"exp')  # found with bytes.find, fast: every key
-_HEAD_OPEN = re.compile(rb'(?<!\\)\\?(?:"|\Z)')
 _HEAD_REST = re.compile(rb"[ \t\r\n]{0,16}(?::[ \t\r\n]{0,16})?")
 _WORD = re.compile(rb"[A-Za-z0-9_]*")
 _NUMBER = re.compile(rb"-?[0-9]{1,40}(?:\.[0-9]{1,40})?(?:[eE][+-]?[0-9]{1,40})?(?![0-9.eE+-])")
@@ -315,9 +314,17 @@ def _blank_keys(text: bytes, base: int, final: bool) -> tuple[list[tuple[int, in
         pos = end
     if final:
         return edits, n
-    for m in _HEAD_OPEN.finditer(text, max(base, pos, n - _HEAD_TAIL)):
-        if m.start() < n and _is_head_start(text[m.start() :]):
-            return edits, m.start()
+    lo = max(base, pos, n - _HEAD_TAIL)
+    # a key cut by the end has its opening quote last, or the one before its closing quote
+    last = text.rfind(b'"', lo)
+    spots = [text.rfind(b'"', lo, last), last] if last != -1 else []
+    if text.endswith(b"\\"):
+        spots.append(n - 1)  # maybe the "\" of an escaped key's opening quote
+    for spot in spots:
+        if spot > lo and text[spot - 1] == 92 and text[spot] == 34:  # '\"': an escaped key
+            spot -= 1
+        if spot >= lo and text[spot - 1 : spot] != b"\\" and _is_head_start(text[spot:]):
+            return edits, spot
     return edits, n
 
 
