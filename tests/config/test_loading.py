@@ -28,6 +28,10 @@ def test_repo_config_yaml_loads(cfg_path: Path) -> None:
         ("api", "/", "https://api.agentcard.sh"),
     ]
     mcp, api = cfg.routes
+    # SPEC: the shipped config denies the tools an agent must never use and holds card details
+    assert mcp.policy is not None and mcp.policy.approve is not None
+    assert mcp.policy.tools_deny == {"approve_request", "withdraw_wallet", "upgrade_plan", "set_mode"}
+    assert mcp.policy.approve.tools == {"get_card_details"} and mcp.policy.approve.wait_s == 120
     assert isinstance(mcp.auth, OAuthAuth)
     assert mcp.auth.redirect_port == 8766
     assert mcp.auth.client_id is None
