@@ -464,3 +464,22 @@ async def test_refusals_name_millions_of_cents_in_whole_digits(
         message = (await r.json())["error"]["message"]
     assert "amount_cents 4500000 is over the cap 4000000" in message
     assert len(upstream.seen) == 1
+
+
+async def test_a_waiter_that_comes_after_its_write_failed_is_not_left_waiting(tmp_path: Path) -> None:
+    """The writer settles the waiters it sees; one that registers after the write holding its
+    change already failed must fail at once, not wait for a write that will never come (a
+    request that hung until its client gave up, seen under load)."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    ledger = BudgetLedger(blocker / "budgets.json")
+    with ledger._lock:
+        version = ledger._changed()  # a change, and the writer woken to write it
+    for _ in range(500):  # the writer tries, fails, and finds no waiter to tell
+        if ledger._tried >= version:
+            break
+        await asyncio.sleep(0.01)
+    assert ledger._tried >= version and ledger._error is not None
+    with pytest.raises(OSError, match="cannot be written"):
+        await asyncio.wait_for(ledger._on_disk(version), 2)
+    await asyncio.to_thread(ledger.close)

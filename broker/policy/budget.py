@@ -39,6 +39,7 @@ class BudgetLedger:
         self._entries: dict[str, list[list[float]]] = {}
         self._version = 0  # counts changes in memory
         self._saved = 0  # the last version on disk
+        self._tried = 0  # the last version a write was tried for (on disk or failed)
         self._waiters: list[tuple[int, Any, Any]] = []  # (version, loop, future) until it is on disk
         self._writer: threading.Thread | None = None
         self._stopping = False
@@ -127,6 +128,10 @@ class BudgetLedger:
         with self._lock:
             if self._saved >= version:
                 return
+            if self._error is not None and self._tried >= version:
+                # the write that held it already failed, before this waiter came to wait for it
+                # (the writer settles only the waiters it sees): waiting would be for ever
+                raise OSError(self._error.errno, f"the budget ledger cannot be written: {self._error}")
             self._waiters.append((version, loop, done))
         await done
 
@@ -151,6 +156,7 @@ class BudgetLedger:
             waiting: list[tuple[int, Any, Any]] = []
             with self._lock:
                 self._error = error
+                self._tried = version
                 if error is None:
                     self._saved = version
                 for w in self._waiters:  # a failure fails every waiter: nothing they hold is on disk
