@@ -57,6 +57,8 @@ class Recorder:
         self.calls: Counter[tuple[str, str]] = Counter()
         self.grants: Counter[str] = Counter()
         self.mcp_headers: list[dict[str, str]] = []
+        # each token request's grant type and resource (RFC 8707), in order: no secret values
+        self.token_requests: list[dict[str, str | None]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,8 +75,11 @@ class Recorder:
             if m["type"] == "http.request":
                 body.extend(m.get("body", b""))
                 if not m.get("more_body") and scope["path"] == "/token":
-                    grant = parse_qs(body.decode()).get("grant_type", ["?"])[0]
+                    form = parse_qs(body.decode())
+                    grant = form.get("grant_type", ["?"])[0]
                     self.grants[grant] += 1
+                    resource = form.get("resource", [None])[0]
+                    self.token_requests.append({"grant_type": grant, "resource": resource})
             return m
 
         await self.app(scope, rx, send)

@@ -274,6 +274,9 @@ async def test_concurrent_requests_across_an_expiry_refresh_once(setup: Setup) -
     assert new.refresh_token in up.provider.refresh_tokens
     assert old.refresh_token not in up.provider.refresh_tokens
     assert cred.ready_authorization() == headers[0]
+    # RFC 8707: the refresh names the resource, as the code exchange did
+    assert [r["resource"] for r in up.recorder.token_requests] == [up.mcp_url, up.mcp_url]
+    assert up.recorder.token_requests[-1]["grant_type"] == "refresh_token"
 
 
 async def test_two_processes_refresh_one_user_once(setup: Setup, up: McpUpstream) -> None:

@@ -298,6 +298,9 @@ async def test_tokens_survive_restart_and_rotation(make_broker: BrokerFactory, t
         async with second.request("GET", "/_broker/status") as r:
             assert (await r.json())["routes"][0]["state"] == "ready"
         assert up.recorder.grants["authorization_code"] == 1  # no second login
+        # RFC 8707: every token request names the resource, the refreshes as much as the code's
+        assert {r["resource"] for r in up.recorder.token_requests} == {up.mcp_url}
+        assert sum(r["grant_type"] == "refresh_token" for r in up.recorder.token_requests) >= 2
 
 
 async def test_bad_state_is_refused_and_login_times_out(upstream_mcp: McpUpstream, tmp_path: Path) -> None:
