@@ -55,15 +55,17 @@ async def register_client(
     redirect_uri: str,
     scopes: tuple[str, ...],
     application_type: str | None = None,
+    extra_grant_types: tuple[str, ...] = (),
 ) -> ClientRecord:
     """RFC 7591 dynamic registration as a public client (PKCE, no secret). `application_type`
-    (OpenID registration, MCP SEP-837): "web" for a redirect URI on a public host."""
+    (OpenID registration, MCP SEP-837): "web" for a redirect URI on a public host.
+    `extra_grant_types`: e.g. the device grant (RFC 8628) for `login --device`."""
     if not meta.registration_endpoint:
         raise OAuthError("the server offers no dynamic client registration; set auth.client_id in the config")
     body: dict[str, Any] = {
         "client_name": "agentcard-broker",
         "redirect_uris": [redirect_uri],
-        "grant_types": ["authorization_code", "refresh_token"],
+        "grant_types": ["authorization_code", "refresh_token", *extra_grant_types],
         "response_types": ["code"],
         "token_endpoint_auth_method": "none",
     }
