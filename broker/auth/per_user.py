@@ -27,7 +27,8 @@ import aiohttp
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 
 from broker.auth.base import Credential
-from broker.auth.oauth.discovery import ServerMetadata, discover
+from broker.auth.oauth.credential import REDISCOVER_EVERY_S, issuer_changed
+from broker.auth.oauth.discovery import ServerMetadata, discover, named_authorization_server
 from broker.auth.oauth.registration import ClientRecord, pinned_client, register_client
 from broker.auth.oauth.revocation import revoke
 from broker.auth.oauth.store import OAuthStore
@@ -112,6 +113,9 @@ class UserGrants:
         self._meta: ServerMetadata | None = None
         self._client: ClientRecord | None = None
         self._client_lock = asyncio.Lock()
+        # the issuer the resource named when last asked (issuer binding), and when that was
+        self._issuer_now: str | None = None
+        self._discovered_at = float("-inf")
         self._session: aiohttp.ClientSession | None = None
         self._users: OrderedDict[tuple[str, str], UserCredential] = OrderedDict()
         self._touches: set[asyncio.Task[None]] = set()
@@ -177,7 +181,32 @@ class UserGrants:
                 meta = await discover(self.http(), self.route.upstream, self.config.allow_insecure_upstream)
                 self._client = await self._client_at(meta)
                 self._meta = meta
+                self._issuer_now = meta.issuer
             return self._meta, self._client
+
+    @property
+    def issuer_known(self) -> str | None:
+        """The issuer the resource named when last asked (None: not asked yet)."""
+        return self._issuer_now
+
+    async def issuer_now(self) -> str | None:
+        """Issuer binding, after an upstream 401: which authorization server the resource names
+        now (asked at most every REDISCOVER_EVERY_S). When it changed, the route's client there
+        is forgotten: the next connect discovers and registers at the new one."""
+        now = time.monotonic()
+        if now - self._discovered_at < REDISCOVER_EVERY_S:
+            return self._issuer_now
+        self._discovered_at = now
+        try:
+            named = await named_authorization_server(self.http(), self.route.upstream)
+        except OAuthError:
+            named = None
+        if named is not None:
+            async with self._client_lock:
+                if self._meta is not None and issuer_changed(self._meta.issuer, named):
+                    self._meta = self._client = None
+                self._issuer_now = named
+        return self._issuer_now
 
     async def client_record(self) -> ClientRecord:
         """The client for token requests: the one kept from before without the network, if any."""
@@ -243,6 +272,9 @@ class UserGrants:
             stored.authorization_endpoint = meta.authorization_endpoint
             stored.revocation_endpoint = meta.revocation_endpoint
             return stored
+        if stored is not None:  # a registration at the resource's former authorization server
+            with contextlib.suppress(StoreError):
+                await self.store.delete_doc(self._client_doc)
         client = await register_client(
             self.http(), meta, self.redirect_uri, self.auth.scopes, application_type="web"
         )
@@ -341,7 +373,7 @@ class UserGrants:
                 redirect_uri=client.redirect_uri,
                 code_verifier=str(flow["verifier"]),
             )
-            tokens = parse_token_response(doc)
+            tokens = parse_token_response(doc, issuer=issuer)
         except OAuthError as exc:
             if exc.error == "invalid_client":
                 await self.forget_client()

@@ -19,6 +19,7 @@ import time
 from datetime import UTC, datetime
 
 from broker.auth.base import AuthState, Credential, CredentialCheck
+from broker.auth.oauth.credential import issuer_changed
 from broker.auth.oauth.tokens import TokenSet, parse_token_response, token_request
 from broker.auth.oauth.transport import HTTP_TIMEOUT, OAuthError
 from broker.auth.per_user import GRANT_ACTIVE, UserGrants
@@ -98,6 +99,12 @@ class UserCredential(Credential):
             return True  # re-read or ended meanwhile: authorization() reads the store again
         if used.get("Authorization") != f"Bearer {tokens.access_token}":
             return True  # refreshed meanwhile: retry with the new token
+        g = self._grants
+        old = tokens.issuer or (g._client.issuer if g._client is not None else None)
+        now = await g.issuer_now()
+        why = issuer_changed(old, now) if now else None
+        if why is not None and self._tokens is tokens:
+            raise await self._end(f"{why}: connect again")
         try:
             await self._refresh(tokens, forced=True)
         except BrokerError as exc:
@@ -137,7 +144,11 @@ class UserCredential(Credential):
         tokens = await self._read()
         self._remember(tokens)
         if tokens is None or tokens.dead:
-            raise await self._needs_connect()
+            raise await self._needs_connect(tokens.dead if tokens is not None else None)
+        known = self._grants.issuer_known
+        why = issuer_changed(tokens.issuer, known) if known else None
+        if why is not None:  # issued by the resource's former authorization server: not used
+            raise await self._end(f"{why}: connect again")
         return tokens
 
     def _remember(self, tokens: TokenSet | None) -> None:
@@ -156,11 +167,13 @@ class UserCredential(Credential):
         self.state, self.reason = AuthState.READY, "connected"
         self.expires_at = datetime.fromtimestamp(tokens.expires_at, UTC) if tokens.expires_at else None
 
-    async def _needs_connect(self) -> BrokerError:
+    async def _needs_connect(self, why: str | None = None) -> BrokerError:
         url = await self._grants.connect_link(self.client, self.user, self.label)
+        # the reason is worth saying when the user cannot guess it (another authorization server)
+        said = f"{why}; " if why and "authorization server changed" in why else ""
         return BrokerError(
             "needs_connect",
-            f"connect your AgentCard account to use this: open {url}",
+            f"{said}connect your AgentCard account to use this: open {url}",
             self.route,
             connect_url=url,
         )
@@ -215,7 +228,7 @@ class UserCredential(Credential):
         stored = await self._read()
         if stored is None or stored.dead:
             self._remember(stored)
-            raise await self._needs_connect()
+            raise await self._needs_connect(stored.dead if stored is not None else None)
         now = time.time()
         replaced = stored.refresh_token != seen.refresh_token or stored.access_token != seen.access_token
         if replaced and not stored.needs_refresh(now):
@@ -234,10 +247,15 @@ class UserCredential(Credential):
         self.state = AuthState.REFRESHING
         try:
             client = await g.client_record()
+            moved = issuer_changed(stored.issuer, client.issuer)
+            if moved is not None:  # never send a refresh token to another authorization server
+                raise OAuthError(moved, "issuer_changed")
             doc = await token_request(g.http(), client, "refresh_token", refresh_token=stored.refresh_token)
             new = parse_token_response(doc, previous_refresh=stored.refresh_token)
         except (OAuthError, SecretStoreError) as exc:
             code = exc.error if isinstance(exc, OAuthError) else ""
+            if code == "issuer_changed":
+                raise await self._end(f"{exc}: connect again") from None
             if code in _ENDED:
                 if code == "invalid_client":
                     await g.forget_client()  # the registration is gone: the next connect registers
@@ -253,6 +271,7 @@ class UserCredential(Credential):
             ) from None
         g.secrets.add(new.access_token, new.refresh_token)
         new.subject = new.subject or stored.subject
+        new.issuer = stored.issuer or client.issuer
         # the old refresh token is dead now: store the new one before using anything
         grant = Grant(
             self.route, self.client, self.user, new.to_json(), GRANT_ACTIVE, new.expires_at, self._last_used
@@ -277,4 +296,4 @@ class UserCredential(Credential):
         """This user's grant is over: remembered as dead; the user connects again."""
         await self._grants.mark_dead(self.client, self.user, why, self._last_used)
         self._remember(TokenSet(access_token="-", refresh_token=None, expires_at=None, dead=why))
-        return await self._needs_connect()
+        return await self._needs_connect(why)

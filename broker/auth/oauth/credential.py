@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from broker.auth.base import AuthState, Credential, CredentialCheck
+from broker.auth.oauth.discovery import named_authorization_server
 from broker.auth.oauth.registration import ClientRecord
 from broker.auth.oauth.store import OAuthStore
 from broker.auth.oauth.tokens import TokenSet, parse_token_response, token_request
@@ -30,6 +31,14 @@ from broker.scrub import SecretSet
 
 RECHECK_MISSING_S = 1.0
 REFRESH_FAILURE_BACKOFF_S = 5.0
+REDISCOVER_EVERY_S = 5.0  # after an upstream 401: which authorization server guards it now?
+
+
+def issuer_changed(old: str | None, new: str) -> str | None:
+    """Why a grant of `old` must not be used when the resource names `new`; None if the same."""
+    if old is None or old.rstrip("/") == new.rstrip("/"):
+        return None
+    return f"the authorization server changed from {old} to {new}"
 
 
 class OAuthCredential(Credential):
@@ -50,6 +59,7 @@ class OAuthCredential(Credential):
         self._load_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self._refresh_failed_at = float("-inf")
+        self._discovered_at = float("-inf")
         self._stale = True
         # a store read that overlaps a refresh may hold the tokens that refresh just rotated
         # out: bumped as a rotation starts and ends, and read while it runs, so that such a read
@@ -163,14 +173,39 @@ class OAuthCredential(Credential):
     async def retry_after_rejection(self, used: dict[str, str]) -> bool:
         """An upstream 401 for `used`: refresh once (unless someone already did). True = retry."""
         tokens = self._tokens
-        if tokens is None or tokens.dead or not tokens.refresh_token:
+        if tokens is None or tokens.dead:
             return False
         if used.get("Authorization") != f"Bearer {tokens.access_token}":
             return True  # another request refreshed meanwhile: retry with the new token
+        if await self._moved(tokens):
+            return False  # the grant is of another authorization server: needs_login now
+        if not tokens.refresh_token:
+            return False
         try:
             await self._refresh(tokens, forced=True)
         except BrokerError:
             return False
+        return True
+
+    async def _moved(self, tokens: TokenSet) -> bool:
+        """Issuer binding: does the resource name another authorization server than the one
+        that issued `tokens`? Then the grant ends (never sent there, never refreshed). Asked at
+        most every REDISCOVER_EVERY_S; a discovery that fails leaves the grant as it is."""
+        client = self._client
+        now = time.monotonic()
+        if client is None or now - self._discovered_at < REDISCOVER_EVERY_S:
+            return False
+        self._discovered_at = now
+        try:
+            current = await named_authorization_server(self._http(), client.resource)
+        except OAuthError:
+            return False
+        if current is None:
+            return False
+        why = issuer_changed(tokens.issuer or client.issuer, current)
+        if why is None or self._tokens is not tokens:
+            return False
+        await self._end_grant(f"{why}: log in again")
         return True
 
     async def _refresh(self, seen: TokenSet, forced: bool) -> TokenSet:
@@ -186,6 +221,9 @@ class OAuthCredential(Credential):
             backing_off = time.monotonic() - self._refresh_failed_at < REFRESH_FAILURE_BACKOFF_S
             if not forced and backing_off and seen.expires_at and time.time() < seen.expires_at:
                 return seen  # the old token still works; do not hammer a failing endpoint
+            moved = issuer_changed(seen.issuer, client.issuer)
+            if moved is not None:  # never send a refresh token to another authorization server
+                raise await self._end_grant(f"{moved}: log in again")
             self.state = AuthState.REFRESHING
             try:
                 doc = await token_request(
@@ -207,6 +245,7 @@ class OAuthCredential(Credential):
             self._secrets.add(new.access_token, new.refresh_token)
             if new.subject is None:
                 new.subject = seen.subject
+            new.issuer = seen.issuer or client.issuer
             self._rotating = True
             self._rotations += 1
             try:

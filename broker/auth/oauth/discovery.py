@@ -69,13 +69,22 @@ def _check_url(url: Any, what: str, insecure_ok: bool) -> str:
 async def authorization_server_for(session: aiohttp.ClientSession, resource: str) -> str:
     """RFC 9728: the issuer the protected resource names; for servers that publish no
     protected-resource metadata, the resource's own origin."""
+    issuer = await named_authorization_server(session, resource)
+    if issuer is None:
+        p = urlsplit(resource)
+        return urlunsplit((p.scheme, p.netloc, "", "", ""))
+    return issuer
+
+
+async def named_authorization_server(session: aiohttp.ClientSession, resource: str) -> str | None:
+    """The issuer the resource's RFC 9728 metadata names; None when there is no such document
+    (or it cannot be fetched now: issuer binding then keeps the grant it has)."""
     for url in well_known_urls(resource, "oauth-protected-resource"):
         prm = await _get_json(session, url)
         if prm is not None:
             break
     else:
-        p = urlsplit(resource)
-        return urlunsplit((p.scheme, p.netloc, "", "", ""))
+        return None
     servers = prm.get("authorization_servers") or []
     if not servers or not isinstance(servers[0], str):
         raise OAuthError("the protected-resource metadata names no authorization server")

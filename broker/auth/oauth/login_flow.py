@@ -265,7 +265,7 @@ async def login(
                     redirect_uri=client.redirect_uri,
                     code_verifier=pkce.verifier,
                 )
-                tokens = parse_token_response(doc)
+                tokens = parse_token_response(doc, issuer=meta.issuer)
             except OAuthError as exc:
                 if exc.error == "invalid_client" and client.registered and attempt == 0:
                     say("the authorization server refused this broker's registration; registering again")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import aiohttp
@@ -49,13 +49,18 @@ class TokenSet:
     subject: str | None = None
     obtained_at: float = field(default_factory=time.time)
     dead: str | None = None  # why the grant ended (invalid_grant): needs_login until a new login
+    # the authorization server that issued the grant: a grant is only used with that issuer
+    # (None: stored by a version before issuer binding; the client record's issuer stands in)
+    issuer: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> TokenSet:
-        return cls(**json.loads(text))
+        doc = json.loads(text)
+        known = {f.name for f in fields(cls)}  # a field a newer version added is left out
+        return cls(**{k: v for k, v in doc.items() if k in known})
 
     def lifetime(self) -> float | None:
         return None if self.expires_at is None else self.expires_at - self.obtained_at
@@ -68,8 +73,11 @@ class TokenSet:
         return now >= self.expires_at - skew
 
 
-def parse_token_response(doc: dict[str, Any], previous_refresh: str | None = None) -> TokenSet:
-    """RFC 6749 §5.1. A response without a refresh_token keeps the previous one (§6)."""
+def parse_token_response(
+    doc: dict[str, Any], previous_refresh: str | None = None, issuer: str | None = None
+) -> TokenSet:
+    """RFC 6749 §5.1. A response without a refresh_token keeps the previous one (§6). `issuer`:
+    the authorization server that answered, kept with the tokens (issuer binding)."""
     access = doc.get("access_token")
     if not isinstance(access, str) or not access:
         raise OAuthError("the token response has no access_token")
@@ -88,6 +96,7 @@ def parse_token_response(doc: dict[str, Any], previous_refresh: str | None = Non
         scope=str(doc.get("scope", "")),
         subject=subject,
         obtained_at=now,
+        issuer=issuer,
     )
 
 

@@ -1,0 +1,158 @@
+"""Issuer binding and step-up (issue 19) against two real authorization servers.
+
+Two MCP SDK authorization servers (the broker's sandbox provider, each on its own 127.0.0.1
+port) and one protected resource whose RFC 9728 metadata names one of them, switched by the
+test. The resource checks a bearer token against the authorization server it names now, and
+asks for more scope with a 403 `insufficient_scope` challenge when told to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import keyring
+from aiohttp import web
+
+from tests.conftest import BrokerFactory, write_config
+from tests.e2e.test_oauth_mcp import login, mcp_config
+from tests.mcp_upstream import McpUpstream, run_mcp_upstream
+
+
+class Resource:
+    """A protected resource at `url`, guarded by `servers[current]`."""
+
+    def __init__(self, servers: list[McpUpstream]) -> None:
+        self.servers = servers
+        self.current = 0
+        self.base = ""
+        self.required_scope: str | None = None  # when set: a 403 insufficient_scope without it
+        self.challenge = ""  # the WWW-Authenticate of that 403 (default: built from required_scope)
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/mcp"
+
+    @property
+    def issuer(self) -> str:
+        return self.servers[self.current].base
+
+    async def prm(self, request: web.Request) -> web.Response:
+        return web.json_response({"resource": self.url, "authorization_servers": [self.issuer]})
+
+    async def mcp(self, request: web.Request) -> web.Response:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        at = await self.servers[self.current].provider.load_access_token(token)
+        if at is None:
+            meta = f"{self.base}/.well-known/oauth-protected-resource/mcp"
+            return web.json_response(
+                {"error": "invalid_token"},
+                status=401,
+                headers={"WWW-Authenticate": f'Bearer error="invalid_token", resource_metadata="{meta}"'},
+            )
+        if self.required_scope and self.required_scope not in at.scopes:
+            challenge = self.challenge or (
+                f'Bearer error="insufficient_scope", scope="{self.required_scope}", '
+                'error_description="more scope, please"'
+            )
+            return web.json_response(
+                {"error": "insufficient_scope"}, status=403, headers={"WWW-Authenticate": challenge}
+            )
+        return web.json_response({"ok": True, "scopes": at.scopes, "issuer": self.issuer})
+
+
+@contextlib.asynccontextmanager
+async def two_servers() -> AsyncIterator[Resource]:
+    async with run_mcp_upstream() as a, run_mcp_upstream() as b:
+        res = Resource([a, b])
+        app = web.Application()
+        app.router.add_get("/.well-known/oauth-protected-resource/mcp", res.prm)
+        app.router.add_route("*", "/mcp", res.mcp)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        res.base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        for up in (a, b):
+            up.provider.expected_resource = res.url
+        try:
+            yield res
+        finally:
+            await runner.cleanup()
+
+
+def route_config(res: Resource, scopes: list[str]) -> dict[str, Any]:
+    doc = mcp_config(res.servers[0])
+    doc["routes"][0]["upstream"] = res.url
+    doc["routes"][0]["auth"]["scopes"] = scopes
+    return doc
+
+
+async def route_status(b: Any) -> dict[str, Any]:
+    async with b.request("GET", "/_broker/status") as r:
+        return dict((await r.json())["routes"][0])
+
+
+async def test_a_grant_of_the_former_authorization_server_is_not_used(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    async with two_servers() as res:
+        a, b = res.servers
+        doc = route_config(res, ["cards"])
+        cfg = write_config(tmp_path / "login.yaml", doc)
+        rc, _, err = await login(cfg)
+        assert rc == 0, err
+        stored = json.loads(keyring.get_password("agentcard-broker", "mcp:oauth_tokens") or "{}")
+        assert stored["issuer"].rstrip("/") == a.base  # the grant is bound to its issuer
+        broker = await make_broker(doc)
+        async with broker.request("GET", "/mcp") as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["issuer"] == a.base
+
+        res.current = 1  # the resource now names another authorization server
+        async with broker.request("GET", "/mcp") as r:
+            assert r.status == 503
+            body = await r.json()
+        assert body["error"]["code"] == "needs_login"
+        assert "the authorization server changed from" in body["error"]["message"]
+        assert "run: agentcard-broker login mcp" in body["error"]["message"]
+        status = await route_status(broker)
+        assert status["state"] == "needs_login"
+        assert status["reason"] == (
+            f"the authorization server changed from {a.base} to {b.base}: log in again; "
+            "run: agentcard-broker login mcp"
+        )
+        # the old grant went to neither server: no refresh at the old one, nothing at the new one
+        assert a.recorder.grants["refresh_token"] == 0
+        assert not b.recorder.token_requests
+        async with broker.request("GET", "/mcp") as r:
+            assert r.status == 503  # and stays unused
+
+        rc, _, err = await login(cfg)  # logs in at the new server (registering there)
+        assert rc == 0, err
+        assert b.recorder.calls[("POST", "/register")] == 1
+        async with broker.request("POST", "/_broker/reload") as r:
+            assert r.status == 200
+        async with broker.request("GET", "/mcp") as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["issuer"] == b.base
+        assert (await route_status(broker))["state"] == "ready"
+
+
+async def test_a_401_under_the_same_authorization_server_refreshes_and_keeps_the_grant(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """A 401 while the metadata names the same server: an ordinary refresh, the grant kept."""
+    async with two_servers() as res:
+        a, _ = res.servers
+        doc = route_config(res, ["cards"])
+        rc, _, err = await login(write_config(tmp_path / "login.yaml", doc))
+        assert rc == 0, err
+        broker = await make_broker(doc)
+        a.provider.access_tokens.clear()  # the access token is refused; the refresh token works
+        async with broker.request("GET", "/mcp") as r:
+            assert r.status == 200, await r.text()
+        assert a.recorder.grants["refresh_token"] == 1
+        assert (await route_status(broker))["state"] == "ready"
