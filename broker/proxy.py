@@ -214,6 +214,16 @@ async def forward(
             if await credential.retry_after_rejection(auth):
                 headers = upstream_headers(request.headers, await credential.authorization(), identity)
                 up = await _send(call, headers, body, out.timeouts, pool, trip)
+        if up.status == 403 and credential.can_refresh:  # RFC 6750 §3.1 step-up: a login for more scope
+            from broker.auth.oauth.challenge import insufficient_scope
+
+            wanted = insufficient_scope(up.headers.getall("WWW-Authenticate", ()))
+            if wanted is not None:
+                trip.upstream_status = 403
+                stepped = await credential.step_up(wanted)
+                if stepped is not None:
+                    up.release()
+                    raise stepped
         try:
             headers = _answer_head(call, up, out, trip)
             if not rewrites and request.method != "HEAD" and up.status not in NO_BODY_STATUS:

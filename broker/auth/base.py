@@ -65,6 +65,11 @@ class Credential(ABC):
         """The upstream answered 401 to `used`. Refresh if possible; True when a retry makes sense."""
         return False
 
+    async def step_up(self, scopes: frozenset[str]) -> BrokerError | None:
+        """The upstream answered 403 insufficient_scope asking for `scopes` (RFC 6750 §3.1): the
+        error the agent gets instead (naming the fix), or None to pass the 403 on as it is."""
+        return None
+
     def details(self) -> dict[str, Any]:
         """Extra, secret-free fields for `status` (scopes, subject, refresh count)."""
         return {}

@@ -32,7 +32,7 @@ from broker.auth.oauth.discovery import ServerMetadata, discover, named_authoriz
 from broker.auth.oauth.registration import ClientRecord, pinned_client, register_client
 from broker.auth.oauth.revocation import revoke
 from broker.auth.oauth.store import OAuthStore
-from broker.auth.oauth.tokens import Pkce, TokenSet, parse_token_response, token_request
+from broker.auth.oauth.tokens import Pkce, TokenSet, parse_token_response, scope_union, token_request
 from broker.auth.oauth.transport import OAuthError, endpoint_session
 from broker.auth.secret_store import SecretStore, SecretStoreError
 from broker.config import Config, OAuthAuth, Route
@@ -317,6 +317,7 @@ class UserGrants:
             "issuer": meta.issuer,
             "iss_required": meta.iss_parameter_supported,
         }
+        scope = await self._scope_for(record.client, record.user)
         pending = ConnectRecord(record.route, record.client, record.user, record.label, json.dumps(flow))
         try:
             await self.store.put_connect(STATE_PREFIX + state, pending, AUTHORIZE_TTL_S)
@@ -328,13 +329,23 @@ class UserGrants:
                 client.client_id,
                 "code",
                 redirect_uri=client.redirect_uri,
-                scope=" ".join(self.auth.scopes) or None,
+                scope=scope,
                 state=state,
                 code_challenge=pkce.challenge,
                 code_challenge_method=pkce.method,
                 resource=meta.resource,
             )
         )
+
+    async def _scope_for(self, client: str, user: str) -> str | None:
+        """The scope the user's connect asks for: the configured scopes, and those a step-up on
+        the user's former grant asked for."""
+        try:
+            grant = await self.store.get_grant(self.route.name, client, user)
+            wanted = TokenSet.from_json(grant.tokens).wanted_scope.split() if grant is not None else []
+        except (StoreError, ValueError, TypeError):
+            wanted = []
+        return scope_union(self.auth.scopes, wanted) or None
 
     def owns_state(self, state: str) -> bool:
         """Was `state` made by this route's begin_authorization (by its form, not its validity)?"""
@@ -391,10 +402,14 @@ class UserGrants:
 
     # ------------------------------------------------------------ ending a grant
 
-    async def mark_dead(self, client: str, user: str, why: str, last_used: float | None) -> None:
-        """The user's grant is over (the server refused its refresh token): remember it, so that
-        user reconnects, and never refresh it again."""
-        dead = TokenSet(access_token="-", refresh_token=None, expires_at=None, dead=why)
+    async def mark_dead(
+        self, client: str, user: str, why: str, last_used: float | None, wanted_scope: str = ""
+    ) -> None:
+        """The user's grant is over (the server refused its refresh token, or a step-up asks for
+        `wanted_scope`): remember it, so that user reconnects, and never refresh it again."""
+        dead = TokenSet(
+            access_token="-", refresh_token=None, expires_at=None, dead=why, wanted_scope=wanted_scope
+        )
         grant = Grant(self.route.name, client, user, dead.to_json(), GRANT_DEAD, None, last_used)
         with contextlib.suppress(StoreError):  # dead in memory all the same; a refresh is refused again
             await self.store.put_grant(grant)

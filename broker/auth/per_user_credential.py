@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 from broker.auth.base import AuthState, Credential, CredentialCheck
 from broker.auth.oauth.credential import issuer_changed
-from broker.auth.oauth.tokens import TokenSet, parse_token_response, token_request
+from broker.auth.oauth.tokens import TokenSet, parse_token_response, scope_union, token_request
 from broker.auth.oauth.transport import HTTP_TIMEOUT, OAuthError
 from broker.auth.per_user import GRANT_ACTIVE, UserGrants
 from broker.auth.secret_store import SecretStoreError
@@ -113,6 +113,18 @@ class UserCredential(Credential):
             return False
         return True
 
+    async def step_up(self, scopes: frozenset[str]) -> BrokerError:
+        """RFC 6750 §3.1 insufficient_scope: this user connects again, the connect asking for the
+        scopes the grant had and those the upstream asks for. No refresh in between."""
+        async with self._lock:
+            tokens = self._tokens
+            had = tokens.scope.split() + tokens.wanted_scope.split() if tokens is not None else []
+            wanted = scope_union(self._grants.auth.scopes, had, sorted(scopes))
+            asked = " ".join(sorted(scopes)) or "unnamed"
+            return await self._end(
+                f"the upstream asks for more scope ({asked}): connect again for {wanted}", wanted
+            )
+
     def on_upstream_status(self, status: int) -> None:
         if status == 401 and self.state is AuthState.READY:
             self.state = AuthState.CREDENTIAL_REJECTED
@@ -169,8 +181,7 @@ class UserCredential(Credential):
 
     async def _needs_connect(self, why: str | None = None) -> BrokerError:
         url = await self._grants.connect_link(self.client, self.user, self.label)
-        # the reason is worth saying when the user cannot guess it (another authorization server)
-        said = f"{why}; " if why and "authorization server changed" in why else ""
+        said = f"{why}; " if why else ""
         return BrokerError(
             "needs_connect",
             f"{said}connect your AgentCard account to use this: open {url}",
@@ -292,8 +303,11 @@ class UserCredential(Credential):
         self._remember(new)
         return new
 
-    async def _end(self, why: str) -> BrokerError:
-        """This user's grant is over: remembered as dead; the user connects again."""
-        await self._grants.mark_dead(self.client, self.user, why, self._last_used)
-        self._remember(TokenSet(access_token="-", refresh_token=None, expires_at=None, dead=why))
+    async def _end(self, why: str, wanted_scope: str = "") -> BrokerError:
+        """This user's grant is over: remembered as dead; the user connects again (asking for
+        `wanted_scope` too, after a step-up)."""
+        await self._grants.mark_dead(self.client, self.user, why, self._last_used, wanted_scope)
+        dead = TokenSet(access_token="-", refresh_token=None, expires_at=None, dead=why)
+        dead.wanted_scope = wanted_scope
+        self._remember(dead)
         return await self._needs_connect(why)

@@ -1,15 +1,18 @@
 """Per-user routes and issue 19's OAuth client rules: issuer binding (each user's grant is bound
-to the authorization server that issued it), against two real authorization servers and one
-resource whose RFC 9728 metadata names one of them (tests/e2e/test_oauth_issuer.py)."""
+to the authorization server that issued it) and step-up (a connect for more scope), against two
+real authorization servers and one resource whose RFC 9728 metadata names one of them
+(tests/e2e/test_oauth_issuer.py)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from broker.auth.per_user import take_link
 from broker.errors import BrokerError
 from tests.auth.test_per_user import Setup, bearer, connect, open_grants, tokens_of
 from tests.e2e.test_oauth_issuer import Resource, two_servers
@@ -71,3 +74,37 @@ async def test_a_users_grant_of_the_former_authorization_server_is_not_used(
     assert (await tokens_of(setup.store, "alice")).issuer == b.base
     fresh = await g.credential("librechat", "alice", None).authorization()
     assert bearer(fresh) in b.provider.access_tokens
+
+
+async def test_step_up_asks_that_user_to_connect_for_the_union_of_scopes(res: Resource, setup: Setup) -> None:
+    a, _ = res.servers
+    g = setup.grants
+    await connect(g, "librechat", "alice")
+    await connect(g, "librechat", "bob")
+    alice = g.credential("librechat", "alice", None)
+    await alice.authorization()
+    err = await alice.step_up(frozenset({"cards:write", "cards"}))
+    assert err.code == "needs_connect"
+    assert err.message.startswith(
+        "the upstream asks for more scope (cards cards:write): connect again for cards cards:write; "
+        "connect your AgentCard account to use this: open https://broker.example.test/_broker/connect/"
+    )
+    assert err.connect_url is not None and err.connect_url in err.message
+    stored = await tokens_of(setup.store, "alice")
+    assert stored.dead and stored.wanted_scope == "cards cards:write"
+    with pytest.raises(BrokerError) as again:  # the grant is not used meanwhile, nor refreshed
+        await g.credential("librechat", "alice", None).authorization()
+    assert again.value.code == "needs_connect"
+    assert a.recorder.grants["refresh_token"] == 0
+    # her connect asks for the union; bob's (whose grant is untouched) for the configured scopes
+    link = await g.connect_link("librechat", "alice", None)
+    record = await take_link(g.store, link.rsplit("/", 1)[1])
+    assert record is not None
+    url = await g.begin_authorization(record)
+    assert parse_qs(urlsplit(url).query)["scope"] == ["cards cards:write"]
+    link = await g.connect_link("librechat", "bob", None)
+    record = await take_link(g.store, link.rsplit("/", 1)[1])
+    assert record is not None
+    url = await g.begin_authorization(record)
+    assert parse_qs(urlsplit(url).query)["scope"] == ["cards"]
+    assert not (await tokens_of(setup.store, "bob")).dead

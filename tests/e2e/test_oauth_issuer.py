@@ -13,12 +13,13 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import keyring
 from aiohttp import web
 
 from tests.conftest import BrokerFactory, write_config
-from tests.e2e.test_oauth_mcp import login, mcp_config
+from tests.e2e.test_oauth_mcp import Login, browser, login, mcp_config
 from tests.mcp_upstream import McpUpstream, run_mcp_upstream
 
 
@@ -155,4 +156,64 @@ async def test_a_401_under_the_same_authorization_server_refreshes_and_keeps_the
         async with broker.request("GET", "/mcp") as r:
             assert r.status == 200, await r.text()
         assert a.recorder.grants["refresh_token"] == 1
+        assert (await route_status(broker))["state"] == "ready"
+
+
+async def test_step_up_turns_the_route_to_a_login_for_the_union_of_scopes(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    async with two_servers() as res:
+        a, _ = res.servers
+        doc = route_config(res, [])  # the login asks for no scope: the token has none
+        cfg = write_config(tmp_path / "login.yaml", doc)
+        rc, _, err = await login(cfg)
+        assert rc == 0, err
+        broker = await make_broker(doc)
+        async with broker.request("GET", "/mcp") as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["scopes"] == []
+
+        res.required_scope = "cards"  # the upstream now asks for more scope
+        for _ in range(3):
+            async with broker.request("GET", "/mcp") as r:
+                assert r.status == 503, await r.text()
+                body = await r.json()
+            assert body["error"]["code"] == "needs_login"
+            assert "run: agentcard-broker login mcp" in body["error"]["message"]
+        assert "the upstream asks for more scope (cards)" in body["error"]["message"]
+        status = await route_status(broker)
+        assert status["state"] == "needs_login"
+        assert "more scope (cards): log in again for cards" in status["reason"]
+        assert a.recorder.grants["refresh_token"] == 0  # no refresh in between (nor a loop)
+        stored = json.loads(keyring.get_password("agentcard-broker", "mcp:oauth_tokens") or "{}")
+        assert stored["wanted_scope"] == "cards"
+
+        lg = Login(cfg)
+        url = await lg.start()
+        assert parse_qs(urlsplit(url).query)["scope"] == ["cards"]  # the union is asked for
+        status_code, page = await browser(url)
+        assert status_code == 200, page
+        rc, _, err = await lg.finish()
+        assert rc == 0, err
+        async with broker.request("POST", "/_broker/reload") as r:
+            assert r.status == 200
+        async with broker.request("GET", "/mcp") as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["scopes"] == ["cards"]
+        assert a.recorder.grants["refresh_token"] == 0
+
+
+async def test_a_403_without_insufficient_scope_passes_through(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    async with two_servers() as res:
+        doc = route_config(res, [])
+        rc, _, err = await login(write_config(tmp_path / "login.yaml", doc))
+        assert rc == 0, err
+        broker = await make_broker(doc)
+        res.required_scope = "cards"
+        res.challenge = 'Bearer error="invalid_request", scope="cards"'  # a 403, but no step-up
+        async with broker.request("GET", "/mcp") as r:
+            assert r.status == 403
+            assert "WWW-Authenticate" not in r.headers
         assert (await route_status(broker))["state"] == "ready"

@@ -22,7 +22,7 @@ from broker.auth.base import AuthState, Credential, CredentialCheck
 from broker.auth.oauth.discovery import named_authorization_server
 from broker.auth.oauth.registration import ClientRecord
 from broker.auth.oauth.store import OAuthStore
-from broker.auth.oauth.tokens import TokenSet, parse_token_response, token_request
+from broker.auth.oauth.tokens import TokenSet, parse_token_response, scope_union, token_request
 from broker.auth.oauth.transport import OAuthError, endpoint_session
 from broker.auth.secret_store import SecretStore, SecretStoreError
 from broker.config import OAuthAuth, Route
@@ -261,9 +261,31 @@ class OAuthCredential(Credential):
             self.state = AuthState.READY
             return new
 
-    async def _end_grant(self, why: str) -> BrokerError:
+    async def step_up(self, scopes: frozenset[str]) -> BrokerError:
+        """RFC 6750 §3.1 insufficient_scope: the route needs a login asking for the scopes it
+        had and those the upstream asks for. No refresh: a refresh cannot widen a grant."""
+        async with self._refresh_lock:
+            tokens = self._tokens
+            had = tokens.scope.split() + tokens.wanted_scope.split() if tokens is not None else []
+            wanted = scope_union(self.auth.scopes, had, sorted(scopes))
+            if tokens is not None and tokens.dead and tokens.wanted_scope == wanted:
+                return self.error("needs_login", f"{tokens.dead}; {self._fix()}")  # said already
+            asked = " ".join(sorted(scopes)) or "unnamed"
+            return await self._end_grant(
+                f"the upstream asks for more scope ({asked}): log in again for {wanted}", wanted
+            )
+
+    async def _end_grant(self, why: str, wanted_scope: str = "") -> BrokerError:
         """The grant is over: remember it (across restarts too) and never refresh it again."""
-        dead = TokenSet(access_token="-", refresh_token=None, expires_at=None, dead=why)
+        old = self._tokens
+        dead = TokenSet(
+            access_token="-",
+            refresh_token=None,
+            expires_at=None,
+            dead=why,
+            issuer=old.issuer if old is not None else None,
+            wanted_scope=wanted_scope or (old.wanted_scope if old is not None else ""),
+        )
         with contextlib.suppress(SecretStoreError):
             await asyncio.to_thread(self._store.save_tokens, dead)
         self._remember(dead, self._client)

@@ -218,7 +218,7 @@ async def login(
                 raise LoginError(str(exc)) from None
             pkce = Pkce.new()
             state = pysecrets.token_urlsafe(32)
-            scope = " ".join(auth.scopes) or None
+            scope = await asyncio.to_thread(ostore.login_scope, auth.scopes)
             url = prepare_grant_uri(
                 meta.authorization_endpoint,
                 client.client_id,

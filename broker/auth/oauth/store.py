@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from broker.auth.oauth.registration import ClientRecord
-from broker.auth.oauth.tokens import TokenSet
+from broker.auth.oauth.tokens import TokenSet, scope_union
 from broker.auth.secret_store import SecretStore
 
 _T = TypeVar("_T")
@@ -46,6 +46,12 @@ class OAuthStore:
 
     def load_tokens(self) -> TokenSet | None:
         return self._load(self._tokens_account, TokenSet.from_json)
+
+    def login_scope(self, configured: tuple[str, ...]) -> str | None:
+        """The scope a new login asks for: the configured scopes and those a step-up asked for."""
+        tokens = self.load_tokens()
+        wanted = tokens.wanted_scope.split() if tokens is not None else []
+        return scope_union(configured, wanted) or None
 
     def save_tokens(self, tokens: TokenSet) -> None:
         self._store.set(self._tokens_account, tokens.to_json())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -52,6 +53,9 @@ class TokenSet:
     # the authorization server that issued the grant: a grant is only used with that issuer
     # (None: stored by a version before issuer binding; the client record's issuer stands in)
     issuer: str | None = None
+    # step-up (RFC 6750 §3.1 insufficient_scope): the scopes the next login asks for, with the
+    # configured ones (kept on the ended grant: the login or connect that replaces it reads them)
+    wanted_scope: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -71,6 +75,11 @@ class TokenSet:
         life = self.lifetime() or 0
         skew = min(MAX_SKEW_S, max(life * 0.2, 0.5))
         return now >= self.expires_at - skew
+
+
+def scope_union(*scopes: Iterable[str]) -> str:
+    """Space-separated scopes, each once, in the order first seen."""
+    return " ".join(dict.fromkeys(s for group in scopes for s in group if s))
 
 
 def parse_token_response(
