@@ -9,13 +9,16 @@ refresh tokens that rotate and are single use, revocation. It auto-approves `/au
 from __future__ import annotations
 
 import contextlib
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+import aiohttp
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.auth import OAuthClientInformationFull
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.tools.sandbox import SandboxAuthServer as Provider
@@ -59,6 +62,7 @@ class Recorder:
         self.mcp_headers: list[dict[str, str]] = []
         # each token request's grant type and resource (RFC 8707), in order: no secret values
         self.token_requests: list[dict[str, str | None]] = []
+        self.registrations: list[dict[str, Any]] = []  # the bodies of RFC 7591 registrations
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,9 +84,58 @@ class Recorder:
                     self.grants[grant] += 1
                     resource = form.get("resource", [None])[0]
                     self.token_requests.append({"grant_type": grant, "resource": resource})
+                if not m.get("more_body") and scope["path"] == "/register":
+                    with contextlib.suppress(ValueError):
+                        self.registrations.append(json.loads(body))
             return m
 
         await self.app(scope, rx, send)
+
+
+class CimdProvider(Provider):
+    """The sandbox provider with OAuth Client ID Metadata Documents, which the installed MCP SDK's
+    authorization server lacks: a client_id that is an http(s) URL (127.0.0.1 only) is fetched,
+    and the document it answers is the client, when its own client_id is that URL."""
+
+    fetched: list[str]
+
+    async def get_client(self, client_id: str) -> OAuthClientInformationFull | None:
+        if not client_id.startswith(("https://127.0.0.1:", "http://127.0.0.1:")):
+            return await super().get_client(client_id)
+        self.fetched.append(client_id)
+        async with aiohttp.ClientSession() as s, s.get(client_id, allow_redirects=False) as r:
+            if r.status != 200:
+                return None
+            doc = await r.json(content_type=None)
+        if not isinstance(doc, dict) or doc.get("client_id") != client_id:
+            return None
+        return OAuthClientInformationFull.model_validate({**doc, "scope": "cards"})
+
+
+class AdvertiseCimd:
+    """ASGI middleware: the authorization server metadata says client_id_metadata_document_supported."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/.well-known/oauth-authorization-server":
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def hold(m: Message) -> None:
+            held.append(m)
+
+        await self.app(scope, receive, hold)
+        start = held[0]
+        body = b"".join(m.get("body", b"") for m in held[1:])
+        doc = json.loads(body)
+        doc["client_id_metadata_document_supported"] = True
+        body = json.dumps(doc).encode()
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 @dataclass
@@ -98,14 +151,18 @@ class McpUpstream:
 
 @contextlib.asynccontextmanager
 async def run_mcp_upstream(
-    access_ttl: int = 60, iss: str | None = None, auth: bool = True
+    access_ttl: int = 60, iss: str | None = None, auth: bool = True, cimd: bool = False
 ) -> AsyncIterator[McpUpstream]:
     sock = loopback_socket()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    provider = Provider(
+    kind = CimdProvider if cimd else Provider
+    provider = kind(
         access_ttl=access_ttl, expected_resource=f"{base}/mcp", issuer=iss, subject="alice@example.test"
     )
+    if isinstance(provider, CimdProvider):
+        provider.fetched = []
     server = build_server(auth=auth_settings(base), auth_server_provider=provider) if auth else build_server()
-    recorder = Recorder(server.streamable_http_app())
+    app = server.streamable_http_app()
+    recorder = Recorder(AdvertiseCimd(app) if cimd else app)
     async with serve_asgi(recorder, sock):
         yield McpUpstream(base, provider, recorder)

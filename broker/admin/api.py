@@ -143,6 +143,10 @@ async def handle(request: Request, rt: Runtime) -> StreamResponse:
         from broker.admin import dashboard  # the owner's page, only once a browser (or the CLI) asks
 
         return await dashboard.handle(request, rt, path)
+    if path == "/_broker/oauth/client.json":
+        from broker.admin import oauth_client  # the Client ID Metadata Document (per-user routes)
+
+        return oauth_client.handle(request, rt)
     if path.startswith("/_broker/connect/") or path == "/_broker/callback":
         from broker.admin import connect  # the OAuth client modules, only once a browser comes
 

@@ -29,7 +29,12 @@ from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 from broker.auth.base import Credential
 from broker.auth.oauth.credential import REDISCOVER_EVERY_S, issuer_changed
 from broker.auth.oauth.discovery import ServerMetadata, discover, named_authorization_server
-from broker.auth.oauth.registration import ClientRecord, pinned_client, register_client
+from broker.auth.oauth.registration import (
+    ClientRecord,
+    metadata_document_client,
+    pinned_client,
+    register_client,
+)
 from broker.auth.oauth.revocation import revoke
 from broker.auth.oauth.store import OAuthStore
 from broker.auth.oauth.tokens import Pkce, TokenSet, parse_token_response, scope_union, token_request
@@ -265,6 +270,10 @@ class UserGrants:
             return await asyncio.to_thread(
                 pinned_client, self.route, self.auth, meta, self._secret_store, self.redirect_uri
             )
+        insecure_ok = self.config.allow_insecure_upstream
+        document = metadata_document_client(meta, self.public_url, self.redirect_uri, insecure_ok)
+        if document is not None:  # the server reads the broker's client document: no registration
+            return document
         stored = await self._stored_client()
         if stored is not None and stored.issuer == meta.issuer:
             stored.resource = meta.resource

@@ -6,16 +6,21 @@ real authorization servers and one resource whose RFC 9728 metadata names one of
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from mcp.shared.auth import OAuthClientInformationFull
+from pydantic import AnyUrl
 
+from broker.auth.oauth.discovery import ServerMetadata
+from broker.auth.oauth.registration import metadata_document_client
 from broker.auth.per_user import take_link
 from broker.errors import BrokerError
 from tests.auth.test_per_user import Setup, bearer, connect, open_grants, tokens_of
 from tests.e2e.test_oauth_issuer import Resource, two_servers
+from tests.mcp_upstream import CimdProvider, run_mcp_upstream
 
 
 @dataclass
@@ -108,3 +113,68 @@ async def test_step_up_asks_that_user_to_connect_for_the_union_of_scopes(res: Re
     url = await g.begin_authorization(record)
     assert parse_qs(urlsplit(url).query)["scope"] == ["cards"]
     assert not (await tokens_of(setup.store, "bob")).dead
+
+
+# ---------------------------------------------------------------- which client the broker is
+
+
+async def test_a_restart_reuses_the_per_user_registration(tmp_path: Path) -> None:
+    """Dynamic registration ("web": the redirect is the public callback) happens once: a second
+    process on the same state store connects its users with the kept registration."""
+    async with run_mcp_upstream() as up:
+        first = await open_grants(up, tmp_path / "state.sqlite3")
+        await connect(first.grants, "librechat", "alice")
+        await first.grants.close()
+        await first.store.close()
+        second = await open_grants(up, tmp_path / "state.sqlite3")
+        try:
+            await connect(second.grants, "librechat", "bob")
+        finally:
+            await second.grants.close()
+            await second.store.close()
+        assert up.recorder.calls[("POST", "/register")] == 1
+        assert [r["application_type"] for r in up.recorder.registrations] == ["web"]
+
+
+async def test_a_pinned_client_id_comes_before_a_metadata_document(tmp_path: Path) -> None:
+    async with run_mcp_upstream(cimd=True) as up:
+        s = await open_grants(up, tmp_path / "state.sqlite3")
+        auth = replace(s.grants.auth, client_id="pinned-client")
+        s.grants.auth = auth
+        s.grants.route = replace(s.grants.route, auth=auth)
+        up.provider.clients["pinned-client"] = OAuthClientInformationFull(
+            client_id="pinned-client",
+            redirect_uris=[AnyUrl(s.grants.redirect_uri)],
+            token_endpoint_auth_method="none",
+            scope="cards",
+        )
+        try:
+            await connect(s.grants, "librechat", "alice")
+        finally:
+            await s.grants.close()
+            await s.store.close()
+        assert up.recorder.calls[("POST", "/register")] == 0
+        assert isinstance(up.provider, CimdProvider) and up.provider.fetched == []
+        assert up.provider.access_tokens
+        assert {t.client_id for t in up.provider.access_tokens.values()} == {"pinned-client"}
+
+
+def test_a_metadata_document_client_needs_support_and_an_https_public_url() -> None:
+    meta = ServerMetadata(
+        issuer="https://as.example",
+        authorization_endpoint="https://as.example/authorize",
+        token_endpoint="https://as.example/token",
+        registration_endpoint="https://as.example/register",
+        revocation_endpoint=None,
+        resource="https://mcp.example/mcp",
+        client_id_metadata_document_supported=True,
+    )
+    cb = "https://broker.example/_broker/callback"
+    client = metadata_document_client(meta, "https://broker.example", cb, insecure_ok=False)
+    assert client is not None and client.client_id == "https://broker.example/_broker/oauth/client.json"
+    assert not client.registered and client.client_secret is None and client.redirect_uri == cb
+    assert metadata_document_client(meta, "http://broker.example", cb, insecure_ok=False) is None
+    assert metadata_document_client(meta, "http://127.0.0.1:1", cb, insecure_ok=True) is not None
+    assert metadata_document_client(meta, "", cb, insecure_ok=True) is None  # no public_url
+    unsupported = replace(meta, client_id_metadata_document_supported=False)
+    assert metadata_document_client(unsupported, "https://broker.example", cb, insecure_ok=False) is None

@@ -30,6 +30,8 @@ class ServerMetadata:
     revocation_endpoint: str | None
     resource: str
     iss_parameter_supported: bool = False  # RFC 9207: the callback must then carry `iss`
+    # OAuth Client ID Metadata Documents: an https URL the broker serves may be its client_id
+    client_id_metadata_document_supported: bool = False
 
 
 def well_known_urls(base: str, suffix: str) -> list[str]:
@@ -130,4 +132,5 @@ async def discover(session: aiohttp.ClientSession, resource: str, insecure_ok: b
         revocation_endpoint=optional("revocation_endpoint", "revocation endpoint"),
         resource=resource,
         iss_parameter_supported=bool(meta.get("authorization_response_iss_parameter_supported")),
+        client_id_metadata_document_supported=meta.get("client_id_metadata_document_supported") is True,
     )

@@ -1,11 +1,17 @@
-"""Which OAuth client the broker is for a route: registered (RFC 7591) or pinned in the config.
+"""Which OAuth client the broker is for a route, in this order (SPEC "OAuth client"): a
+`client_id` pinned in the config; a Client ID Metadata Document (the client_id is the https URL
+of a document the broker serves under `public_url`) when the server supports those; else RFC
+7591 dynamic registration, kept and reused by the callers.
 
 Owns: `ClientRecord` (a client id, a confidential client's secret, and the endpoints it is used
-at), RFC 7591 dynamic registration as a public client (PKCE, no secret), a `client_id` pinned in
-the config with a confidential client's secret read from its reference, and the loopback
-redirect URI both register (a per-user route passes its `public_url` callback instead). Must
-never: put a client secret in an error; register a redirect URI other than the literal 127.0.0.1
-loopback or, for a per-user route, the callback under the configured `public_url`.
+at), RFC 7591 dynamic registration as a public client (PKCE, no secret; `application_type`
+"native" for the loopback redirect of `login`, "web" for a per-user route's public callback), the
+metadata document and its URL, a `client_id` pinned in the config with a confidential client's
+secret read from its reference, and the loopback redirect URI (a per-user route passes its
+`public_url` callback instead). Must never: put a client secret in an error; register a redirect
+URI other than the literal 127.0.0.1 loopback or, for a per-user route, the callback under the
+configured `public_url`; offer a metadata document URL that is not https (but with
+`allow_insecure_upstream`, for tests).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -45,8 +52,42 @@ class ClientRecord:
         return cls(**json.loads(text))
 
 
+CLIENT_DOCUMENT_PATH = "/_broker/oauth/client.json"
+
+
 def redirect_uri_for(auth: OAuthAuth) -> str:
     return f"http://127.0.0.1:{auth.redirect_port}/callback"
+
+
+def client_document_url(public_url: str) -> str:
+    return public_url.rstrip("/") + CLIENT_DOCUMENT_PATH
+
+
+def client_document(public_url: str, redirect_uri: str) -> dict[str, Any]:
+    """The Client ID Metadata Document served at client_document_url(public_url): the broker
+    as a public web client whose one redirect URI is the per-user callback."""
+    return {
+        "client_id": client_document_url(public_url),
+        "client_name": "agentcard-broker",
+        "redirect_uris": [redirect_uri],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "token_endpoint_auth_method": "none",
+        "application_type": "web",
+    }
+
+
+def metadata_document_client(
+    meta: ServerMetadata, public_url: str, redirect_uri: str, insecure_ok: bool
+) -> ClientRecord | None:
+    """The client whose id is the broker's metadata document URL, when the server supports such
+    documents and `public_url` is https (or plain http with allow_insecure_upstream); else None."""
+    if not meta.client_id_metadata_document_supported or not public_url:
+        return None
+    scheme = urlsplit(public_url).scheme
+    if scheme != "https" and not (insecure_ok and scheme == "http"):
+        return None
+    return _client_at(meta, client_document_url(public_url), None, redirect_uri, registered=False)
 
 
 async def register_client(
@@ -54,11 +95,12 @@ async def register_client(
     meta: ServerMetadata,
     redirect_uri: str,
     scopes: tuple[str, ...],
-    application_type: str | None = None,
+    application_type: str = "native",
     extra_grant_types: tuple[str, ...] = (),
 ) -> ClientRecord:
     """RFC 7591 dynamic registration as a public client (PKCE, no secret). `application_type`
-    (OpenID registration, MCP SEP-837): "web" for a redirect URI on a public host.
+    (OpenID registration, MCP SEP-837): "native" for the loopback redirect of `login`, "web" for
+    a redirect URI on a public host (a per-user route's callback).
     `extra_grant_types`: e.g. the device grant (RFC 8628) for `login --device`."""
     if not meta.registration_endpoint:
         raise OAuthError("the server offers no dynamic client registration; set auth.client_id in the config")
@@ -71,8 +113,7 @@ async def register_client(
     }
     if scopes:
         body["scope"] = " ".join(scopes)
-    if application_type:
-        body["application_type"] = application_type
+    body["application_type"] = application_type
     try:
         async with session.post(
             meta.registration_endpoint, json=body, allow_redirects=False, timeout=HTTP_TIMEOUT
