@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     lg = sub.add_parser("login", parents=[common], help="log an oauth route in, in your browser")
     lg.add_argument("route")
-    lg.add_argument("--no-browser", action="store_true", help="only print the URL to open")
+    lg.add_argument("--no-browser", action="store_true", help="print the URL; paste the redirect back")
+    lg.add_argument("--device", action="store_true", help="device grant (RFC 8628): enter a code")
     lg.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the browser (300)")
     lo = sub.add_parser("logout", parents=[common], help="revoke and forget an oauth route's tokens")
     lo.add_argument("route")
@@ -351,7 +352,8 @@ def cmd_login(args: argparse.Namespace) -> int:
     if cfg is None:
         return 1
     try:
-        said = run_login(cfg, args.route, open_browser=not args.no_browser, wait_s=args.timeout, say=_say)
+        browser, device = not args.no_browser, args.device
+        said = run_login(cfg, args.route, open_browser=browser, wait_s=args.timeout, say=_say, device=device)
     except LoginError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ Key layout, P being `prefix`; b64(x) is x's UTF-8 in URL-safe base64 without pad
     P:lease:<key>           string  the holder, PX the lease's time to live
     P:doc:<name>            string  the sealed document
     P:budget:<b64 account>  zset    "<entry id>|<cents>" scored by the server's TIME in ms, PX window
+    P:budget_total:<b64 account>  string  the window's running total, PX window
     P:rate:<b64 key>        zset    "<random id>" scored by the server's TIME in ms, PX window
 """
 
@@ -473,18 +474,20 @@ class RedisStore:
     async def reserve_budget(self, account: str, amount: float, limit: float, window_s: float) -> Spend:
         entry = f"{os.urandom(8).hex()}|{_cents(float(amount))!r}"
         args: list[str | bytes | int] = [repr(float(amount)), repr(float(limit)), _ms(window_s), entry]
-        ok, used = await self._eval(self._scripts["reserve_budget"], [self._budget_key(account)], args)
+        ok, used = await self._eval(self._scripts["reserve_budget"], self._budget_keys(account), args)
         return Spend(bool(ok), _cents(float(used)), entry if ok else "")
 
     async def refund_budget(self, account: str, entry: str) -> None:
-        await self._run(lambda r: r.zrem(self._budget_key(account), entry))
+        await self._eval(self._scripts["refund_budget"], self._budget_keys(account), [entry])
 
     async def budget_used(self, account: str, window_s: float) -> float:
-        used = await self._eval(self._scripts["budget_used"], [self._budget_key(account)], [_ms(window_s)])
+        used = await self._eval(self._scripts["budget_used"], self._budget_keys(account), [_ms(window_s)])
         return _cents(float(used))
 
-    def _budget_key(self, account: str) -> str:
-        return f"{self._p}:budget:{_b64(account)}"
+    def _budget_keys(self, account: str) -> list[str]:
+        """The account's window (reservations) and its running total."""
+        b64 = _b64(account)
+        return [f"{self._p}:budget:{b64}", f"{self._p}:budget_total:{b64}"]
 
     async def hit_rate(self, key: str, limit: int, window_s: float) -> float:
         args: list[str | bytes | int] = [int(limit), _ms(window_s), os.urandom(8).hex()]

@@ -4,8 +4,9 @@ Owns: the one-shot loopback callback listener on 127.0.0.1 (RFC 8252 §7.3), `st
 single use, expiring), the `iss` check (RFC 9207), opening the browser without a shell and only
 for an https URL on the discovered issuer, the page the user sees (escaped), reusing or redoing
 the client registration, revocation on logout, and what the two commands say (`run_login`,
-`run_logout`: the route they are given, the outcome in words). Must never: print or log a token,
-code or verifier; accept a callback it did not ask for.
+`run_logout`: the route they are given, the outcome in words). A redirect pasted back
+(`--no-browser`, login_paste.py) is checked by the same listener; `--device` is device.py.
+Must never: print or log a token, code or verifier; accept a callback it did not ask for.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import html
 import secrets as pysecrets
 import time
 import webbrowser
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -26,6 +27,7 @@ from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 
 from broker.auth import unknown_route_message
 from broker.auth.oauth.discovery import ServerMetadata, discover
+from broker.auth.oauth.login_paste import PasteReader
 from broker.auth.oauth.registration import ClientRecord, pinned_client, redirect_uri_for, register_client
 from broker.auth.oauth.revocation import revoke
 from broker.auth.oauth.store import OAuthStore
@@ -113,13 +115,21 @@ class CallbackListener:
             raise LoginError(f"no answer from the browser within {seconds:g}s; run login again") from None
 
     async def _callback(self, request: web.Request) -> web.Response:
-        q = request.query
+        return _page(*self.offer(request.query))
+
+    def offer(self, q: Mapping[str, str], pasted: bool = False) -> tuple[str, str, bool]:
+        """Check one authorization response (the callback's query, or a pasted URL's): the
+        result is set when it is ours; the page's title, text and whether it went well."""
         if self._result.done():
-            return _page("Already done", "This login has finished; nothing more to do.", False)
+            return "Already done", "This login has finished; nothing more to do.", False
         state = q.get("state", "")
         if not state or not pysecrets.compare_digest(state, self._state) or time.monotonic() > self._deadline:
+            if pasted:  # the user's own paste: say so and end, nothing stored
+                self._result.set_exception(
+                    LoginError("the pasted URL is not from this login (state does not match); refused")
+                )
             # not ours (or too late): refuse, and keep waiting for the real one
-            return _page(
+            return (
                 "Not a login this broker started",
                 f"The state does not match. Start again with: agentcard-broker login {self._route}",
                 False,
@@ -131,19 +141,19 @@ class CallbackListener:
             self._result.set_exception(
                 LoginError("the authorization response came from the wrong issuer (iss mismatch); refused")
             )
-            return _page("Refused", "The answer did not come from the expected authorization server.", False)
+            return "Refused", "The answer did not come from the expected authorization server.", False
         if "error" in q:
             description = q.get("error_description", "")
             self._result.set_exception(
                 LoginError(f"the authorization server said {q['error']}: {description}".rstrip(": "))
             )
-            return _page("Login failed", f"{q['error']}: {description}", False)
+            return "Login failed", f"{q['error']}: {description}", False
         code = q.get("code")
         if not code:
             self._result.set_exception(LoginError("the callback carried no authorization code"))
-            return _page("Login failed", "No authorization code in the answer.", False)
+            return "Login failed", "No authorization code in the answer.", False
         self._result.set_result(code)
-        return _page("Logged in", f"agentcard-broker now holds the login for route {self._route}.", True)
+        return "Logged in", f"agentcard-broker now holds the login for route {self._route}.", True
 
 
 # ---------------------------------------------------------------- the flow
@@ -199,9 +209,11 @@ async def login(
     wait_s: float,
     say: Callable[[str], None],
     on_url: Callable[[str], None] | None = None,
+    paste: bool = False,
 ) -> LoginResult:
     """The whole login. `on_url` is handed the authorization URL once the callback listener is
-    up (the dashboard gives it to the browser that asked, rather than opening one here)."""
+    up (the dashboard gives it to the browser that asked, rather than opening one here). With
+    `paste`, a redirected URL pasted on standard input is accepted as the callback too."""
     auth = route.auth
     assert isinstance(auth, OAuthAuth)
     ostore = OAuthStore(route.name, store)
@@ -211,6 +223,7 @@ async def login(
             meta = await discover(http, route.upstream, cfg.allow_insecure_upstream)
         except OAuthError as exc:
             raise LoginError(str(exc)) from None
+        pastes = PasteReader(redirect_uri_for(auth), say) if paste else None
         for attempt in range(2):  # a registration the server forgot is dropped and redone once
             try:
                 client, registered_now = await _client_for(http, route, auth, meta, ostore, store)
@@ -238,6 +251,8 @@ async def login(
                 auth.redirect_port, state, meta.issuer, meta.iss_parameter_supported, route.name, wait_s
             )
             await listener.start()
+            if pastes is not None:
+                pastes.redirect_uri, pastes.listener = client.redirect_uri, listener
             if on_url is not None:
                 on_url(url)
             try:
@@ -253,6 +268,11 @@ async def login(
                     f"waiting for the browser to come back to http://127.0.0.1:{auth.redirect_port}"
                     f"{CALLBACK_PATH} (up to {wait_s:g}s; Ctrl-C cancels) …"
                 )
+                if pastes is not None:
+                    say(
+                        "if the browser is on another machine, its last page fails to load: "
+                        "paste its whole address here and press Enter"
+                    )
                 code = await listener.wait(wait_s)
             finally:
                 await listener.stop()
@@ -326,15 +346,31 @@ def login_summary(route: Route, result: LoginResult) -> list[str]:
 
 
 def run_login(
-    cfg: Config, route_name: str, *, open_browser: bool, wait_s: float, say: Callable[[str], None]
+    cfg: Config,
+    route_name: str,
+    *,
+    open_browser: bool,
+    wait_s: float,
+    say: Callable[[str], None],
+    device: bool = False,
 ) -> list[str]:
-    """`agentcard-broker login ROUTE`: log the route in and return what to print; `say` tells
-    the user what to do meanwhile. Raises LoginError, its text the whole line to print."""
+    """`agentcard-broker login ROUTE [--no-browser] [--device]`: log the route in and return
+    what to print; `say` tells the user what to do meanwhile. Without a browser to open, a
+    redirected URL pasted on standard input is accepted too; `device` uses RFC 8628 instead.
+    Raises LoginError, its text the whole line to print."""
+    from broker.auth.oauth.device import DeviceError, device_login
+
     route = oauth_route(cfg, route_name)
     store = open_store(cfg.secret_store, cfg.state_path())
     try:
-        result = asyncio.run(login(cfg, route, store, open_browser=open_browser, wait_s=wait_s, say=say))
-    except (LoginError, SecretStoreError) as exc:
+        if device:
+            client, issuer, tokens = asyncio.run(device_login(cfg, route, store, say))
+            result = LoginResult(issuer, client.client_id, tokens)
+        else:
+            paste = not open_browser
+            flow = login(cfg, route, store, open_browser=open_browser, wait_s=wait_s, say=say, paste=paste)
+            result = asyncio.run(flow)
+    except (LoginError, DeviceError, SecretStoreError) as exc:
         raise LoginError(f"login failed: {exc}") from None
     return login_summary(route, result)
 
