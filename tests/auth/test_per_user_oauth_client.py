@@ -16,9 +16,17 @@ from pydantic import AnyUrl
 
 from broker.auth.oauth.discovery import ServerMetadata
 from broker.auth.oauth.registration import metadata_document_client
-from broker.auth.per_user import take_link
+from broker.auth.per_user import ConnectError, take_link
 from broker.errors import BrokerError
-from tests.auth.test_per_user import Setup, bearer, connect, open_grants, tokens_of
+from tests.auth.test_per_user import (
+    Setup,
+    authorize_in_browser,
+    bearer,
+    callback_params,
+    connect,
+    open_grants,
+    tokens_of,
+)
 from tests.e2e.test_oauth_issuer import Resource, two_servers
 from tests.mcp_upstream import CimdProvider, run_mcp_upstream
 
@@ -178,3 +186,37 @@ def test_a_metadata_document_client_needs_support_and_an_https_public_url() -> N
     assert metadata_document_client(meta, "", cb, insecure_ok=True) is None  # no public_url
     unsupported = replace(meta, client_id_metadata_document_supported=False)
     assert metadata_document_client(unsupported, "https://broker.example", cb, insecure_ok=False) is None
+
+
+async def test_iss_is_required_when_the_metadata_says_the_server_sends_it(tmp_path: Path) -> None:
+    """RFC 9207: with authorization_response_iss_parameter_supported, a callback without `iss`
+    (or with another issuer's) stores nothing; with the issuer's own it completes."""
+    async with run_mcp_upstream() as up:
+        s = await open_grants(up, tmp_path / "state.sqlite3")
+        g = s.grants
+        try:
+            meta, _ = await g.authorization_server()
+            g._meta = replace(meta, iss_parameter_supported=True)
+
+            async def callback() -> dict[str, str]:
+                link = await g.connect_link("librechat", "alice", None)
+                record = await take_link(g.store, link.rsplit("/", 1)[1])
+                assert record is not None
+                return callback_params(await authorize_in_browser(await g.begin_authorization(record)))
+
+            q = await callback()
+            assert "iss" not in q
+            with pytest.raises(ConnectError, match="expected authorization server"):
+                await g.complete(q["state"], q["code"], None)
+            q = await callback()
+            with pytest.raises(ConnectError, match="expected authorization server"):
+                await g.complete(q["state"], q["code"], "https://evil.example")
+            assert await s.store.get_grant("mcp", "librechat", "alice") is None
+            up.provider.issuer = meta.issuer  # the server sends its iss now
+            q = await callback()
+            assert q["iss"] == meta.issuer
+            assert await g.complete(q["state"], q["code"], q["iss"]) == ("librechat", "alice")
+            assert (await tokens_of(s.store, "alice")).issuer == meta.issuer
+        finally:
+            await g.close()
+            await s.store.close()

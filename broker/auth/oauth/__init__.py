@@ -2,9 +2,10 @@
 
     transport      the one kind of session for OAuth endpoints, OAuthError, RFC 6749 error codes
     discovery      RFC 9728 protected-resource and RFC 8414 authorization-server metadata
-    registration   RFC 7591 dynamic registration, or the client pinned in the config
+    registration   a pinned client, a Client ID Metadata Document, or RFC 7591 registration
     tokens         RFC 6749 token requests with RFC 7636 PKCE; TokenSet and its expiry
     revocation     RFC 7009
+    challenge      WWW-Authenticate challenges (RFC 9110 §11.6.1); step-up (RFC 6750 §3.1)
     store          what a route keeps in the secret store (client record, tokens)
     credential     OAuthCredential: the daemon's header for a route, refreshed as needed
     login_flow     `login` / `logout`: the browser and the loopback callback (RFC 8252)
