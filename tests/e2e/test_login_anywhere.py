@@ -22,7 +22,14 @@ import pytest
 
 from tests.conftest import assert_no_secret, write_config
 from tests.e2e.conftest import CLI, free_port
-from tests.oidc_provider import OidcProvider, approve_device, authorize, needs_node, run_oidc_provider
+from tests.oidc_provider import (  # noqa: F401 - oidc_harness: the fixture needs_node asks for
+    OidcProvider,
+    approve_device,
+    authorize,
+    needs_node,
+    oidc_harness,
+    run_oidc_provider,
+)
 
 pytestmark = needs_node
 
