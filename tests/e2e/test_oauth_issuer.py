@@ -8,18 +8,27 @@ asks for more scope with a 403 `insufficient_scope` challenge when told to.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import html
 import json
+import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import keyring
 from aiohttp import web
 
+from broker import config as config_mod
+from broker.auth.platform_clients import add_client
 from tests.conftest import BrokerFactory, write_config
+from tests.e2e.conftest import free_port
 from tests.e2e.test_oauth_mcp import Login, browser, login, mcp_config
+from tests.e2e.test_per_user import LIST, Platform, browser_connect, connect_url_of, per_user_doc
 from tests.mcp_upstream import McpUpstream, run_mcp_upstream
 
 
@@ -217,3 +226,69 @@ async def test_a_403_without_insufficient_scope_passes_through(
             assert r.status == 403
             assert "WWW-Authenticate" not in r.headers
         assert (await route_status(broker))["state"] == "ready"
+
+
+async def test_per_user_step_up_through_the_broker_gives_that_user_a_connect_link(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """A per-user route: the 403 insufficient_scope reaches the agent as needs_connect with the
+    user's link (URL elicitation), the grant is not refreshed, and the link's sign-in asks for
+    the union of scopes."""
+    async with two_servers() as res:
+        a, _ = res.servers
+        port = free_port()
+        doc = per_user_doc(a, port, tmp_path / "state")
+        doc["routes"][0]["upstream"] = res.url
+        cfg = config_mod.load(write_config(tmp_path / "clients.yaml", doc))
+        lines = await asyncio.to_thread(add_client, cfg, "librechat")
+        token = next(line.text for line in lines if not line.to_stderr)
+        b = await make_broker(doc)
+        up = _ResourceUpstream(a, res.url)
+        p = Platform(b, up, token, f"http://127.0.0.1:{port}", tmp_path / "state")  # type: ignore[arg-type]
+        status, page, _ = await browser_connect(p, await connect_url_of(p, "alice"))
+        assert status == 200, page
+        status, _, body = await p.post(LIST, headers=p.headers("alice"))
+        assert status == 200 and body["ok"], body
+
+        res.required_scope = "cards:write"
+        status, headers, body = await p.post(LIST, headers=p.headers("alice"))
+        assert status == 403 and headers["X-Broker-Error"] == "needs_connect", body
+        message = body["error"]["message"]
+        assert (
+            "the upstream asks for more scope (cards:write): connect again for cards cards:write" in message
+        )
+        link = body["error"]["data"]["elicitations"][0]["url"]
+        assert link in message
+        assert a.recorder.grants["refresh_token"] == 0
+        async with aiohttp.ClientSession() as s:  # the link's page, then its form: the union asked
+            async with s.get(
+                link, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+            ) as r:
+                page = await r.text()
+            connect_id = html.unescape(re.search(r"name='connect_id' value='([^']+)'", page)[1])  # type: ignore[index]
+            action = html.unescape(re.search(r"<form method='post' action='([^']+)'", page)[1])  # type: ignore[index]
+            async with s.post(
+                action,
+                data={"connect_id": connect_id},
+                headers={
+                    "Origin": p.public_url,
+                    "Sec-Fetch-Site": "same-origin",
+                    "Sec-Fetch-Mode": "navigate",
+                },
+                allow_redirects=False,
+            ) as r:
+                assert r.status == 303, await r.text()
+                authorize = r.headers["Location"]
+        assert parse_qs(urlsplit(authorize).query)["scope"] == ["cards cards:write"]
+
+
+@dataclass
+class _ResourceUpstream:
+    """What browser_connect needs of an upstream: the authorization server's base, the resource."""
+
+    server: McpUpstream
+    mcp_url: str
+
+    @property
+    def base(self) -> str:
+        return self.server.base
