@@ -1,7 +1,7 @@
 // A real oidc-provider authorization server for the broker's tests. 127.0.0.1 only.
 // Usage: node server.js [PORT]   (PORT also from OIDC_PORT; knobs from OIDC_CONFIG, see README.md)
 // Prints one JSON line {"event":"ready",...} when it listens, then one JSON line per token
-// request ({"event":"token","grant_type",...}) and per device authorization request.
+// request ({"event":"token","grant_type",...}), per registration and per device authorization request.
 import http from 'node:http';
 import Provider, { errors } from 'oidc-provider';
 
@@ -93,6 +93,13 @@ provider.use(async (ctx, next) => {
       client_id: ctx.oidc?.client?.clientId ?? null,
       status: ctx.status,
       error: ctx.body?.error ?? null,
+      t,
+    });
+  } else if (route === 'registration') {
+    log('registration', {
+      application_type: ctx.oidc?.body?.application_type ?? null,
+      client_id: ctx.body?.client_id ?? null,
+      status: ctx.status,
       t,
     });
   } else if (route === 'device_authorization') {
