@@ -2,7 +2,8 @@
 round trips per forwarded call and per refresh, and what grants, budgets and rates weigh in Redis.
 
     python bench/replicas.py [--users 300] [--connections 24] [--duration 3] [--rounds 3]
-                             [--calls 300] [--latency-calls 600] [--grants 10000] [--json out.json]
+                             [--calls 300] [--latency-calls 600] [--grants 10000]
+                             [--parts 1,2,2b,3,4] [--json out.json]
 
 Run from the repository root; about two minutes. Everything runs on 127.0.0.1 in one temporary
 directory removed on exit. What it starts: a redis-server of its own (`--save "" --appendonly no`),
