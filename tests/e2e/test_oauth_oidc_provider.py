@@ -18,7 +18,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import keyring
-import pytest
 from aiohttp import web
 
 from tests.conftest import BrokerFactory, write_config
@@ -219,12 +218,6 @@ async def test_step_up_needs_a_login_that_asks_for_the_union_of_scopes(
         assert parse_qs(urlsplit(url).query)["scope"] == ["cards cards:write"]  # the union
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="broker bug: the registration (RFC 7591 `scope`: cards) is reused for the union "
-    "login; oidc-provider refuses it: invalid_scope, requested scope is not allowed",
-)
 async def test_step_up_login_is_granted_the_union_of_scopes(
     make_broker: BrokerFactory, tmp_path: Path
 ) -> None:

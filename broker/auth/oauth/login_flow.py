@@ -184,18 +184,26 @@ async def _client_for(
     meta: ServerMetadata,
     ostore: OAuthStore,
     store: SecretStore,
+    scope: str | None = None,
 ) -> tuple[ClientRecord, bool]:
+    """The route's client: pinned, or the registration kept from before when it may ask for
+    `scope`, or a new registration (for `scope`: a step-up's wider one)."""
     if auth.client_id:
         return pinned_client(route, auth, meta, store), False
     redirect_uri = redirect_uri_for(auth)
     stored = await asyncio.to_thread(ostore.load_client)
-    if stored and stored.issuer == meta.issuer and stored.redirect_uri == redirect_uri:
+    registered_for = set(
+        (stored.scope if stored and stored.scope is not None else " ".join(auth.scopes)).split()
+    )
+    covers = set((scope or "").split()) <= registered_for
+    if stored and covers and stored.issuer == meta.issuer and stored.redirect_uri == redirect_uri:
         stored.resource = meta.resource
         stored.token_endpoint = meta.token_endpoint
         stored.authorization_endpoint = meta.authorization_endpoint
         stored.revocation_endpoint = meta.revocation_endpoint
         return stored, False
-    client = await register_client(http, meta, redirect_uri, auth.scopes)
+    wanted = tuple(dict.fromkeys([*auth.scopes, *(scope or "").split()]))
+    client = await register_client(http, meta, redirect_uri, wanted)
     await asyncio.to_thread(ostore.save_client, client)
     return client, True
 
@@ -226,12 +234,12 @@ async def login(
         pastes = PasteReader(redirect_uri_for(auth), say) if paste else None
         for attempt in range(2):  # a registration the server forgot is dropped and redone once
             try:
-                client, registered_now = await _client_for(http, route, auth, meta, ostore, store)
+                scope = await asyncio.to_thread(ostore.login_scope, auth.scopes)
+                client, registered_now = await _client_for(http, route, auth, meta, ostore, store, scope)
             except OAuthError as exc:
                 raise LoginError(str(exc)) from None
             pkce = Pkce.new()
             state = pysecrets.token_urlsafe(32)
-            scope = await asyncio.to_thread(ostore.login_scope, auth.scopes)
             url = prepare_grant_uri(
                 meta.authorization_endpoint,
                 client.client_id,

@@ -43,6 +43,10 @@ class ClientRecord:
     redirect_uri: str
     client_secret: str | None = None  # a registered confidential client's secret
     registered: bool = True
+    # the scope it was registered with (RFC 7591 `scope`): a server may refuse a login asking for
+    # more (oidc-provider does), so a login after a step-up registers again. None: not recorded
+    # (a registration kept by an earlier version, or a pinned client)
+    scope: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -124,7 +128,9 @@ async def register_client(
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise OAuthError(f"client registration failed: {type(exc).__name__}") from None
     secret = str(doc["client_secret"]) if doc.get("client_secret") else None
-    return _client_at(meta, str(doc["client_id"]), secret, redirect_uri, registered=True)
+    record = _client_at(meta, str(doc["client_id"]), secret, redirect_uri, registered=True)
+    record.scope = str(doc["scope"]) if isinstance(doc.get("scope"), str) else " ".join(scopes)
+    return record
 
 
 def pinned_client(
