@@ -86,9 +86,11 @@ class Pipeline:
                     # before identity: its refusals are answered in JSON-RPC too (the id is read
                     # from the body only then, bounded)
                     body = RequestBody(request, snap.config.limits.max_body_bytes, route)
+                    own = None
                     if route in snap.per_user:  # identity: the platform client, then its end user
                         user, credential = await snap.end_user(request, target.route)
                         call = _new(Call, (rid, route, request, target, credential, user))
+                        own = credential.answer_mask  # that user's tokens, masked in their answers
                     else:
                         call = _new(Call, (rid, route, request, target, snap.credentials[route], None))
                     for hook in snap.hooks.by_route[route]:
@@ -100,6 +102,9 @@ class Pipeline:
                         answers = tuple(v.answer for v in verdicts if v.answer is not None)
                     else:
                         rewrites = answers = ()
+                    if own is not None:
+                        mask = own()  # read as forwarding starts: a refresh just before counts
+                        answers = (mask, *answers) if mask is not None else answers
                     fwd = await proxy.forward(call, body, rewrites, answers, snap.outbound, rt.pool)
                     err = fwd.refusal
             except BrokerError as exc:

@@ -12,7 +12,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from broker.hooks import AnswerFactory
 
 from broker.errors import BrokerError
 
@@ -80,6 +83,12 @@ class Credential(ABC):
 
     def on_upstream_status(self, status: int) -> None:
         """Learn from the upstream's answer: a 401 means the credential was refused."""
+        return None
+
+    def answer_mask(self) -> AnswerFactory | None:
+        """Secrets of this credential alone to mask in its answers, beside the daemon's secret
+        set (a per-user route's end-user tokens: one set per user, so the cost of scrubbing an
+        answer does not grow with the users). None: none of its own."""
         return None
 
     def invalidate(self) -> None:

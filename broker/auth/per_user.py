@@ -398,7 +398,6 @@ class UserGrants:
             if exc.error == "invalid_client":
                 await self.forget_client()
             raise ConnectError(f"exchanging the authorization code failed ({exc}); {again}") from None
-        self.secrets.add(tokens.access_token, tokens.refresh_token)
         grant = Grant(
             self.route.name, pending.client, pending.user, tokens.to_json(), GRANT_ACTIVE, tokens.expires_at
         )

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from datetime import UTC, datetime
+from functools import partial
 
 from broker.auth.base import AuthState, Credential, CredentialCheck
 from broker.auth.oauth.credential import issuer_changed
@@ -25,6 +26,8 @@ from broker.auth.oauth.transport import HTTP_TIMEOUT, OAuthError
 from broker.auth.per_user import GRANT_ACTIVE, UserGrants
 from broker.auth.secret_store import SecretStoreError
 from broker.errors import BrokerError
+from broker.hooks import AnswerFactory
+from broker.scrub import MIN_SECRET_LEN, StreamScrubber, mask_for
 from broker.store import Grant, StoreError
 
 # A live holder renews its lease every LEASE_RENEW_S while its token request runs (up to
@@ -36,6 +39,7 @@ LEASE_WAIT_S = (HTTP_TIMEOUT.total or 20.0) + LEASE_TTL_S + 5.0
 LEASE_POLL_S = 0.05
 TOUCH_EVERY_S = 60.0  # a stamp a minute per user: the last use, and a grant revoked elsewhere seen
 REFRESH_FAILURE_BACKOFF_S = 5.0
+OWN_SECRETS_KEPT = 6  # this user's last tokens masked in their answers (access and refresh, x3)
 _ENDED = ("invalid_grant", "invalid_client", "unauthorized_client")
 
 
@@ -54,6 +58,7 @@ class UserCredential(Credential):
         self._tokens: TokenSet | None = None
         self._last_used: float | None = None
         self._version = 0  # the stored grant's version when last read
+        self._own: tuple[tuple[bytes, bytes], ...] = ()  # this user's tokens and their masks
         self._lock = asyncio.Lock()
         self._touched = float("-inf")
         self._refresh_failed_at = float("-inf")
@@ -149,7 +154,7 @@ class UserCredential(Credential):
             tokens = TokenSet.from_json(grant.tokens)
         except (ValueError, TypeError):
             return None  # unreadable: as if absent, a new connect replaces it
-        g.secrets.add(tokens.access_token, tokens.refresh_token)
+        self._hold(tokens.access_token, tokens.refresh_token)
         return tokens
 
     async def _load(self) -> TokenSet:
@@ -162,6 +167,17 @@ class UserCredential(Credential):
         if why is not None:  # issued by the resource's former authorization server: not used
             raise await self._end(f"{why}: connect again")
         return tokens
+
+    def _hold(self, *values: str | None) -> None:
+        """This user's tokens, masked in this user's answers (the last few: a just-rotated one
+        too). Kept here, not in the daemon's secret set: that would grow with every user."""
+        new = [(v.encode(), mask_for(v.encode())) for v in values if v and len(v) >= MIN_SECRET_LEN]
+        kept = list(dict.fromkeys([*new, *self._own]))[:OWN_SECRETS_KEPT]
+        self._own = tuple(sorted(kept, key=lambda pair: len(pair[0]), reverse=True))
+
+    def answer_mask(self) -> AnswerFactory | None:
+        own = self._own
+        return partial(StreamScrubber, own) if own else None
 
     def _remember(self, tokens: TokenSet | None) -> None:
         self._tokens = tokens
@@ -280,7 +296,7 @@ class UserCredential(Credential):
             raise BrokerError(
                 "upstream_unreachable", f"cannot refresh the token: {exc}", self.route
             ) from None
-        g.secrets.add(new.access_token, new.refresh_token)
+        self._hold(new.access_token, new.refresh_token)
         new.subject = new.subject or stored.subject
         new.issuer = stored.issuer or client.issuer
         # the old refresh token is dead now: store the new one before using anything

@@ -444,3 +444,34 @@ async def test_a_grant_revoked_elsewhere_is_forgotten_at_the_next_stamp(
     with pytest.raises(BrokerError) as info:
         await cred.authorization()
     assert info.value.code == "needs_connect"
+
+
+async def test_each_user_s_tokens_are_masked_in_their_own_answers_not_held_by_all(
+    setup: Setup, up: McpUpstream
+) -> None:
+    """A user's tokens are masked in that user's answers (split across chunks too), and the
+    daemon's secret set, which every answer of every route is searched for, does not grow with
+    the users: scrubbing cost stays flat however many users connect (bench/replicas.py found
+    300 users doubling the CPU per call when each user's tokens joined the shared set)."""
+    g = setup.grants
+    held_before = len(g.secrets)
+    creds = []
+    for user in ("alice", "bob", "carol"):
+        await connect(g, "librechat", user)
+        cred = g.credential("librechat", user, None)
+        await cred.authorization()
+        creds.append(cred)
+    assert len(g.secrets) == held_before  # no end user's token in the shared set
+    alice, bob, _ = creds
+    token = bearer(await alice.authorization()).encode()
+    factory = alice.answer_mask()
+    assert factory is not None
+    answer = b'{"echo": "' + token + b'", "other": "' + bearer(await bob.authorization()).encode() + b'"}'
+    for cut in (5, len(answer) // 2, 13 + len(token) // 2):  # the token split across two chunks
+        mask = factory()
+        out = mask.feed(answer[:cut]) + mask.feed(answer[cut:]) + mask.flush()
+        assert token not in out and len(out) == len(answer)
+    # bob's token is bob's to mask: alice's answers are scrubbed for alice's own tokens
+    assert bearer(await bob.authorization()).encode() in out
+    other = bob.answer_mask()
+    assert other is not None and token in other().feed(answer) + b""  # bob's mask leaves alice's
