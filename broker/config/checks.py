@@ -3,9 +3,9 @@
 Owns: the rules of SPEC.md "Config file": which keys exist, loopback-only listeners, https
 upstreams without credentials, route names and prefixes, auth blocks, and no literal secret
 anywhere (only `keyring`, `env:NAME` or `file:PATH`); policy.py checks `policy:` blocks and
-per_user.py the per-user keys for it. Every problem is collected with its place, none stops the check. Must never: echo
-a value that could be a secret in an issue, read files, or touch the secret store (a config
-only describes where secrets live).
+per_user.py the per-user keys for it. Every problem is collected with its place, none stops
+the check. Must never: echo a value that could be a secret in an issue, read files, or touch
+the secret store (a config only describes where secrets live).
 """
 
 from __future__ import annotations
