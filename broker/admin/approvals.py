@@ -25,10 +25,9 @@ import re
 import secrets as pysecrets
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
 
 from broker.admin.access import HEADER
-from broker.admin.connect import _origin, _page
+from broker.admin.connect import _origin, _page, read_form
 from broker.errors import BrokerError
 from broker.http.server import Request, Response
 from broker.policy.approvals import END_USER, ApprovalError
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
 LIST_PATH = "/_broker/approvals"
 _DECIDE = re.compile(r"/_broker/approvals/([A-Za-z2-7]{8,32})/(approve|deny)")
 LINK_ID = re.compile(r"[A-Z2-7]{26}")  # an end user's link: 130 random bits
-MAX_FORM_BYTES = 4096
 _AGAIN = "Ask again in the chat to get a new link."
 
 
@@ -87,15 +85,8 @@ def _json(doc: Any) -> Response:
 
 async def _form(request: Request) -> dict[str, str] | None:
     """A small urlencoded form, each field once; None when the body is not one."""
-    if request.content_type != "application/x-www-form-urlencoded":
-        return None
-    data = bytearray()
-    async for chunk in request.content.iter_any():
-        data += chunk
-        if len(data) > MAX_FORM_BYTES:
-            return None
-    fields = parse_qs(data.decode("ascii", "replace"))
-    if any(len(v) != 1 for v in fields.values()):
+    fields = await read_form(request)
+    if fields is None or any(len(v) != 1 for v in fields.values()):
         return None
     return {k: v[0] for k, v in fields.items()}
 

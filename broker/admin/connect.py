@@ -84,8 +84,9 @@ def _origin(url: str) -> str:
     return f"{scheme}://{rest.partition('/')[0]}".lower()
 
 
-async def _form_field(request: Request, name: str) -> str | None:
-    """One field of a small urlencoded form body; None when the body is not one."""
+async def read_form(request: Request) -> dict[str, list[str]] | None:
+    """A small urlencoded form body (MAX_FORM_BYTES at most, read bounded), each field's values;
+    None when the body is not one. The pages the broker serves to browsers post these."""
     if request.content_type != "application/x-www-form-urlencoded":
         return None
     data = bytearray()
@@ -93,7 +94,13 @@ async def _form_field(request: Request, name: str) -> str | None:
         data += chunk
         if len(data) > MAX_FORM_BYTES:
             return None
-    values = parse_qs(data.decode("ascii", "replace")).get(name)
+    return parse_qs(data.decode("ascii", "replace"))
+
+
+async def _form_field(request: Request, name: str) -> str | None:
+    """One field of a small urlencoded form body, sent once; None when the body is not one."""
+    fields = await read_form(request)
+    values = fields.get(name) if fields is not None else None
     return values[0] if values and len(values) == 1 else None
 
 
